@@ -1,0 +1,1 @@
+"""The appliance: configuration model and loader, certificates, spool and mail log."""

@@ -1,0 +1,48 @@
+"""SMTP replies as values, and the ones the policy core gives (SPEC.md 2-3).
+
+Reply text is ours; the codes and enhanced codes are what the lab's own listener sends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str = ""
+    text: str = ""
+    lines: tuple[str, ...] = ()  # extra lines of a multi-line reply, before ``text``
+
+    def render(self) -> bytes:
+        """The reply on the wire, CRLF-terminated; multi-line replies use ``code-``."""
+        body = [*self.lines, self.text]
+        out = []
+        for i, line in enumerate(body):
+            sep = " " if i == len(body) - 1 else "-"
+            prefix = f"{self.enhanced} " if self.enhanced and i == len(body) - 1 else ""
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
+        return "".join(out).encode("utf-8")
+
+    @property
+    def positive(self) -> bool:
+        return 200 <= self.code < 400
+
+
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+LACK_OF_SECURITY = Reply(554, "5.7.0", "Command refused due to lack of security")
+STARTTLS_NOT_IMPLEMENTED = Reply(502, "5.5.1", "STARTTLS not implemented")
+STARTTLS_NO_PARAMETERS = Reply(501, "5.5.4", "Syntax error (no parameters allowed)")
+TLS_ALREADY_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+READY_TO_START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+SEND_EHLO_FIRST = Reply(503, "5.5.1", "Send EHLO first")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BARE_LF = Reply(500, "5.5.2", "Bare LF not allowed")
+NUL_BYTE = Reply(500, "5.5.2", "NUL byte not allowed")
+UNRECOGNIZED = Reply(500, "5.5.1", "Command unrecognized")
+OK = Reply(250, "2.0.0", "OK")
+BYE = Reply(221, "2.0.0", "Bye")
+TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many concurrent connections, try again later")
+TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
