@@ -1,0 +1,1 @@
+"""The virtual network: topology, carriers (memory, loopback), transports, middleboxes, capture."""

@@ -1,0 +1,1 @@
+"""Scenarios as data: model, schema, loader, evaluator, runner, result record."""
