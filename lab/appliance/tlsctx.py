@@ -1,0 +1,264 @@
+"""TLS connection creators for Twisted's ``startTLS``, built directly on pyOpenSSL.
+
+Neither side lets certificate checks abort the handshake: the server accepts any client certificate and the
+client any server certificate, and each records what it saw. The SMTP layer then decides (RFC 3207 4.1: a server
+answers 554 after an unhappy handshake; a ``require-verify`` client quits), which is what the lab must observe.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography import x509
+from cryptography.x509 import verification
+from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from zope.interface import implementer
+
+from lab.appliance.certs import CertKey
+from lab.errors import BadInput
+from lab.policy.modes import ClientCert
+
+KeyLog = Callable[[bytes], None]
+
+VERSIONS: dict[str, int] = {
+    "1.0": SSL.TLS1_VERSION,
+    "1.1": SSL.TLS1_1_VERSION,
+    "1.2": SSL.TLS1_2_VERSION,
+    "1.3": SSL.TLS1_3_VERSION,
+}
+LEGACY = {"1.0", "1.1"}
+
+
+@dataclass(frozen=True)
+class TLSFacts:
+    """What a completed handshake negotiated, as the mail log and the Received header print it."""
+
+    version: str  # "TLSv1.3"
+    cipher: str  # OpenSSL name, e.g. "TLS_AES_256_GCM_SHA384"
+    bits: int
+    peer_subject: str | None  # RFC 4514 subject of the peer's certificate, None if it sent none
+
+
+def tls_facts(conn: SSL.Connection) -> TLSFacts:
+    peer = conn.get_peer_certificate(as_cryptography=True)
+    return TLSFacts(
+        version=conn.get_protocol_version_name(),
+        cipher=conn.get_cipher_name() or "",
+        bits=conn.get_cipher_bits() or 0,
+        peer_subject=peer.subject.rfc4514_string() if peer is not None else None,
+    )
+
+
+def tls_error_reason(error: BaseException) -> str:
+    """A short reason for a failed handshake (``no shared cipher``, ``unsupported protocol``...) from an SSL.Error."""
+    reasons: list[str] = []
+    args = error.args[0] if error.args and isinstance(error.args[0], list) else []
+    for entry in args:
+        if isinstance(entry, tuple) and len(entry) == 3 and entry[2]:
+            reasons.append(str(entry[2]))
+    if reasons:
+        return "; ".join(dict.fromkeys(reasons))
+    return str(error) or type(error).__name__
+
+
+def _version(value: str | None, field: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        return VERSIONS[str(value)]
+    except KeyError:
+        raise BadInput(f"unknown TLS version {value!r} (use one of {', '.join(VERSIONS)})", field=field) from None
+
+
+def _context(
+    *,
+    min_version: str | None,
+    max_version: str | None,
+    ciphers: str | None,
+    keylog: KeyLog | None,
+) -> SSL.Context:
+    """A context with the version window and cipher list; legacy versions get ``@SECLEVEL=0`` so they can work.
+
+    OpenSSL 3's default security level refuses TLS 1.0/1.1 outright; a server configured to accept them, or a
+    client made to offer only them, must lower it explicitly, or the handshake never reaches the peer's policy.
+    """
+    ctx = SSL.Context(SSL.TLS_METHOD)
+    ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    low, high = _version(min_version, "min_version"), _version(max_version, "max_version")
+    if low is not None and high is not None and low > high:
+        raise BadInput(f"min_version {min_version} is above max_version {max_version}", field="min_version")
+    if low is not None:
+        ctx.set_min_proto_version(low)
+    else:
+        ctx.set_min_proto_version(0)
+    if high is not None:
+        ctx.set_max_proto_version(high)
+    legacy = (min_version in LEGACY) or (min_version is None and max_version in LEGACY)
+    cipher_list = ciphers
+    if legacy and (cipher_list is None or "@SECLEVEL" not in cipher_list.upper()):
+        cipher_list = f"{cipher_list or 'DEFAULT'}:@SECLEVEL=0"
+    if cipher_list is not None:
+        try:
+            ctx.set_cipher_list(cipher_list.encode("ascii"))
+        except (SSL.Error, UnicodeEncodeError) as exc:
+            raise BadInput(f"no usable cipher in {ciphers!r}", field="ciphers") from exc
+    if keylog is not None:
+        ctx.set_keylog_callback(lambda _conn, line: keylog(line))
+    return ctx
+
+
+def _load_pems(pems: Sequence[bytes], field: str) -> list[x509.Certificate]:
+    certs: list[x509.Certificate] = []
+    for pem in pems:
+        try:
+            certs.extend(x509.load_pem_x509_certificates(pem))
+        except ValueError as exc:
+            raise BadInput(f"not a PEM certificate ({exc})", field=field) from exc
+    return certs
+
+
+def _peer_chain(conn: SSL.Connection) -> tuple[x509.Certificate | None, list[x509.Certificate]]:
+    """The peer's leaf and the intermediates it sent (the server side's chain omits the leaf, the client's not)."""
+    leaf = conn.get_peer_certificate(as_cryptography=True)
+    if leaf is None:
+        return None, []
+    chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+    return leaf, [c for c in chain if c != leaf]
+
+
+def _use_certkey(ctx: SSL.Context, certkey: CertKey) -> None:
+    ctx.use_certificate(certkey.certificate)
+    ctx.use_privatekey(certkey.private_key)
+    for extra in certkey.chain:
+        ctx.add_extra_chain_cert(extra)
+    ctx.check_privatekey()
+
+
+def _accept_any(_conn: SSL.Connection, _cert: crypto.X509, _errno: int, _depth: int, _ok: int) -> bool:
+    return True
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ServerTLS:
+    """The listener's side: one shared context, one ``SSL.Connection`` per STARTTLS."""
+
+    def __init__(
+        self,
+        certkey: CertKey,
+        *,
+        min_version: str | None = "1.2",
+        max_version: str | None = None,
+        ciphers: str | None = None,
+        request_client_cert: bool = False,
+        client_ca_pems: Sequence[bytes] = (),
+        keylog: KeyLog | None = None,
+    ) -> None:
+        self.certkey = certkey
+        self.request_client_cert = request_client_cert
+        self._client_cas = _load_pems(client_ca_pems, "client_ca_pems")
+        ctx = _context(min_version=min_version, max_version=max_version, ciphers=ciphers, keylog=keylog)
+        ctx.set_options(SSL.OP_CIPHER_SERVER_PREFERENCE)
+        ctx.set_session_id(b"smtplab")  # needed once peer verification is on, harmless otherwise
+        _use_certkey(ctx, certkey)
+        if request_client_cert:
+            ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
+            for ca in self._client_cas:  # named in the CertificateRequest, so a client can pick a certificate
+                ctx.add_client_ca(ca)
+        self.context = ctx
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        return conn
+
+    def client_cert_state(self, conn: SSL.Connection) -> ClientCert:
+        """NONE (no certificate), VERIFIED (chains to ``client_ca_pems`` for clientAuth) or UNVERIFIED."""
+        leaf, intermediates = _peer_chain(conn)
+        if leaf is None:
+            return ClientCert.NONE
+        if not self._client_cas:
+            return ClientCert.UNVERIFIED
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store(self._client_cas))
+            .time(dt.datetime.now(dt.UTC))
+            .build_client_verifier()
+        )
+        try:
+            verifier.verify(leaf, intermediates)
+        except verification.VerificationError:
+            return ClientCert.UNVERIFIED
+        return ClientCert.VERIFIED
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class ClientTLS:
+    """The scripted client's side. ``verify`` says whether this client *requires* a verified server certificate;
+    the handshake never depends on it, the engine reads ``server_cert_verified`` and decides.
+    """
+
+    def __init__(
+        self,
+        *,
+        server_name: str | None = None,
+        verify: bool = False,
+        trust_pems: Sequence[bytes] = (),
+        min_version: str | None = None,
+        max_version: str | None = None,
+        ciphers: str | None = None,
+        client_cert: CertKey | None = None,
+        keylog: KeyLog | None = None,
+    ) -> None:
+        self.server_name = server_name
+        self.verify = verify
+        self.client_cert = client_cert
+        self._trust = _load_pems(trust_pems, "trust_pems")
+        ctx = _context(min_version=min_version, max_version=max_version, ciphers=ciphers, keylog=keylog)
+        ctx.set_verify(SSL.VERIFY_PEER, _accept_any)  # look at the certificate, never abort on it
+        if client_cert is not None:
+            _use_certkey(ctx, client_cert)
+        self.context = ctx
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self.context, None)
+        conn.set_app_data(tlsProtocol)
+        if self.server_name and _ip(self.server_name) is None:
+            conn.set_tlsext_host_name(self.server_name.rstrip(".").encode("idna"))
+        conn.set_connect_state()
+        return conn
+
+    def server_cert_verified(self, conn: SSL.Connection) -> bool:
+        """True when the server's chain leads to a trust anchor and its certificate names ``server_name``.
+
+        Without a ``server_name`` or trust anchors there is nothing to verify against, so the answer is False.
+        """
+        leaf, intermediates = _peer_chain(conn)
+        if leaf is None or not self._trust or not self.server_name:
+            return False
+        ip = _ip(self.server_name)
+        subject: verification.Subject = (
+            x509.IPAddress(ip) if ip is not None else x509.DNSName(self.server_name.rstrip(".").lower())
+        )
+        verifier = (
+            verification.PolicyBuilder()
+            .store(verification.Store(self._trust))
+            .time(dt.datetime.now(dt.UTC))
+            .build_server_verifier(subject)
+        )
+        try:
+            verifier.verify(leaf, intermediates)
+        except verification.VerificationError:
+            return False
+        return True
+
+
+def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return None
