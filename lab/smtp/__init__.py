@@ -1,0 +1,1 @@
+"""SMTP: the sans-IO server session, the Twisted listener, the scripted client engine."""

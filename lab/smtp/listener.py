@@ -1,0 +1,279 @@
+"""The appliance listener on Twisted: a thin shell that feeds bytes to ``ServerSession``.
+
+The same protocol runs over real TCP (``smtplab serve``), the in-memory network and the loopback network;
+only the transport differs (docs/architecture.md, "Transport contract"). This module decides nothing about
+SMTP: it resolves the peer through the HAT, counts connections, and carries out the session's actions.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from lab.appliance.certs import CertKey, LabCA, demo_certificate, load_pem
+from lab.appliance.maillog import MailLog
+from lab.appliance.model import Appliance, Interface, Listener
+from lab.appliance.spool import Spool, received_header
+from lab.appliance.tlsctx import ServerTLS, tls_facts
+from lab.policy import replies
+from lab.policy.hat import Peer
+from lab.policy.modes import ClientCert
+from lab.smtp.session import Action, Close, Message, Send, ServerSession, SessionConfig, SpoolError, StartTLS
+
+#: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
+ReverseDNS = Callable[[str], tuple[str | None, bool]]
+
+
+def no_reverse_dns(_ip: str) -> tuple[str | None, bool]:
+    return None, False
+
+
+class ApplianceRuntime:
+    """What all listeners of one appliance share: mail log, spool, certificates, clock, reverse DNS."""
+
+    def __init__(
+        self,
+        appliance: Appliance,
+        *,
+        clock: IReactorTime,
+        maillog: MailLog,
+        spool: Spool,
+        state_dir: Path,
+        reverse_dns: ReverseDNS = no_reverse_dns,
+        keylog: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self.appliance = appliance
+        self.clock = clock
+        self.maillog = maillog
+        self.spool = spool
+        self.state_dir = state_dir
+        self.reverse_dns = reverse_dns
+        self.keylog = keylog
+        self._tls: dict[str, ServerTLS] = {}
+        self._ca: LabCA | None = None
+
+    @property
+    def ca(self) -> LabCA:
+        if self._ca is None:
+            self._ca = LabCA(self.state_dir)
+        return self._ca
+
+    def certificate(self, listener: Listener) -> CertKey:
+        """The certificate a listener presents; none assigned means the insecure demo certificate."""
+        if listener.certificate is None:
+            return demo_certificate()
+        cert = self.appliance.certificates[listener.certificate]
+        if cert.kind == "lab":
+            return self.ca.issue(cert.name, list(cert.hostnames) or [self.appliance.hostname])
+        if cert.kind == "pem":
+            assert cert.cert_file and cert.key_file
+            return load_pem(cert.cert_file, cert.key_file, cert.name)
+        return demo_certificate()
+
+    def server_tls(self, listener: Listener) -> ServerTLS:
+        """One TLS context per listener, built on first use."""
+        if listener.name not in self._tls:
+            verify = any(p.effective(listener.defaults).verify_client for p in listener.policies.values())
+            self._tls[listener.name] = ServerTLS(
+                self.certificate(listener),
+                min_version=listener.tls.min_version,
+                max_version=listener.tls.max_version,
+                ciphers=listener.tls.ciphers,
+                request_client_cert=verify,
+                client_ca_pems=(self.ca.ca_pem,) if verify else (),
+                keylog=self.keylog,
+            )
+        return self._tls[listener.name]
+
+    def factory(self, listener: Listener) -> ListenerFactory:
+        return ListenerFactory(self, listener, self.appliance.interfaces[listener.interface])
+
+
+class ListenerFactory(ServerFactory):
+    """One per listener: counts connections for Max Concurrency and per-IP limits."""
+
+    def __init__(self, runtime: ApplianceRuntime, listener: Listener, interface: Interface) -> None:
+        self.runtime = runtime
+        self.listener = listener
+        self.interface = interface
+        self.active = 0
+        self.per_ip: Counter[str] = Counter()
+
+    def buildProtocol(self, addr: Any) -> ListenerProtocol:
+        protocol = ListenerProtocol(self)
+        protocol.factory = self
+        return protocol
+
+
+@implementer(IHandshakeListener)
+class ListenerProtocol(Protocol, TimeoutMixin):
+    """One SMTP connection to a listener."""
+
+    def __init__(self, factory: ListenerFactory) -> None:
+        self.owner = factory
+        self.runtime = factory.runtime
+        self.listener = factory.listener
+        self.log = factory.runtime.maillog
+        self.session: ServerSession | None = None
+        self.icid = 0
+        self.peer_ip = ""
+        self.peer_name: str | None = None
+        self._counted_ip = False
+        self._tls_pending = False
+        self._tls_done = False
+        self.callLater = self.runtime.clock.callLater  # TimeoutMixin uses this: virtual time in the lab
+
+    # -- connection
+
+    def connectionMade(self) -> None:
+        self.owner.active += 1
+        self.icid = self.log.next_icid()
+        self.peer_ip = self.transport.getPeer().host
+        name, verified = self.runtime.reverse_dns(self.peer_ip)
+        self.peer_name = name if verified else None
+        self.log.new_connection(
+            self.icid, self.owner.interface.name, self.owner.interface.address, self.peer_ip, name, verified
+        )
+        if self.owner.active > self.listener.max_concurrency:
+            self.log.refused(self.icid, f"max concurrency {self.listener.max_concurrency} reached")
+            self._apply([Send(replies.TOO_MANY_CONNECTIONS.render()), Close()])
+            return
+        resolution = self.listener.resolve(Peer.of(self.peer_ip, self.peer_name))
+        self.log.policy(self.icid, resolution.policy.behaviour.value.upper(), resolution.match.group,
+                        resolution.match.member)
+        self.owner.per_ip[self.peer_ip] += 1
+        self._counted_ip = True
+        if self.owner.per_ip[self.peer_ip] > resolution.params.max_concurrency_per_ip:
+            self.log.refused(self.icid, f"max concurrency per IP {resolution.params.max_concurrency_per_ip} reached")
+            self._apply([Send(replies.TOO_MANY_CONNECTIONS.render()), Close()])
+            return
+        behaviour = resolution.policy.behaviour
+        config = SessionConfig(
+            hostname=self.runtime.appliance.hostname,
+            behaviour=behaviour,
+            params=resolution.params,
+            accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
+        )
+        self.session = ServerSession(config, self)
+        self.setTimeout(self.listener.idle_timeout)
+        self._apply(self.session.start())
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.session is None:
+            return
+        self.resetTimeout()
+        self._apply(self.session.receive(data))
+
+    def timeoutConnection(self) -> None:
+        if self.session is not None:
+            self._apply(self.session.timeout())
+
+    def handshakeCompleted(self) -> None:
+        self._tls_done = True
+        self._tls_pending = False
+        assert self.session is not None
+        connection = self.transport.getHandle()
+        facts = tls_facts(connection)
+        state = ClientCert.NONE
+        if self.session.config.params.verify_client:
+            state = self.runtime.server_tls(self.listener).client_cert_state(connection)
+        self._apply(self.session.tls_started(facts, state))
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self.setTimeout(None)
+        self.owner.active -= 1
+        if self._counted_ip:
+            self.owner.per_ip[self.peer_ip] -= 1
+            if self.owner.per_ip[self.peer_ip] <= 0:
+                del self.owner.per_ip[self.peer_ip]
+        if self.session is not None:
+            if self._tls_pending and not self._tls_done:
+                self.session.tls_failed(_reason_text(reason))
+            self.session.connection_lost()
+        self.log.close(self.icid, "peer" if self.session is None or not self.session.closed else "listener")
+
+    # -- carrying out the session's actions
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.transport.write(action.data)
+            elif isinstance(action, StartTLS):
+                server_tls = self.runtime.server_tls(self.listener)
+                if server_tls.certkey.insecure_demo:
+                    self.log.demo_certificate(self.icid)
+                self._tls_pending = True
+                self.transport.startTLS(server_tls)
+            elif isinstance(action, Close):
+                self.setTimeout(None)
+                if action.abort:
+                    self.transport.abortConnection()
+                else:
+                    self.transport.loseConnection()
+
+    # -- SessionHooks
+
+    def new_mid(self) -> int:
+        return self.log.next_mid()
+
+    def deliver(self, message: Message) -> None:
+        header = received_header(
+            from_host=self.peer_name or self.peer_ip,
+            from_addr=self.peer_ip,
+            helo=message.helo,
+            by_host=self.runtime.appliance.hostname,
+            tls=message.tls,
+            mid=message.mid,
+            recipient=message.recipients[0] if len(message.recipients) == 1 else None,
+            when=self.runtime.clock.seconds(),
+        )
+        try:
+            path = self.runtime.spool.for_listener(self.listener.name).deliver(header + message.data)
+        except Exception as exc:  # the spool's own error or any OSError: never a crash, always a 451
+            raise SpoolError(str(exc)) from exc
+        self.log.mid_spooled(message.mid, str(path))
+
+    def event(self, name: str, **fields: Any) -> None:
+        log, icid = self.log, self.icid
+        if name == "refused":
+            log.refused(icid, fields["reason"])
+        elif name == "tls_success":
+            log.tls_success(icid, fields["protocol"], fields["cipher"])
+        elif name == "tls_failed":
+            log.tls_failed(icid, fields["reason"])
+        elif name == "client_cert":
+            log.client_cert(icid, fields["state"], None)
+        elif name == "injection_discarded":
+            log.injection_discarded(icid, fields["nbytes"], fields["preview"])
+        elif name == "protocol_error":
+            log.protocol_error(icid, fields["what"])
+        elif name == "mid_start":
+            log.mid_start(fields["mid"], icid)
+        elif name == "mid_from":
+            log.mid_from(fields["mid"], icid, fields["address"])
+        elif name == "mid_rcpt":
+            log.mid_rcpt(fields["mid"], icid, fields["rid"], fields["address"])
+        elif name == "rcpt_refused":
+            log.message_refused(icid, f"RCPT <{fields['address']}> refused ({fields['reason']})")
+        elif name == "mid_ready":
+            log.mid_ready(fields["mid"], fields["nbytes"])
+        elif name == "message_refused":
+            log.message_refused(icid, f"MID {fields['mid']}: {fields['reason']}")
+        else:
+            raise ValueError(f"unknown session event {name!r}")
+
+
+def _reason_text(reason: Failure | None) -> str:
+    if reason is None:
+        return "connection lost"
+    value = reason.value
+    text = str(value) or type(value).__name__
+    return f"{type(value).__name__}: {text}" if not text.startswith(type(value).__name__) else text

@@ -1,0 +1,447 @@
+"""The ESMTP server session as a sans-IO state machine (after h11): bytes in, actions out.
+
+The Twisted listener feeds it received bytes and carries out what it returns (send bytes, start TLS, close).
+What it decides comes from the pure policy core: the command gate for the TLS mode, the STARTTLS rules of
+SPEC.md 3, the limits of the effective mail flow policy. Delivery, MID numbering and the mail log are reached
+through ``SessionHooks`` so that the listener decides where they go.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from lab.policy import gate, replies
+from lab.policy.gate import GateFacts
+from lab.policy.modes import Behaviour, ClientCert, TLSMode
+from lab.policy.params import EffectiveParams
+from lab.policy.replies import Reply
+
+COMMAND_LINE_LIMIT = 512  # octets including CRLF (RFC 5321 4.5.3.1.4)
+TEXT_LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
+INJECTION_PREVIEW = 60
+
+_PATH = re.compile(r"^\s*<([^<>\s]*)>(?:\s+(.*))?$")
+
+
+# --- actions -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StartTLS:
+    """Begin the TLS handshake now; nothing more is sent in plaintext."""
+
+
+@dataclass(frozen=True)
+class Close:
+    abort: bool = False  # True: drop the connection at once (TCPREFUSE, failed handshake)
+
+
+Action = Send | StartTLS | Close
+
+
+# --- what the session is given and gives -------------------------------------------------------------
+
+
+class TLSInfo(Protocol):
+    version: str
+    cipher: str
+
+
+class SpoolError(Exception):
+    """The message could not be written durably; the client gets 451 and may retry."""
+
+
+@dataclass(frozen=True)
+class Message:
+    """An accepted message, handed to the spool before the 250 is sent."""
+
+    mid: int
+    sender: str
+    recipients: tuple[str, ...]
+    helo: str
+    data: bytes
+    tls: TLSInfo | None
+
+
+class SessionHooks(Protocol):
+    def new_mid(self) -> int: ...
+
+    def deliver(self, message: Message) -> None:
+        """Write ``message`` durably; raise ``SpoolError`` when that is not possible."""
+
+    def event(self, name: str, **fields: Any) -> None:
+        """A mail-log event (see ``lab.smtp.listener`` for the names)."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """Everything a session needs to know about its listener and the policy its peer matched."""
+
+    hostname: str
+    behaviour: Behaviour
+    params: EffectiveParams
+    accepts_recipient: Callable[[str], bool] = lambda _address: True
+
+
+@dataclass
+class _Transaction:
+    mid: int
+    sender: str
+    recipients: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _DataState:
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+    too_long: bool = False
+    bare_lf: bool = False
+    nul: bool = False
+    oversize: bool = False
+
+
+# --- the session -------------------------------------------------------------------------------------
+
+
+class ServerSession:
+    """One SMTP connection on the server side."""
+
+    def __init__(self, config: SessionConfig, hooks: SessionHooks) -> None:
+        self.config = config
+        self.hooks = hooks
+        self.greeting: str | None = None
+        self.tls: TLSInfo | None = None
+        self.client_cert = ClientCert.NONE
+        self.tls_pending = False
+        self.closed = False
+        self.messages = 0
+        self._buffer = b""
+        self._discarding_long_line = False
+        self._transaction: _Transaction | None = None
+        self._data: _DataState | None = None
+
+    # -- facts
+
+    @property
+    def mode(self) -> TLSMode:
+        return self.config.params.tls
+
+    def facts(self) -> GateFacts:
+        return GateFacts(
+            mode=self.mode,
+            tls_active=self.tls is not None,
+            verify_client=self.config.params.verify_client,
+            client_cert=self.client_cert,
+            rejecting=self.config.behaviour is Behaviour.REJECT,
+        )
+
+    # -- entry points
+
+    def start(self) -> list[Action]:
+        """The connection is up: greet, refuse with 554, or drop it (TCPREFUSE)."""
+        params = self.config.params
+        if self.config.behaviour is Behaviour.TCPREFUSE:
+            self.closed = True
+            self.hooks.event("refused", reason="TCPREFUSE")
+            return [Close(abort=True)]
+        if self.config.behaviour is Behaviour.REJECT:
+            self.hooks.event("refused", reason="REJECT")
+            text = params.reject_banner_text or "Access denied"
+            return [Send(Reply(params.reject_banner_code, "", f"{self.config.hostname} {text}").render())]
+        text = params.banner_text or "ESMTP smtplab"
+        return [Send(Reply(params.banner_code, "", f"{self.config.hostname} {text}").render())]
+
+    def receive(self, data: bytes) -> list[Action]:
+        """Bytes from the client (plaintext, or decrypted inside TLS)."""
+        if self.closed or self.tls_pending:
+            return []
+        self._buffer += data
+        actions: list[Action] = []
+        while self._buffer and not self.closed and not self.tls_pending:
+            if self._data is not None:
+                more = self._take_data_line(actions)
+            else:
+                more = self._take_command_line(actions)
+            if not more:
+                break
+        return actions
+
+    def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
+        """The handshake completed: forget everything from before it (RFC 3207 4.2)."""
+        self.tls_pending = False
+        self.tls = info
+        self.client_cert = client_cert
+        self.greeting = None
+        self._transaction = None
+        self._data = None
+        self._buffer = b""
+        self.hooks.event("tls_success", protocol=info.version, cipher=info.cipher)
+        if self.config.params.verify_client:
+            self.hooks.event("client_cert", state=client_cert.value)
+        return []
+
+    def tls_failed(self, reason: str) -> list[Action]:
+        """The handshake failed: log it and close; nothing from this connection is delivered."""
+        self.hooks.event("tls_failed", reason=reason)
+        return self._close(abort=True)
+
+    def timeout(self) -> list[Action]:
+        if self.closed:
+            return []
+        self.hooks.event("protocol_error", what="idle timeout")
+        return [Send(replies.TIMEOUT.render()), *self._close()]
+
+    def connection_lost(self) -> None:
+        if self._data is not None or self._transaction is not None:
+            mid = self._transaction.mid if self._transaction else None
+            self.hooks.event("message_refused", mid=mid, reason="connection lost before end of data")
+        self._transaction = None
+        self._data = None
+        self.closed = True
+
+    # -- line framing
+
+    def _take_command_line(self, actions: list[Action]) -> bool:
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) >= COMMAND_LINE_LIMIT:
+                self._discarding_long_line = True
+                self._buffer = b""
+            return False
+        line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+        if self._discarding_long_line or len(line) > COMMAND_LINE_LIMIT:
+            self._discarding_long_line = False
+            self.hooks.event("protocol_error", what="command line too long")
+            actions.append(Send(replies.LINE_TOO_LONG.render()))
+            return True
+        if not line.endswith(b"\r\n"):
+            self.hooks.event("protocol_error", what="bare LF in command")
+            actions.append(Send(replies.BARE_LF.render()))
+            return True
+        if b"\x00" in line:
+            self.hooks.event("protocol_error", what="NUL byte in command")
+            actions.append(Send(replies.NUL_BYTE.render()))
+            return True
+        actions.extend(self._command(line[:-2].decode("utf-8", errors="replace")))
+        return True
+
+    def _take_data_line(self, actions: list[Action]) -> bool:
+        state = self._data
+        assert state is not None
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) > TEXT_LINE_LIMIT:
+                state.too_long = True
+                self._discarding_long_line = True
+                self._buffer = b""
+            return False
+        line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+        if self._discarding_long_line:  # the tail of an overlong line, never the terminator
+            self._discarding_long_line = False
+            return True
+        if line == b".\r\n":
+            actions.extend(self._end_of_data(state))
+            return True
+        if not line.endswith(b"\r\n"):
+            state.bare_lf = True
+        if len(line) > TEXT_LINE_LIMIT:
+            state.too_long = True
+        if b"\x00" in line:
+            state.nul = True
+        if line.startswith(b"."):
+            line = line[1:]
+        state.size += len(line)
+        if state.size > self.config.params.max_message_size:
+            state.oversize = True
+        if not (state.oversize or state.too_long):
+            state.chunks.append(line)
+        return True
+
+    # -- commands
+
+    def _command(self, line: str) -> list[Action]:
+        verb, _, argument = line.strip().partition(" ")
+        verb = verb.upper()
+        argument = argument.strip()
+        refusal = gate.check(verb, bool(argument), self.facts())
+        if refusal is not None:
+            return [Send(refusal.render())]
+        handler = getattr(self, f"_cmd_{verb.lower()}", None) if verb in gate.KNOWN_VERBS else None
+        if handler is None:
+            return [Send(replies.UNRECOGNIZED.render())]
+        result: list[Action] = handler(argument)
+        return result
+
+    def _cmd_ehlo(self, argument: str) -> list[Action]:
+        if not argument:
+            return [Send(Reply(501, "5.5.4", "Syntax: EHLO hostname").render())]
+        self.greeting = argument.split()[0]
+        self._transaction = None
+        caps = [
+            f"{self.config.hostname} Hello {self.greeting}",
+            "PIPELINING",
+            f"SIZE {self.config.params.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if gate.advertises_starttls(self.facts()):
+            caps.append("STARTTLS")
+        caps.append("HELP")
+        return [Send(Reply(250, "", caps[-1], tuple(caps[:-1])).render())]
+
+    def _cmd_helo(self, argument: str) -> list[Action]:
+        if not argument:
+            return [Send(Reply(501, "5.5.4", "Syntax: HELO hostname").render())]
+        self.greeting = argument.split()[0]
+        self._transaction = None
+        return [Send(Reply(250, "", self.config.hostname).render())]
+
+    def _cmd_starttls(self, _argument: str) -> list[Action]:
+        actions: list[Action] = [Send(replies.READY_TO_START_TLS.render()), StartTLS()]
+        if self._buffer:
+            # SPEC.md 3.3: plaintext behind STARTTLS is never executed inside TLS (CVE-2011-0411).
+            preview = self._buffer[:INJECTION_PREVIEW]
+            self.hooks.event("injection_discarded", nbytes=len(self._buffer), preview=preview)
+            self._buffer = b""
+        self.tls_pending = True
+        return actions
+
+    def _cmd_mail(self, argument: str) -> list[Action]:
+        if self.greeting is None:
+            return [Send(replies.SEND_EHLO_FIRST.render())]
+        if self._transaction is not None:
+            return [Send(Reply(503, "5.5.1", "Nested MAIL command").render())]
+        parsed = _parse_path(argument, "FROM:")
+        if parsed is None:
+            return [Send(Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>").render())]
+        sender, params = parsed
+        size = _size_param(params)
+        if size is not None and size > self.config.params.max_message_size:
+            return [Send(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size").render())]
+        refusal = gate.check_sender(sender, self.config.params.tls_mandatory_senders, self.facts())
+        if refusal is not None:
+            return [Send(refusal.render())]
+        if self.messages >= self.config.params.max_msgs_per_connection:
+            self.hooks.event("protocol_error", what="too many messages in this connection")
+            reply = Reply(421, "4.3.2", f"{self.config.hostname} Too many messages in this connection")
+            return [Send(reply.render()), *self._close()]
+        mid = self.hooks.new_mid()
+        self._transaction = _Transaction(mid, sender)
+        self.hooks.event("mid_start", mid=mid)
+        self.hooks.event("mid_from", mid=mid, address=sender)
+        return [Send(Reply(250, "2.1.0", "Sender OK").render())]
+
+    def _cmd_rcpt(self, argument: str) -> list[Action]:
+        if self._transaction is None:
+            return [Send(Reply(503, "5.5.1", "Need MAIL command").render())]
+        parsed = _parse_path(argument, "TO:")
+        if parsed is None or not parsed[0]:
+            return [Send(Reply(501, "5.5.4", "Syntax: RCPT TO:<address>").render())]
+        recipient = parsed[0]
+        if len(self._transaction.recipients) >= self.config.params.max_rcpts_per_msg:
+            return [Send(Reply(452, "4.5.3", "Too many recipients").render())]
+        if not self.config.accepts_recipient(recipient):
+            self.hooks.event("rcpt_refused", mid=self._transaction.mid, address=recipient, reason="RAT")
+            return [Send(Reply(550, "5.7.1", "Recipient address rejected: relaying denied").render())]
+        rid = len(self._transaction.recipients)
+        self._transaction.recipients.append(recipient)
+        self.hooks.event("mid_rcpt", mid=self._transaction.mid, rid=rid, address=recipient)
+        return [Send(Reply(250, "2.1.5", "Recipient OK").render())]
+
+    def _cmd_data(self, argument: str) -> list[Action]:
+        if argument:
+            return [Send(Reply(501, "5.5.4", "Syntax: DATA (no parameters)").render())]
+        if self._transaction is None:
+            return [Send(Reply(503, "5.5.1", "Need MAIL command").render())]
+        if not self._transaction.recipients:
+            return [Send(Reply(554, "5.5.1", "No valid recipients").render())]
+        self._data = _DataState()
+        return [Send(Reply(354, "", "End data with <CR><LF>.<CR><LF>").render())]
+
+    def _cmd_rset(self, _argument: str) -> list[Action]:
+        self._transaction = None
+        return [Send(replies.OK.render())]
+
+    def _cmd_noop(self, _argument: str) -> list[Action]:
+        return [Send(replies.OK.render())]
+
+    def _cmd_quit(self, _argument: str) -> list[Action]:
+        return [Send(replies.BYE.render()), *self._close()]
+
+    def _cmd_vrfy(self, _argument: str) -> list[Action]:
+        return [Send(Reply(252, "2.5.2", "Cannot VRFY user, but will accept message").render())]
+
+    def _cmd_expn(self, _argument: str) -> list[Action]:
+        return [Send(Reply(502, "5.5.1", "EXPN not available").render())]
+
+    def _cmd_help(self, _argument: str) -> list[Action]:
+        return [Send(Reply(214, "2.0.0", "EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY STARTTLS").render())]
+
+    def _cmd_auth(self, _argument: str) -> list[Action]:
+        return [Send(Reply(502, "5.5.1", "AUTH not available").render())]
+
+    # -- end of data
+
+    def _end_of_data(self, state: _DataState) -> list[Action]:
+        transaction = self._transaction
+        assert transaction is not None
+        self._data = None
+        self._transaction = None
+        refusal = None
+        if state.oversize:
+            refusal = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+        elif state.too_long:
+            refusal = replies.LINE_TOO_LONG
+        elif state.bare_lf:
+            refusal = Reply(550, "5.6.0", "Message refused: bare LF in message text")
+        elif state.nul:
+            refusal = Reply(550, "5.6.0", "Message refused: NUL byte in message text")
+        if refusal is not None:
+            self.hooks.event("message_refused", mid=transaction.mid, reason=refusal.text)
+            return [Send(refusal.render())]
+        message = Message(
+            mid=transaction.mid,
+            sender=transaction.sender,
+            recipients=tuple(transaction.recipients),
+            helo=self.greeting or "",
+            data=b"".join(state.chunks),
+            tls=self.tls,
+        )
+        try:
+            self.hooks.deliver(message)
+        except SpoolError as exc:
+            self.hooks.event("message_refused", mid=transaction.mid, reason=f"spool error: {exc}")
+            return [Send(Reply(451, "4.3.0", "Local error in processing, try again later").render())]
+        self.messages += 1
+        self.hooks.event("mid_ready", mid=transaction.mid, nbytes=len(message.data))
+        return [Send(Reply(250, "2.0.0", f"Ok: queued as {transaction.mid}").render())]
+
+    def _close(self, abort: bool = False) -> list[Action]:
+        self.closed = True
+        return [Close(abort=abort)]
+
+
+def _parse_path(argument: str, keyword: str) -> tuple[str, str] | None:
+    """``FROM:<a@b> SIZE=10`` -> (``a@b``, ``SIZE=10``); ``None`` on a syntax error."""
+    if argument[: len(keyword)].upper() != keyword:
+        return None
+    match = _PATH.match(argument[len(keyword) :])
+    if match is None:
+        return None
+    return match.group(1), match.group(2) or ""
+
+
+def _size_param(params: str) -> int | None:
+    for item in params.split():
+        key, _, value = item.partition("=")
+        if key.upper() == "SIZE" and value.isdigit():
+            return int(value)
+    return None
