@@ -380,6 +380,21 @@ def test_unclosed_flow_has_no_fin_and_ipv6_works() -> None:
     assert [str(p[TCP].flags) for p in packets] == ["S", "SA", "A", "PA", "A"]
 
 
+def test_wall_clock_times_are_kept_as_they_are() -> None:
+    capture = Capture()
+    capture.open(Endpoint(CLIENT, 1025), Endpoint(SERVER, 25), 1_800_000_000.25)
+    assert frames(capture)[0].usec == 1_800_000_000_250_000
+
+
+def test_client_port_zero_gets_one_port_per_flow() -> None:
+    capture = Capture()
+    for t in (0.0, 1.0):
+        capture.open(Endpoint(CLIENT, 0), Endpoint(SERVER, 25), t).close(C2S, t + 0.5)
+    syns = [f.packet[TCP] for f in frames(capture) if str(f.packet[TCP].flags) == "S"]
+    assert [p.sport for p in syns] == [49152, 49153]
+    assert syns[0].seq != syns[1].seq
+
+
 def test_bad_port_override_and_bad_flows_are_reported(tmp_path) -> None:
     capture = Capture()
     capture.open(Endpoint(CLIENT, 1), Endpoint(SERVER, 25), 0.0)

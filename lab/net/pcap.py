@@ -33,6 +33,8 @@ ACK_EVERY = 8
 EPOCH = 1_767_225_600
 _WALL_CLOCK = 1_000_000_000
 DLT_EN10MB = 1
+#: First client port used for flows recorded with client port 0.
+EPHEMERAL = 49152
 
 _SYN, _ACK, _PSH, _FIN, _RST = "S", "A", "P", "F", "R"
 
@@ -109,9 +111,11 @@ class _FlowWriter:
         self.v6 = version == {6}
         self.flow = flow
         server_port = overrides.get(flow.server.port, flow.server.port)
+        # A carrier that assigns no client port records 0; give each flow its own so tshark sees distinct streams.
+        client_port = flow.client.port or EPHEMERAL + index % (65536 - EPHEMERAL)
         client, server = flow.client, flow.server
         self.sides = {
-            Direction.C2S: _Side(client.ip, client.port, mac_for(client.ip), isn_for(seed, index, Direction.C2S)),
+            Direction.C2S: _Side(client.ip, client_port, mac_for(client.ip), isn_for(seed, index, Direction.C2S)),
             Direction.S2C: _Side(server.ip, server_port, mac_for(server.ip), isn_for(seed, index, Direction.S2C)),
         }
         self.frames: list[Frame] = []
