@@ -1,0 +1,196 @@
+"""A durable spool: each accepted message lands in a Maildir, and a 250 to DATA means it is on disk.
+
+Maildir delivery is the classic crash-safe recipe: write to ``tmp/``, fsync, link into ``new/``, fsync the
+directory. A reader (the runner, a student with ``ls``) only ever sees complete messages in ``new/``. Every
+failure is a ``SpoolError`` so the listener can answer 451 and leave nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import email.utils
+import os
+import re
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lab.appliance.tlsctx import TLSFacts
+from lab.errors import BadInput
+
+FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
+MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up
+
+
+class SpoolError(Exception):
+    """The message could not be made durable; nothing was delivered (the listener answers 451)."""
+
+
+class MaildirNames:
+    """Maildir-style unique names ``<seconds>.M<micro>P<pid>Q<seq>.<host>``; deterministic for a fixed clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.time, host: str | None = None, pid: int | None = None) -> None:
+        self._clock = clock
+        raw_host = host if host is not None else socket.gethostname()
+        self._host = raw_host.replace("/", r"\057").replace(":", r"\072") or "localhost"
+        self._pid = os.getpid() if pid is None else pid
+        self._seq = 0
+
+    def __call__(self) -> str:
+        self._seq += 1
+        now = self._clock()
+        seconds, micro = int(now), round((now - int(now)) * 1_000_000) % 1_000_000
+        return f"{seconds}.M{micro}P{self._pid}Q{self._seq}.{self._host}"
+
+
+class Maildir:
+    """One Maildir (``tmp/``, ``new/``, ``cur/``); ``deliver`` is atomic and durable."""
+
+    def __init__(self, path: Path, *, name_source: Callable[[], str] | None = None) -> None:
+        self.path = Path(path)
+        self._names = name_source or MaildirNames()
+        try:
+            for sub in ("tmp", "new", "cur"):
+                (self.path / sub).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SpoolError(f"cannot create Maildir {self.path}: {exc.strerror or exc}") from exc
+
+    def deliver(self, message: bytes) -> str:
+        """Store ``message``; returns its file name in ``new/``. Raises SpoolError, leaving nothing behind."""
+        for _ in range(MAX_ATTEMPTS):
+            name = self._names()
+            if "/" in name or name.startswith(".") or not name:
+                raise SpoolError(f"unusable Maildir file name {name!r}")
+            try:
+                if self._deliver_as(name, message):
+                    return name
+            except OSError as exc:
+                raise SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}") from exc
+        raise SpoolError(f"no unique file name in {self.path} after {MAX_ATTEMPTS} attempts")
+
+    def _deliver_as(self, name: str, message: bytes) -> bool:
+        """False when the name is taken (try another); OSError on any real failure, after cleaning up."""
+        tmp, new = self.path / "tmp" / name, self.path / "new" / name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return False
+        linked = False
+        try:
+            try:
+                view = memoryview(message)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, new)  # unlike rename, never replaces an existing message
+            except FileExistsError:
+                return False
+            linked = True
+            _fsync_dir(new.parent)
+        except BaseException:
+            if linked:
+                new.unlink(missing_ok=True)
+            raise
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    def messages(self) -> list[Path]:
+        """The delivered messages in ``new/``, oldest name first."""
+        return sorted((self.path / "new").iterdir())
+
+
+class Spool:
+    """One Maildir per listener under ``root``."""
+
+    def __init__(self, root: Path, *, name_source: Callable[[], str] | None = None) -> None:
+        self.root = Path(root)
+        self._names = name_source or MaildirNames()
+        self._dirs: dict[str, Maildir] = {}
+
+    def for_listener(self, name: str) -> Maildir:
+        if not name or name in {".", ".."} or "/" in name or "\0" in name:
+            raise BadInput(f"listener name {name!r} cannot name a spool directory", field="name")
+        if name not in self._dirs:
+            self._dirs[name] = Maildir(self.root / name, name_source=self._names)
+        return self._dirs[name]
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _clean(value: str) -> str:
+    """Header-safe text: a client's HELO name must not smuggle CRLF or spaces into our header."""
+    return _UNSAFE.sub("?", value)
+
+
+def _date(when: dt.datetime | float) -> str:
+    if isinstance(when, dt.datetime):
+        moment = when if when.tzinfo is not None else when.replace(tzinfo=dt.UTC)
+    else:
+        moment = dt.datetime.fromtimestamp(when, dt.UTC)
+    return email.utils.format_datetime(moment.replace(microsecond=0))
+
+
+def _fold(clauses: list[list[str]]) -> str:
+    """Each clause starts a line; a clause longer than FOLD_AT wraps between its tokens (CRLF + TAB)."""
+    lines: list[str] = []
+    for clause in clauses:
+        line = "" if lines else "Received:"
+        for token in clause:
+            candidate = f"{line} {token}" if line else f"\t{token}"
+            if line and line != "Received:" and len(candidate.expandtabs(8)) > FOLD_AT:
+                lines.append(line)
+                line = f"\t{token}"
+            else:
+                line = candidate
+        lines.append(line)
+    return "".join(f"{line}\r\n" for line in lines)
+
+
+def received_header(
+    *,
+    from_host: str | None,
+    from_addr: str,
+    helo: str,
+    by_host: str,
+    tls: TLSFacts | None,
+    mid: int,
+    recipient: str | None,
+    when: dt.datetime | float,
+    esmtp: bool = True,
+) -> bytes:
+    """An RFC 5321 4.4 trace header recording whether TLS was used, its version and cipher.
+
+    ``from_host`` is the verified reverse-DNS name (None/"" if none), ``from_addr`` the peer IP, ``helo`` what the
+    client said; ``recipient`` is named only when the message has exactly one. ``esmtp=False`` for a HELO session.
+    """
+    addr = _clean(from_addr)
+    helo_name = _clean(helo) if helo else f"[{addr}]"
+    tcp_info = f"({_clean(from_host)} [{addr}])" if from_host else f"([{addr}])"
+    protocol = ("ESMTP" if esmtp else "SMTP") + ("S" if tls is not None else "")
+    tls_note = f"(version={_clean(tls.version)} cipher={_clean(tls.cipher)})" if tls is not None else "(no TLS)"
+    clauses = [
+        ["from", helo_name, tcp_info],
+        ["by", _clean(by_host), "with", protocol, tls_note, "id", str(int(mid))],
+    ]
+    tail = [f"{_date(when)}"]
+    if recipient:
+        clauses.append(["for", f"<{_clean(recipient.strip().strip('<>'))}>;", *tail[0].split(" ")])
+    else:
+        clauses[-1][-1] += ";"
+        clauses.append(tail[0].split(" "))
+    return _fold(clauses).encode("ascii")
