@@ -1,0 +1,487 @@
+"""Load an appliance configuration file (docs/config-format.md) into ``lab.appliance.model.Appliance``.
+
+The JSON Schema (``lab/schemas/appliance.schema.json``) checks shapes; this module first forgives the spellings
+users expect to work (``tls: No``, ``Preferred``, Postfix's ``may``, ``min_version: 1.2``) and then checks what a
+schema cannot: cross-references, HAT member syntax, predefined groups and policies. Every problem is a
+``BadInput`` naming ``file:line: field``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from lab.appliance.model import Appliance, Certificate, Interface, Listener, TLSSettings
+from lab.errors import BadInput
+from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
+from lab.policy.modes import Behaviour, ListenerType, TLSMode
+from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
+from lab.yamlsource import field_name, line_of, load_schema, parse_yaml, validate
+
+SCHEMA = "appliance.schema.json"
+DEMO = "demo"
+DEMO_LABEL = "demo (INSECURE built-in demo certificate)"
+
+#: Use TLS spellings -> the canonical value; Postfix's smtpd_tls_security_level names are aliases.
+_TLS_ALIASES = {
+    "no": "no",
+    "none": "no",
+    "preferred": "preferred",
+    "may": "preferred",
+    "required": "required",
+    "encrypt": "required",
+}
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
+_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+FieldPath = list[str | int]
+
+
+def default_appliance_path() -> Path:
+    """The built-in default appliance file (package data)."""
+    return Path(str(resources.files("lab").joinpath("defaults", "appliance.yaml")))
+
+
+def load_appliance(path: str | Path) -> Appliance:
+    """Read, check and build an appliance from a YAML file; ``builtin`` names the built-in default."""
+    path = default_appliance_path() if str(path) == "builtin" else Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise BadInput("not UTF-8 text", file=str(path)) from None
+    return appliance_from_dict(parse_yaml(text, str(path)), str(path))
+
+
+def default_appliance() -> Appliance:
+    return load_appliance(default_appliance_path())
+
+
+def appliance_from_dict(doc: Any, file: str) -> Appliance:
+    """Build an appliance from a document of ``lab.yamlsource.parse_yaml``; ``file`` names it in errors."""
+    _normalise(doc, file)
+    validate(doc, load_schema(SCHEMA), file)
+    return _Builder(doc, file).build()
+
+
+# --- leniency: rewrite the spellings users expect, in place, so that line numbers survive -----------------
+
+
+def _tls_value(value: Any) -> Any:
+    if value is False:  # YAML 1.1 reads an unquoted No / no / off as false
+        return "no"
+    if isinstance(value, str):
+        return _TLS_ALIASES.get(value.strip().lower(), value)
+    return value
+
+
+def _version_value(value: Any) -> Any:
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        value = f"{float(value):.1f}"
+    if isinstance(value, str):
+        text = value.strip().lower().replace("tlsv", "").replace("tls", "").strip(" v")
+        return text if text in ("1.0", "1.1", "1.2", "1.3") else value
+    return value
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _normalise_params(params: Any) -> None:
+    if not isinstance(params, dict):
+        return
+    if "tls" in params:
+        params["tls"] = _tls_value(params["tls"])
+    if "behaviour" in params:
+        params["behaviour"] = _lower(params["behaviour"])
+
+
+def _normalise(doc: Any, file: str) -> None:
+    """Forgive case, Postfix aliases and YAML 1.1 surprises; reject numbers that YAML made of a HAT member."""
+    if not isinstance(doc, dict):
+        return
+    for cert in doc.get("certificates") or []:
+        if isinstance(cert, dict) and "kind" in cert:
+            cert["kind"] = _lower(cert["kind"])
+    listeners = doc.get("listeners")
+    if not isinstance(listeners, list):
+        return
+    for index, listener in enumerate(listeners):
+        if not isinstance(listener, dict):
+            continue
+        if "type" in listener:
+            listener["type"] = _lower(listener["type"])
+        if isinstance(listener.get("rat"), str):
+            listener["rat"] = [listener["rat"]]
+        tls = listener.get("tls")
+        if isinstance(tls, dict):
+            for key in ("min_version", "max_version"):
+                if key in tls and tls[key] is not None:
+                    tls[key] = _version_value(tls[key])
+        hat = listener.get("hat")
+        if not isinstance(hat, dict):
+            continue
+        _normalise_params(hat.get("defaults"))
+        policies = hat.get("policies")
+        if isinstance(policies, dict):
+            for policy in policies.values():
+                _normalise_params(policy)
+        for g, group in enumerate(hat.get("sender_groups") or []):
+            members = group.get("members") if isinstance(group, dict) else None
+            for m, member in enumerate(members if isinstance(members, list) else []):
+                if isinstance(member, int | float) and not isinstance(member, bool):
+                    path: FieldPath = ["listeners", index, "hat", "sender_groups", g, "members", m]
+                    raise BadInput(
+                        f"YAML read {member!r} as a number; quote the member, e.g. '{member}'",
+                        file=file,
+                        line=line_of(doc, path),
+                        field=field_name(path),
+                    )
+
+
+# --- building -----------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str | int) -> int:
+    """``10485760``, ``10M``, ``512K``, ``1GB`` -> bytes."""
+    if isinstance(text, int):
+        return text
+    found = _SIZE.match(text)
+    if not found or int(found.group(1)) < 1:
+        raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M or G)")
+    return int(found.group(1)) * 1024 ** " kmg".index(found.group(2).lower() or " ")
+
+
+def _valid_domain(name: str) -> bool:
+    labels = name.lower().rstrip(".").split(".")
+    return len(name) <= 253 and all(_DOMAIN_LABEL.match(label) for label in labels)
+
+
+@dataclass
+class _Builder:
+    doc: Any
+    file: str
+
+    def fail(self, problem: str, path: FieldPath) -> BadInput:
+        return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path))
+
+    def build(self) -> Appliance:
+        doc = self.doc
+        interfaces = self.interfaces(doc["interfaces"])
+        certificates = self.certificates(doc.get("certificates") or [], doc["hostname"])
+        listeners: list[Listener] = []
+        seen_names: dict[str, int] = {}
+        seen_sockets: dict[tuple[str, int], int] = {}
+        for index, item in enumerate(doc["listeners"]):
+            path: FieldPath = ["listeners", index]
+            listener = self.listener(item, path, interfaces, certificates)
+            if listener.name in seen_names:
+                raise self.fail(
+                    f"duplicate listener name {listener.name!r} (also listeners[{seen_names[listener.name]}])",
+                    [*path, "name"],
+                )
+            seen_names[listener.name] = index
+            socket = (listener.interface, listener.port)
+            if socket in seen_sockets:
+                other = doc["listeners"][seen_sockets[socket]]["name"]
+                raise self.fail(
+                    f"listener {other!r} already uses interface {listener.interface} port {listener.port}",
+                    [*path, "port" if "port" in item else "interface"],
+                )
+            seen_sockets[socket] = index
+            listeners.append(listener)
+        return Appliance(doc["hostname"], interfaces, certificates, tuple(listeners), source=self.file)
+
+    def interfaces(self, items: list[Any]) -> dict[str, Interface]:
+        out: dict[str, Interface] = {}
+        addresses: dict[str, str] = {}
+        for index, item in enumerate(items):
+            path: FieldPath = ["interfaces", index]
+            if item["name"] in out:
+                raise self.fail(f"duplicate interface name {item['name']!r}", [*path, "name"])
+            try:
+                address = ipaddress.ip_address(item["address"])
+            except ValueError:
+                raise self.fail(f"{item['address']!r} is not an IP address", [*path, "address"]) from None
+            prefix = item.get("prefix", 24 if address.version == 4 else 64)
+            if prefix > address.max_prefixlen:
+                raise self.fail(f"prefix {prefix} is too long for IPv{address.version}", [*path, "prefix"])
+            if str(address) in addresses:
+                raise self.fail(
+                    f"address {address} is already on interface {addresses[str(address)]}", [*path, "address"]
+                )
+            addresses[str(address)] = item["name"]
+            out[item["name"]] = Interface(item["name"], str(address), prefix)
+        return out
+
+    def certificates(self, items: list[Any], hostname: str) -> dict[str, Certificate]:
+        out: dict[str, Certificate] = {}
+        base = Path(self.file).parent
+        for index, item in enumerate(items):
+            path: FieldPath = ["certificates", index]
+            name, kind = item["name"], item["kind"]
+            if name in out:
+                raise self.fail(f"duplicate certificate name {name!r}", [*path, "name"])
+            if name == DEMO and kind != "demo":
+                raise self.fail("the name 'demo' is reserved for the built-in demo certificate", [*path, "name"])
+            allowed = {"demo": set(), "lab": {"hostnames"}, "pem": {"cert_file", "key_file"}}[kind]
+            extra = sorted(set(item) - {"name", "kind"} - allowed)
+            if extra:
+                raise self.fail(f"not used by a certificate of kind {kind}", [*path, extra[0]])
+            if kind == "pem":
+                for key in ("cert_file", "key_file"):
+                    if key not in item:
+                        raise self.fail(f"a certificate of kind pem needs {key}", path)
+                cert_file, key_file = str(base / item["cert_file"]), str(base / item["key_file"])
+                self.check_pem(cert_file, key_file, name, path)
+                out[name] = Certificate(name, kind, cert_file=cert_file, key_file=key_file)
+            elif kind == "lab":
+                out[name] = Certificate(name, kind, hostnames=tuple(item.get("hostnames") or [hostname]))
+            else:
+                out[name] = Certificate(name, kind)
+        return out
+
+    def check_pem(self, cert_file: str, key_file: str, name: str, path: FieldPath) -> None:
+        """Fail at load time, at the YAML line, rather than when the first client connects."""
+        from lab.appliance.certs import load_pem  # cryptography is slow to import; only pem needs it
+
+        try:
+            load_pem(cert_file, key_file, name)
+        except BadInput as exc:
+            key = "key_file" if exc.file == key_file else "cert_file"
+            raise self.fail(f"{exc.file}: {exc.problem}", [*path, key]) from None
+
+    def listener(
+        self, item: Any, path: FieldPath, interfaces: dict[str, Interface], certificates: dict[str, Certificate]
+    ) -> Listener:
+        kind = ListenerType(item["type"])
+        if item["interface"] not in interfaces:
+            known = ", ".join(interfaces)
+            raise self.fail(f"unknown interface {item['interface']!r} (known: {known})", [*path, "interface"])
+        certificate = item.get("certificate")
+        if certificate == DEMO and DEMO not in certificates:
+            certificate = None
+        elif certificate is not None and certificate not in certificates:
+            known = ", ".join([DEMO, *(c for c in certificates if c != DEMO)])
+            raise self.fail(f"unknown certificate {certificate!r} (known: {known})", [*path, "certificate"])
+        if "rat" in item and kind is ListenerType.PRIVATE:
+            raise self.fail(
+                "a private listener has no Recipient Access Table (rat is for public listeners)", [*path, "rat"]
+            )
+        rat = tuple(self.rat_entry(entry, [*path, "rat", i]) for i, entry in enumerate(item.get("rat", [])))
+        tls = item.get("tls") or {}
+        hat, policies, defaults = self.hat(item.get("hat") or {}, kind, [*path, "hat"])
+        return Listener(
+            name=item["name"],
+            type=kind,
+            interface=item["interface"],
+            port=item.get("port", 25),
+            default_domain=item.get("default_domain", ""),
+            max_concurrency=item.get("max_concurrency", 1000),
+            tcp_queue=item.get("tcp_queue", 50),
+            domain_map=item.get("domain_map", False),
+            certificate=certificate,
+            rat=rat,
+            hat=hat,
+            policies=policies,
+            defaults=defaults,
+            tls=TLSSettings(tls.get("min_version", "1.2"), tls.get("max_version"), tls.get("ciphers")),
+            idle_timeout=float(item.get("idle_timeout", 300.0)),
+        )
+
+    def rat_entry(self, entry: str, path: FieldPath) -> str:
+        text = entry.strip()
+        if text.upper() == "ALL":
+            return "ALL"
+        if _valid_domain(text[1:] if text.startswith(".") else text) and "@" not in text:
+            return text.lower()
+        raise self.fail(f"{entry!r} is not a domain, .domain or ALL", path)
+
+    def params(self, raw: Any, path: FieldPath) -> PolicyParams:
+        values: dict[str, Any] = {}
+        known = {f.name for f in fields(PolicyParams)}
+        for key, value in raw.items():
+            if key not in known:
+                continue  # "behaviour"
+            if key == "tls":
+                value = TLSMode(value)
+            elif key == "tls_mandatory_senders":
+                value = tuple(v.strip().lower() for v in value)
+            elif key == "max_message_size":
+                try:
+                    value = parse_size(value)
+                except ValueError as exc:
+                    raise self.fail(str(exc), [*path, key]) from None
+            values[key] = value
+        return PolicyParams(**values)
+
+    def hat(
+        self, raw: Any, kind: ListenerType, path: FieldPath
+    ) -> tuple[HostAccessTable, dict[str, MailFlowPolicy], PolicyParams]:
+        policies = dict(predefined_policies(kind))
+        for name, item in (raw.get("policies") or {}).items():
+            ppath = [*path, "policies", name]
+            params = self.params(item, ppath)
+            if name in policies:
+                base = policies[name]
+                behaviour = Behaviour(item["behaviour"]) if "behaviour" in item else base.behaviour
+                policies[name] = MailFlowPolicy(name, behaviour, _merge(base.params, params))
+            elif "behaviour" not in item:
+                raise self.fail(f"policy {name!r} is not predefined, so it needs a behaviour", ppath)
+            else:
+                policies[name] = MailFlowPolicy(name, Behaviour(item["behaviour"]), params)
+        defaults = self.params(raw.get("defaults") or {}, [*path, "defaults"])
+        groups = self.groups(raw.get("sender_groups"), kind, policies, path)
+        return HostAccessTable(tuple(groups)), policies, defaults
+
+    def groups(
+        self, raw: list[Any] | None, kind: ListenerType, policies: dict[str, MailFlowPolicy], path: FieldPath
+    ) -> list[SenderGroup]:
+        predefined = dict(predefined_groups(kind))
+        seen: dict[str, int] = {}
+        groups: list[SenderGroup] = []
+        for index, item in enumerate(raw or []):
+            gpath = [*path, "sender_groups", index]
+            name = item["name"]
+            if name in seen:
+                raise self.fail(f"duplicate sender group {name!r} (also sender_groups[{seen[name]}])", [*gpath, "name"])
+            seen[name] = index
+            if name.upper() == "ALL" and index != len(raw or []) - 1:
+                raise self.fail("the ALL group must be the last sender group", [*gpath, "name"])
+            policy = item.get("policy", predefined.get(name))
+            if policy is None:
+                raise self.fail(f"sender group {name!r} is not predefined, so it needs a policy", gpath)
+            if policy not in policies:
+                known = ", ".join(sorted(policies))
+                raise self.fail(f"unknown policy {policy!r} (known: {known})", [*gpath, "policy"])
+            members = list(item.get("members", ["ALL"] if name.upper() == "ALL" else []))
+            if name.upper() == "ALL" and [m.strip().upper() for m in members] != ["ALL"]:
+                raise self.fail("the ALL group matches every host; its only member is ALL", [*gpath, "members"])
+            for m, member in enumerate(members):
+                try:
+                    parse_member(member)
+                except MemberSyntaxError as exc:
+                    raise self.fail(f"bad member {exc}", [*gpath, "members", m]) from None
+            groups.append(SenderGroup.of(name, members, policy))
+        for name, policy in predefined.items():  # predefined groups the file left out keep their place before ALL
+            if name not in seen and name != "ALL":
+                groups.insert(
+                    len(groups) - (1 if groups and groups[-1].name.upper() == "ALL" else 0),
+                    SenderGroup.of(name, [], policy),
+                )
+        if not groups or groups[-1].name.upper() != "ALL":
+            groups.append(SenderGroup.of("ALL", ["ALL"], predefined["ALL"]))
+        return groups
+
+
+def _merge(base: PolicyParams, override: PolicyParams) -> PolicyParams:
+    """``override``'s set fields over ``base``'s (a user entry for a predefined policy changes only what it names)."""
+    values = {f.name: getattr(base, f.name) for f in fields(PolicyParams)}
+    values.update(
+        {f.name: getattr(override, f.name) for f in fields(PolicyParams) if getattr(override, f.name) is not None}
+    )
+    return PolicyParams(**values)
+
+
+# --- a one-listener appliance for tests and ``smtplab serve`` -----------------------------------------------
+
+
+def quick_appliance(
+    address: str, port: int, tls: TLSMode, verify_client: bool = False, certificate: Certificate | None = None
+) -> Appliance:
+    """One public listener "Inboundmail" on "PublicNet" at ``address``: predefined HAT, ALL -> ``tls``, RAT ALL."""
+    ip = ipaddress.ip_address(address)
+    interface = Interface("PublicNet", str(ip), 24 if ip.version == 4 else 64)
+    params = PolicyParams(tls=tls, verify_client=verify_client)
+    policies = dict(predefined_policies(ListenerType.PUBLIC))
+    groups = [
+        SenderGroup.of(name, ["ALL"] if name == "ALL" else [], pol)
+        for name, pol in predefined_groups(ListenerType.PUBLIC)
+    ]
+    all_policy = groups[-1].policy
+    policies[all_policy] = MailFlowPolicy(
+        all_policy, policies[all_policy].behaviour, _merge(policies[all_policy].params, params)
+    )
+    certificates: dict[str, Certificate] = {}
+    cert_name: str | None = None
+    if certificate is not None and not (certificate.kind == "demo" and certificate.name == DEMO):
+        certificates[certificate.name] = certificate
+        cert_name = certificate.name
+    listener = Listener(
+        name="Inboundmail",
+        type=ListenerType.PUBLIC,
+        interface=interface.name,
+        port=port,
+        certificate=cert_name,
+        rat=("ALL",),
+        hat=HostAccessTable(tuple(groups)),
+        policies=policies,
+        defaults=params,
+    )
+    return Appliance("esa.lab.example", {interface.name: interface}, certificates, (listener,))
+
+
+# --- what an operator reads -----------------------------------------------------------------------------------
+
+
+def _tls_label(mode: TLSMode, verify: bool) -> str:
+    return mode.value.capitalize() + (" (verify client certificate)" if verify else "")
+
+
+def certificate_label(appliance: Appliance, listener: Listener) -> str:
+    """The certificate's name, flagged when it is the insecure demo certificate."""
+    if listener.certificate is None:
+        return DEMO_LABEL
+    cert = appliance.certificates.get(listener.certificate)
+    if cert is not None and cert.kind == "demo":
+        return f"{cert.name} (INSECURE built-in demo certificate)"
+    return listener.certificate
+
+
+def listener_summary(appliance: Appliance, listener: Listener) -> str:
+    """The listener as the appliance prints it (SPEC.md 1), plus the certificate it presents."""
+    interface = appliance.interfaces[listener.interface]
+    domain = f" {listener.default_domain}" if listener.default_domain else ""
+    lines = [
+        f"Name: {listener.name}",
+        f"Type: {listener.type.value.capitalize()}",
+        f"Interface: {interface.label()} TCP Port {listener.port}",
+        "Protocol: SMTP",
+        f"Default Domain:{domain}",
+        f"Max Concurrency: {listener.max_concurrency} (TCP Queue: {listener.tcp_queue})",
+        f"Domain map: {'enabled' if listener.domain_map else 'disabled'}",
+        f"TLS: {_tls_label(listener.tls_summary(), False)}",
+        f"Certificate: {certificate_label(appliance, listener)}",
+    ]
+    return "\n".join(lines)
+
+
+def hat_summary(listener: Listener) -> str:
+    """The HAT top to bottom: each group's members, its policy, the policy's behaviour and effective TLS."""
+    header = ("Sender group", "Policy", "Behaviour", "TLS", "Members")
+    rows = [header]
+    for group in listener.hat.groups:
+        policy = listener.policies[group.policy]
+        effective = policy.effective(listener.defaults)
+        members = ", ".join(m.text for m in group.members) or "(none)"
+        rows.append(
+            (
+                group.name,
+                policy.name,
+                policy.behaviour.value.upper(),
+                _tls_label(effective.tls, effective.verify_client),
+                members,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = [f"Host Access Table of {listener.name} (first match wins):"]
+    for row in rows:
+        lines.append(
+            "  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1]
+        )
+    return "\n".join(line.rstrip() for line in lines)
