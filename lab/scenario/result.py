@@ -1,0 +1,304 @@
+"""The result record: one ``CaseRun`` per case x policy x target, gathered in a ``RunResult``.
+
+Every report (terminal, index.json, junit.xml, index.html) is a view of this record, and ``smtplab report DIR``
+rebuilds the views from ``index.json`` alone, so ``to_dict`` / ``from_dict`` must round-trip exactly and write
+the same bytes for the same run (keys in a fixed order, free-form mappings sorted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from lab import __version__
+from lab.errors import BadInput, HarnessError
+from lab.policy.modes import TLSMode
+from lab.scenario.verdict import ORDER, Verdict, exit_code
+from lab.yamlsource import load_schema, validate
+
+SCHEMA_VERSION = 1
+SCHEMA_NAME = "index.schema.json"
+TOOL = f"smtplab {__version__}"
+
+
+class Level(StrEnum):
+    """How binding the spec sentence behind a case is (DESIGN.md principle 5)."""
+
+    MUST = "MUST"
+    SHOULD = "SHOULD"
+    LOCAL_POLICY = "local-policy"
+
+
+def _set(obj: object, name: str, value: object) -> None:
+    object.__setattr__(obj, name, value)  # coercion inside __post_init__ of a frozen dataclass
+
+
+@dataclass(frozen=True)
+class SpecRef:
+    """A spec sentence a case checks: ``RFC 3207 4`` / ``MUST`` / the sentence."""
+
+    ref: str
+    level: Level
+    text: str
+
+    def __post_init__(self) -> None:
+        _set(self, "level", Level(self.level))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ref": self.ref, "level": str(self.level), "text": self.text}
+
+
+@dataclass(frozen=True)
+class Expected:
+    """The expectation alternative that decided the verdict (its verdict, label and conditions)."""
+
+    verdict: Verdict
+    label: str
+    conditions: Any = None
+
+    def __post_init__(self) -> None:
+        _set(self, "verdict", Verdict(self.verdict))
+
+    def to_dict(self) -> dict[str, Any]:
+        conditions = _json_data(self.conditions, "expected.conditions")
+        return {"verdict": str(self.verdict), "label": self.label, "conditions": conditions}
+
+
+@dataclass(frozen=True)
+class TLSInfo:
+    version: str
+    cipher: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": self.version, "cipher": self.cipher}
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Virtual seconds on the run's clock; wall milliseconds (None when timestamps are off, for diffable output)."""
+
+    virtual_s: float = 0.0
+    wall_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"virtual_s": self.virtual_s, "wall_ms": self.wall_ms}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A system under test: ``lab:Inboundmail``, ``postfix-may``, ``HOST:PORT``; policy None = varies per case."""
+
+    name: str
+    address: str
+    policy: TLSMode | None = None
+    address_map: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is not None:
+            _set(self, "policy", TLSMode(self.policy))
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "address": self.address, "policy": _opt_str(self.policy)}
+        if self.address_map is not None:
+            out["address_map"] = dict(sorted(self.address_map.items()))
+        return out
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def _coerce(value: Any, cls: type) -> Any:
+    """Accept the dict form of a part (as the JSON has it) wherever the dataclass is expected."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**value)
+    raise HarnessError(f"{cls.__name__} expected, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CaseRun:
+    """What one case did under one policy against one target, and the verdict on it."""
+
+    case: str
+    title: str
+    section: str
+    spec_refs: list[SpecRef] = field(default_factory=list)
+    description: str = ""
+    expectation: str = ""
+    client: str
+    target: str
+    policy: TLSMode
+    carrier: str
+    verdict: Verdict
+    reason: str
+    expected: Expected | None = None
+    observed: dict[str, Any] = field(default_factory=dict)
+    transcript: list[str] = field(default_factory=list)
+    tls: TLSInfo | None = None
+    timings: Timings = field(default_factory=Timings)
+    capture: str | None = None
+    keylog: str | None = None
+    deviation: str | None = None
+
+    def __post_init__(self) -> None:
+        _set(self, "policy", TLSMode(self.policy))
+        _set(self, "verdict", Verdict(self.verdict))
+        _set(self, "spec_refs", [_coerce(r, SpecRef) for r in self.spec_refs])
+        _set(self, "expected", _coerce(self.expected, Expected))
+        _set(self, "tls", _coerce(self.tls, TLSInfo))
+        _set(self, "timings", _coerce(self.timings, Timings))
+
+    @property
+    def name(self) -> str:
+        """``CASE[policy]``: how reports name this run."""
+        return f"{self.case}[{self.policy}]"
+
+    def to_dict(self) -> dict[str, Any]:
+        where = f"runs[{self.name}]"
+        return {
+            "case": self.case,
+            "title": self.title,
+            "section": self.section,
+            "spec_refs": [r.to_dict() for r in self.spec_refs],
+            "description": self.description,
+            "expectation": self.expectation,
+            "client": self.client,
+            "target": self.target,
+            "policy": str(self.policy),
+            "carrier": self.carrier,
+            "verdict": str(self.verdict),
+            "reason": self.reason,
+            "expected": None if self.expected is None else self.expected.to_dict(),
+            "observed": _json_data(self.observed, f"{where}.observed"),
+            "transcript": list(self.transcript),
+            "tls": None if self.tls is None else self.tls.to_dict(),
+            "timings": self.timings.to_dict(),
+            "capture": self.capture,
+            "keylog": self.keylog,
+            "deviation": self.deviation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CaseRun:
+        """From an already validated mapping (``RunResult.from_dict`` validates)."""
+        return cls(**data)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunResult:
+    """One run of the suite: its settings, its targets and every ``CaseRun``, in run order."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool: str = TOOL
+    seed: int
+    carrier: str
+    started: str | None = None
+    targets: list[Target] = field(default_factory=list)
+    address_map: dict[str, str] = field(default_factory=dict)
+    runs: list[CaseRun] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        _set(self, "targets", [_coerce(t, Target) for t in self.targets])
+        _set(self, "runs", [_coerce(r, CaseRun) for r in self.runs])
+
+    def counts(self) -> dict[Verdict, int]:
+        """Every verdict (zeros included) in the report order ``lab.scenario.verdict.ORDER``."""
+        out = dict.fromkeys(ORDER, 0)
+        for run in self.runs:
+            out[run.verdict] += 1
+        return out
+
+    def exit_code(self) -> int:
+        return exit_code([r.verdict for r in self.runs])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "tool": self.tool,
+            "seed": self.seed,
+            "carrier": self.carrier,
+            "started": self.started,
+            "targets": [t.to_dict() for t in self.targets],
+            "address_map": dict(sorted(self.address_map.items())),
+            "runs": [r.to_dict() for r in self.runs],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, file: str | None = None) -> RunResult:
+        """Validate against ``lab/schemas/index.schema.json`` and build; a bad record is ``BadInput``."""
+        check_record(data, file)
+        return cls(
+            schema_version=data["schema_version"],
+            tool=data["tool"],
+            seed=data["seed"],
+            carrier=data["carrier"],
+            started=data["started"],
+            targets=[Target(**t) for t in data["targets"]],
+            address_map=dict(data["address_map"]),
+            runs=[CaseRun.from_dict(r) for r in data["runs"]],
+        )
+
+
+@lru_cache(maxsize=1)
+def index_schema() -> dict[str, Any]:
+    return load_schema(SCHEMA_NAME)
+
+
+def check_record(data: Any, file: str | None = None) -> None:
+    """Raise ``BadInput`` (file, field) unless ``data`` is an index.json record this version reads."""
+    where = file or "index.json"
+    if not isinstance(data, dict):
+        raise BadInput("the record must be a JSON object", file=where)
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise BadInput(
+            f"unsupported schema_version {version!r} (this smtplab reads {SCHEMA_VERSION})",
+            file=where,
+            field="schema_version",
+        )
+    validate(data, index_schema(), where)
+
+
+def load_index(path: str | Path) -> RunResult:
+    """Read ``index.json``; a missing, unreadable, non-JSON or wrong-schema file is a one-line ``BadInput``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput("no such file (run `smtplab run` first, or name a report directory)", file=str(path)) from None
+    except OSError as exc:
+        raise BadInput(f"cannot read: {exc.strerror}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise BadInput("not UTF-8 text", file=str(path)) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"not JSON: {exc.msg}", file=str(path), line=exc.lineno) from None
+    return RunResult.from_dict(data, file=str(path))
+
+
+def _json_data(value: Any, where: str) -> Any:
+    """A canonical copy of JSON data (dict keys sorted); anything else is a lab fault, not the user's."""
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise HarnessError(f"{where}: {value!r} is not JSON")
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_data(v, where) for v in value]
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key in sorted(value, key=lambda k: (not isinstance(k, str), str(k))):
+            if not isinstance(key, str):
+                raise HarnessError(f"{where}: key {key!r} is not a string")
+            out[key] = _json_data(value[key], f"{where}.{key}")
+        return out
+    raise HarnessError(f"{where}: {type(value).__name__} is not JSON data")
