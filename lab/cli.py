@@ -17,6 +17,7 @@ from lab.errors import EXIT_BAD_INPUT, EXIT_HARNESS, BadInput, HarnessError
 COMMANDS: dict[str, str] = {
     "serve": "serve",
     "listeners": "listeners",
+    "report": "report",
 }
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
@@ -22,7 +23,7 @@ from lab.appliance.certs import CertKey, LabCA, demo_certificate, load_pem
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
-from lab.appliance.tlsctx import ServerTLS, tls_facts
+from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
 from lab.policy import replies
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
@@ -274,6 +275,6 @@ class ListenerProtocol(Protocol, TimeoutMixin):
 def _reason_text(reason: Failure | None) -> str:
     if reason is None:
         return "connection lost"
-    value = reason.value
-    text = str(value) or type(value).__name__
-    return f"{type(value).__name__}: {text}" if not text.startswith(type(value).__name__) else text
+    if isinstance(reason.value, SSL.Error):
+        return tls_error_reason(reason.value)
+    return str(reason.value) or type(reason.value).__name__
