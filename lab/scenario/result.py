@@ -2,7 +2,8 @@
 
 Every report (terminal, index.json, junit.xml, index.html) is a view of this record, and ``smtplab report DIR``
 rebuilds the views from ``index.json`` alone, so ``to_dict`` / ``from_dict`` must round-trip exactly and write
-the same bytes for the same run (keys in a fixed order, free-form mappings sorted).
+the same bytes for the same run: the record's own keys in a fixed order; free-form mappings (``observed``,
+``conditions``) keep the order the runner built them in (``replies`` in step order), which JSON preserves.
 """
 
 from __future__ import annotations
@@ -285,7 +286,7 @@ def load_index(path: str | Path) -> RunResult:
 
 
 def _json_data(value: Any, where: str) -> Any:
-    """A canonical copy of JSON data (dict keys sorted); anything else is a lab fault, not the user's."""
+    """A plain copy of JSON data, order kept; anything else (bytes, sets, NaN) is a lab fault, not the user's."""
     if value is None or isinstance(value, bool | int | str):
         return value
     if isinstance(value, float):
@@ -296,7 +297,7 @@ def _json_data(value: Any, where: str) -> Any:
         return [_json_data(v, where) for v in value]
     if isinstance(value, dict):
         out: dict[str, Any] = {}
-        for key in sorted(value, key=lambda k: (not isinstance(k, str), str(k))):
+        for key in value:
             if not isinstance(key, str):
                 raise HarnessError(f"{where}: key {key!r} is not a string")
             out[key] = _json_data(value[key], f"{where}.{key}")
