@@ -1,0 +1,332 @@
+"""The appliance's mail log: one line per event, keyed by connection (ICID), message (MID) and delivery (DCID).
+
+The grammar follows what an ESA operator reads (``New SMTP ICID 5 ...``, ``MID 1 ICID 5 From: <...>``) and is
+documented in docs/maillog.md. It is a contract: the runner, the reports and students' grep commands read these
+lines, so every event has one regular expression in ``GRAMMAR`` and ``parse_line`` turns a line back into fields.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from collections.abc import Callable, Iterable
+from enum import Enum
+from pathlib import Path
+from typing import Any, TextIO
+
+from lab.errors import BadInput
+
+PREVIEW_BYTES = 64  # how much of discarded injected bytes the log shows
+
+_INT_FIELDS = {"icid", "mid", "dcid", "rid", "nbytes", "port"}
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern + r"\Z")
+
+
+# Event name -> the regular expression of its text (after "<timestamp> <Level>: "). Order matters only for
+# reading: patterns are tried top to bottom, so more specific ones come first.
+GRAMMAR: dict[str, re.Pattern[str]] = {
+    "new_connection": _rx(
+        r"New SMTP ICID (?P<icid>\d+) interface (?P<interface>\S+) \((?P<interface_addr>[^)]*)\)"
+        r" address (?P<peer_ip>\S+) reverse dns host (?P<rdns>\S+) verified (?P<verified>yes|no)"
+    ),
+    "policy": _rx(
+        r"ICID (?P<icid>\d+) (?P<behaviour>[A-Z]+) SG (?P<group>\S+) match (?P<member>\S+)"
+        r"(?: policy (?P<policy>\S+))?"
+    ),
+    "tls_success": _rx(r"ICID (?P<icid>\d+) TLS success protocol (?P<protocol>\S+) cipher (?P<cipher>\S+)"),
+    "tls_failed": _rx(r"ICID (?P<icid>\d+) TLS failed: (?P<reason>.*)"),
+    "demo_certificate": _rx(r"ICID (?P<icid>\d+) TLS warning: presented the demo certificate \(insecure\)"),
+    "client_cert": _rx(
+        r"ICID (?P<icid>\d+) TLS client certificate (?P<state>none|verified|unverified)(?: subject (?P<subject>.*))?"
+    ),
+    "injection_discarded": _rx(
+        r"ICID (?P<icid>\d+) STARTTLS command injection: discarded (?P<nbytes>\d+) bytes received after STARTTLS:"
+        r" '(?P<preview>.*)'"
+    ),
+    "refused": _rx(r"ICID (?P<icid>\d+) refused: (?P<reason>.*)"),
+    "message_refused": _rx(r"ICID (?P<icid>\d+) message refused: (?P<reason>.*)"),
+    "rcpt_rejected": _rx(r"ICID (?P<icid>\d+) RID (?P<rid>\d+) rejected: (?P<addr><[^>]*>) (?P<reason>.*)"),
+    "protocol_error": _rx(r"ICID (?P<icid>\d+) protocol error: (?P<what>.*)"),
+    "close": _rx(r"ICID (?P<icid>\d+) close(?: by (?P<by>\S+))?"),
+    "mid_start": _rx(r"Start MID (?P<mid>\d+) ICID (?P<icid>\d+)"),
+    "mid_from": _rx(r"MID (?P<mid>\d+) ICID (?P<icid>\d+) From: (?P<addr><[^>]*>)"),
+    "mid_rcpt": _rx(r"MID (?P<mid>\d+) ICID (?P<icid>\d+) RID (?P<rid>\d+) To: (?P<addr><[^>]*>)"),
+    "mid_ready": _rx(r"MID (?P<mid>\d+) ready (?P<nbytes>\d+) bytes"),
+    "mid_spooled": _rx(r"MID (?P<mid>\d+) spooled (?P<path>.+)"),
+    "mid_deferred": _rx(r"MID (?P<mid>\d+) deferred: (?P<reason>.*)"),
+    "mid_bounced": _rx(r"MID (?P<mid>\d+) bounced: (?P<reason>.*)"),
+    "dcid_new": _rx(
+        r"New SMTP DCID (?P<dcid>\d+) interface (?P<interface_addr>\S+) address (?P<peer_ip>\S+) port (?P<port>\d+)"
+    ),
+    "dcid_starttls_not_supported": _rx(r"DCID (?P<dcid>\d+) STARTTLS command not supported"),
+    "dcid_tls_success": _rx(r"DCID (?P<dcid>\d+) TLS success protocol (?P<protocol>\S+) cipher (?P<cipher>\S+)"),
+    "dcid_tls_failed": _rx(r"DCID (?P<dcid>\d+) TLS failed: (?P<reason>.*)"),
+    "dcid_tls_required": _rx(
+        r"DCID (?P<dcid>\d+) TLS was required but could not be successfully negotiated for (?P<domain>\S+)"
+    ),
+    "dcid_delivery_start": _rx(r"Delivery start DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>[\d, ]*)\]"),
+    "dcid_message_done": _rx(r"Message done DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>[\d, ]*)\]"),
+    "dcid_close": _rx(r"DCID (?P<dcid>\d+) close"),
+}
+
+_LINE = re.compile(
+    r"(?P<timestamp>[A-Z][a-z]{2} [A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d \d{4}) (?P<level>[A-Z][a-z]+): (?P<text>.*)\Z"
+)
+
+
+def format_timestamp(epoch: float) -> str:
+    """The appliance's fixed-width stamp, in UTC so that logs are comparable: ``Tue Dec  1 19:40:05 2026``."""
+    return time.asctime(time.gmtime(int(epoch)))
+
+
+def parse_timestamp(stamp: str) -> float:
+    return float(calendar.timegm(time.strptime(stamp, "%a %b %d %H:%M:%S %Y")))
+
+
+def _text(value: object) -> str:
+    """Printable ASCII: anything else (CR, LF, NUL, U+2028...) becomes an escape, so one event is one line."""
+    raw = str(value.value if isinstance(value, Enum) else value)
+    return "".join(ch if 0x20 <= ord(ch) < 0x7F else ascii(ch)[1:-1] for ch in raw)
+
+
+def _token(value: object) -> str:
+    """A field that must stay one word in the grammar."""
+    text = _text(value)
+    return re.sub(r"\s", "_", text) or "-"
+
+
+def _addr(addr: str) -> str:
+    inner = _text(addr).strip()
+    if inner.startswith("<") and inner.endswith(">"):
+        inner = inner[1:-1]
+    return "<" + inner.replace(">", "\\x3e") + ">"
+
+
+def _preview(data: bytes) -> str:
+    """``'MAIL FROM:<x>\\r\\n...'``: like a Python bytes repr without the b, cut at PREVIEW_BYTES."""
+    out = []
+    for byte in data[:PREVIEW_BYTES]:
+        if byte == 0x0D:
+            out.append("\\r")
+        elif byte == 0x0A:
+            out.append("\\n")
+        elif byte == 0x09:
+            out.append("\\t")
+        elif byte in (0x27, 0x5C):
+            out.append("\\" + chr(byte))
+        elif 0x20 <= byte < 0x7F:
+            out.append(chr(byte))
+        else:
+            out.append(f"\\x{byte:02x}")
+    return "".join(out) + ("..." if len(data) > PREVIEW_BYTES else "")
+
+
+def _rids(rids: Iterable[int]) -> str:
+    return ", ".join(str(int(r)) for r in rids)
+
+
+class MailLog:
+    """Appliance-wide log and ID counters; keeps every line in ``lines`` and writes each through at once."""
+
+    def __init__(
+        self,
+        sink: TextIO | Path | None = None,
+        clock: Callable[[], float] = time.time,
+        echo: Callable[[str], None] | None = None,
+    ) -> None:
+        self.lines: list[str] = []
+        self._clock = clock
+        self._echo = echo
+        self._owned: TextIO | None = None
+        if isinstance(sink, Path):
+            sink.parent.mkdir(parents=True, exist_ok=True)
+            self._owned = sink.open("a", encoding="utf-8", buffering=1)
+            self._sink: TextIO | None = self._owned
+        else:
+            self._sink = sink
+        self._counters = {"icid": 0, "mid": 0, "dcid": 0}
+
+    # -- counters -----------------------------------------------------------------------------------------------
+    def _next(self, kind: str) -> int:
+        self._counters[kind] += 1
+        return self._counters[kind]
+
+    def next_icid(self) -> int:
+        return self._next("icid")
+
+    def next_mid(self) -> int:
+        return self._next("mid")
+
+    def next_dcid(self) -> int:
+        return self._next("dcid")
+
+    # -- output -------------------------------------------------------------------------------------------------
+    def write(self, event: str, level: str = "Info") -> str:
+        """Stamp and emit one event text; returns the full line (without newline)."""
+        line = f"{format_timestamp(self._clock())} {level}: {event}"
+        self.lines.append(line)
+        if self._sink is not None:
+            self._sink.write(line + "\n")
+            self._sink.flush()
+        if self._echo is not None:
+            self._echo(line)
+        return line
+
+    def close_file(self) -> None:
+        """Close the log file if this MailLog opened it (a sink passed in stays the caller's)."""
+        if self._owned is not None:
+            self._owned.close()
+            self._owned = None
+            self._sink = None
+
+    def __enter__(self) -> MailLog:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close_file()
+
+    # -- incoming connections (ICID) ----------------------------------------------------------------------------
+    def new_connection(
+        self, icid: int, interface: str, interface_addr: str, peer_ip: str, rdns_name: str | None, verified: bool
+    ) -> str:
+        host = _token(rdns_name) if rdns_name else "unknown"
+        return self.write(
+            f"New SMTP ICID {icid} interface {_token(interface)} ({_text(interface_addr)}) address {_token(peer_ip)}"
+            f" reverse dns host {host} verified {'yes' if verified and rdns_name else 'no'}"
+        )
+
+    def policy(self, icid: int, behaviour: object, group: str, member: str | None, policy: str | None = None) -> str:
+        text = f"ICID {icid} {_token(behaviour).upper()} SG {_token(group)} match {_token(member or '(none)')}"
+        return self.write(text + (f" policy {_token(policy)}" if policy else ""))
+
+    def tls_success(self, icid: int, protocol: str, cipher: str) -> str:
+        return self.write(f"ICID {icid} TLS success protocol {_token(protocol)} cipher {_token(cipher)}")
+
+    def tls_failed(self, icid: int, reason: str) -> str:
+        return self.write(f"ICID {icid} TLS failed: {_text(reason)}")
+
+    def demo_certificate(self, icid: int) -> str:
+        """Flags that this connection was offered the built-in demo certificate (anyone can impersonate it)."""
+        return self.write(f"ICID {icid} TLS warning: presented the demo certificate (insecure)", level="Warning")
+
+    def client_cert(self, icid: int, state: object, subject: str | None) -> str:
+        text = f"ICID {icid} TLS client certificate {_token(state).lower()}"
+        return self.write(text + (f" subject {_text(subject)}" if subject else ""))
+
+    def injection_discarded(self, icid: int, nbytes: int, preview: bytes) -> str:
+        return self.write(
+            f"ICID {icid} STARTTLS command injection: discarded {int(nbytes)} bytes received after STARTTLS:"
+            f" '{_preview(preview)}'",
+            level="Warning",
+        )
+
+    def refused(self, icid: int, reason: str) -> str:
+        """The connection was turned away (REJECT, TCPREFUSE, too many connections)."""
+        return self.write(f"ICID {icid} refused: {_text(reason)}")
+
+    def message_refused(self, icid: int, reason: str) -> str:
+        return self.write(f"ICID {icid} message refused: {_text(reason)}")
+
+    def rcpt_rejected(self, icid: int, rid: int, addr: str, reason: str) -> str:
+        return self.write(f"ICID {icid} RID {int(rid)} rejected: {_addr(addr)} {_text(reason)}")
+
+    def protocol_error(self, icid: int, what: str) -> str:
+        """Overlong line, NUL, bare LF, timeout: what the listener refused and why."""
+        return self.write(f"ICID {icid} protocol error: {_text(what)}")
+
+    def close(self, icid: int, by: str | None = None) -> str:
+        """The connection ended; ``by`` (``client`` / ``server``) says who closed first, when known."""
+        return self.write(f"ICID {icid} close" + (f" by {_token(by)}" if by else ""))
+
+    # -- messages (MID) -----------------------------------------------------------------------------------------
+    def mid_start(self, mid: int, icid: int) -> str:
+        return self.write(f"Start MID {mid} ICID {icid}")
+
+    def mid_from(self, mid: int, icid: int, addr: str) -> str:
+        return self.write(f"MID {mid} ICID {icid} From: {_addr(addr)}")
+
+    def mid_rcpt(self, mid: int, icid: int, rid: int, addr: str) -> str:
+        return self.write(f"MID {mid} ICID {icid} RID {int(rid)} To: {_addr(addr)}")
+
+    def mid_ready(self, mid: int, nbytes: int) -> str:
+        return self.write(f"MID {mid} ready {int(nbytes)} bytes")
+
+    def mid_spooled(self, mid: int, path: str | Path) -> str:
+        return self.write(f"MID {mid} spooled {_text(path)}")
+
+    def mid_deferred(self, mid: int, reason: str) -> str:
+        return self.write(f"MID {mid} deferred: {_text(reason)}")
+
+    def mid_bounced(self, mid: int, reason: str) -> str:
+        return self.write(f"MID {mid} bounced: {_text(reason)}")
+
+    # -- outgoing deliveries (DCID) -----------------------------------------------------------------------------
+    def dcid_new(self, dcid: int, interface_addr: str, peer_ip: str, port: int) -> str:
+        return self.write(
+            f"New SMTP DCID {dcid} interface {_token(interface_addr)} address {_token(peer_ip)} port {int(port)}"
+        )
+
+    def dcid_starttls_not_supported(self, dcid: int) -> str:
+        return self.write(f"DCID {dcid} STARTTLS command not supported")
+
+    def dcid_tls_success(self, dcid: int, protocol: str, cipher: str) -> str:
+        return self.write(f"DCID {dcid} TLS success protocol {_token(protocol)} cipher {_token(cipher)}")
+
+    def dcid_tls_failed(self, dcid: int, reason: str) -> str:
+        return self.write(f"DCID {dcid} TLS failed: {_text(reason)}")
+
+    def dcid_tls_required(self, dcid: int, domain: str) -> str:
+        return self.write(
+            f"DCID {dcid} TLS was required but could not be successfully negotiated for {_token(domain)}",
+            level="Warning",
+        )
+
+    def dcid_delivery_start(self, dcid: int, mid: int, rids: Iterable[int]) -> str:
+        return self.write(f"Delivery start DCID {dcid} MID {mid} to RID [{_rids(rids)}]")
+
+    def dcid_message_done(self, dcid: int, mid: int, rids: Iterable[int]) -> str:
+        return self.write(f"Message done DCID {dcid} MID {mid} to RID [{_rids(rids)}]")
+
+    def dcid_close(self, dcid: int) -> str:
+        return self.write(f"DCID {dcid} close")
+
+
+def parse_line(line: str) -> dict[str, Any]:
+    """A log line back into its fields: ``timestamp``, ``time`` (epoch), ``level``, ``event`` and the event's own.
+
+    IDs and byte counts are ints, ``verified`` a bool, an unknown reverse-DNS name None, ``rids`` a list of ints.
+    A line outside the grammar is BadInput (a log file is user input).
+    """
+    head = _LINE.match(line.rstrip("\r\n"))
+    if head is None:
+        raise BadInput(f"not a mail log line: {line[:80]!r}")
+    text = head["text"]
+    for event, pattern in GRAMMAR.items():
+        found = pattern.match(text)
+        if found is None:
+            continue
+        fields: dict[str, Any] = {
+            "timestamp": head["timestamp"],
+            "time": parse_timestamp(head["timestamp"]),
+            "level": head["level"],
+            "event": event,
+        }
+        for key, value in found.groupdict().items():
+            if value is None:
+                fields[key] = None
+            elif key in _INT_FIELDS:
+                fields[key] = int(value)
+            elif key == "verified":
+                fields[key] = value == "yes"
+            elif key == "rdns":
+                fields[key] = None if value == "unknown" else value
+            elif key == "rids":
+                fields[key] = [int(r) for r in value.split(",") if r.strip()]
+            else:
+                fields[key] = value
+        return fields
+    raise BadInput(f"unknown mail log event: {text[:80]!r}")

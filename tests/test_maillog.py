@@ -1,0 +1,220 @@
+"""The mail log: exact lines of the documented grammar, counters, sinks, and reading lines back."""
+
+from __future__ import annotations
+
+import calendar
+import io
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lab.appliance.maillog import GRAMMAR, MailLog, format_timestamp, parse_line
+from lab.errors import BadInput
+from lab.policy.modes import Behaviour, ClientCert
+
+T0 = float(calendar.timegm((2026, 12, 1, 19, 40, 5, 0, 0, 0)))
+STAMP = "Tue Dec  1 19:40:05 2026"
+
+
+def fixed_log(**kwargs) -> MailLog:
+    return MailLog(clock=lambda: T0, **kwargs)
+
+
+def test_timestamp_format_is_fixed_width() -> None:
+    assert format_timestamp(T0) == STAMP
+    assert format_timestamp(T0 + 10 * 86400) == "Fri Dec 11 19:40:05 2026"
+    assert format_timestamp(0) == "Thu Jan  1 00:00:00 1970"  # a fresh virtual Clock
+
+
+def test_spec_examples_verbatim() -> None:
+    log = fixed_log()
+    log.new_connection(5, "PublicNet", "192.168.2.1", "198.51.100.7", "mx.example.net", True)
+    log.policy(5, Behaviour.ACCEPT, "UNKNOWNLIST", "ALL")
+    log.tls_success(5, "TLSv1.3", "TLS_AES_256_GCM_SHA384")
+    log.tls_failed(6, "no shared cipher")
+    log.injection_discarded(5, 23, b"MAIL FROM:<x>\r\nRCPT TO:")
+    log.mid_start(1, 5)
+    log.mid_from(1, 5, "a@example.net")
+    log.mid_rcpt(1, 5, 0, "<b@example.com>")
+    log.mid_ready(1, 1234)
+    log.close(5)
+    log.dcid_starttls_not_supported(8)
+    assert [line.removeprefix(STAMP + " ") for line in log.lines] == [
+        "Info: New SMTP ICID 5 interface PublicNet (192.168.2.1) address 198.51.100.7"
+        " reverse dns host mx.example.net verified yes",
+        "Info: ICID 5 ACCEPT SG UNKNOWNLIST match ALL",
+        "Info: ICID 5 TLS success protocol TLSv1.3 cipher TLS_AES_256_GCM_SHA384",
+        "Info: ICID 6 TLS failed: no shared cipher",
+        "Warning: ICID 5 STARTTLS command injection: discarded 23 bytes received after STARTTLS:"
+        " 'MAIL FROM:<x>\\r\\nRCPT TO:'",
+        "Info: Start MID 1 ICID 5",
+        "Info: MID 1 ICID 5 From: <a@example.net>",
+        "Info: MID 1 ICID 5 RID 0 To: <b@example.com>",
+        "Info: MID 1 ready 1234 bytes",
+        "Info: ICID 5 close",
+        "Info: DCID 8 STARTTLS command not supported",
+    ]
+
+
+def test_counters_start_at_one_and_are_independent() -> None:
+    log = MailLog()
+    assert [log.next_icid(), log.next_icid(), log.next_mid(), log.next_dcid(), log.next_icid()] == [1, 2, 1, 1, 3]
+
+
+def test_file_sink_is_written_through_and_appended(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "mail.log"
+    log = fixed_log(sink=path)
+    log.mid_ready(1, 10)
+    assert path.read_text() == f"{STAMP} Info: MID 1 ready 10 bytes\n"  # before any close: flushed per line
+    log.close_file()
+    with fixed_log(sink=path) as again:
+        again.mid_ready(2, 20)
+    assert path.read_text().splitlines()[1] == f"{STAMP} Info: MID 2 ready 20 bytes"
+
+
+def test_stream_sink_and_echo() -> None:
+    stream, echoed = io.StringIO(), []
+    log = fixed_log(sink=stream, echo=echoed.append)
+    line = log.close(3, by="server")
+    assert line == f"{STAMP} Info: ICID 3 close by server"
+    assert stream.getvalue() == line + "\n" and echoed == [line] and log.lines == [line]
+
+
+def test_clock_is_read_per_line() -> None:
+    now = [T0]
+    log = MailLog(clock=lambda: now[0])
+    log.mid_start(1, 1)
+    now[0] += 65
+    log.mid_ready(1, 5)
+    assert [parse_line(x)["time"] for x in log.lines] == [T0, T0 + 65]
+
+
+def test_injection_preview_is_escaped_and_cut() -> None:
+    log = fixed_log()
+    data = b"QUIT'\\\x00\tZ" + b"A" * 100
+    line = log.injection_discarded(9, len(data), data)
+    preview = parse_line(line)["preview"]
+    assert preview.startswith("QUIT\\'\\\\\\x00\\tZAAA") and preview.endswith("A...")
+    assert len(preview) == len("QUIT\\'\\\\\\x00\\tZ") + 64 - 9 + 3
+
+
+def test_control_characters_cannot_forge_lines() -> None:
+    log = fixed_log()
+    line = log.tls_failed(4, "bad\r\nTue Dec  1 19:40:05 2026 Info: MID 9 ready 1 bytes")
+    assert "\n" not in line and "\r" not in line
+    assert parse_line(line)["event"] == "tls_failed"
+    assert len(log.lines) == 1
+
+
+CASES = [
+    (
+        lambda log: log.new_connection(5, "PublicNet", "192.168.2.1", "198.51.100.7", None, False),
+        {"event": "new_connection", "icid": 5, "interface": "PublicNet", "interface_addr": "192.168.2.1"}
+        | {"peer_ip": "198.51.100.7", "rdns": None, "verified": False},
+    ),
+    (
+        lambda log: log.policy(5, "reject", "BLACKLIST", "10.1.", "BLOCKED"),
+        {"event": "policy", "behaviour": "REJECT", "group": "BLACKLIST", "member": "10.1.", "policy": "BLOCKED"},
+    ),
+    (
+        lambda log: log.tls_success(5, "TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256"),
+        {"event": "tls_success", "protocol": "TLSv1.2", "cipher": "ECDHE-ECDSA-AES128-GCM-SHA256"},
+    ),
+    (lambda log: log.tls_failed(6, "unsupported protocol"), {"event": "tls_failed", "reason": "unsupported protocol"}),
+    (lambda log: log.demo_certificate(5), {"event": "demo_certificate", "icid": 5, "level": "Warning"}),
+    (
+        lambda log: log.client_cert(5, ClientCert.VERIFIED, "CN=client.lab.example,O=Lab Org"),
+        {"event": "client_cert", "state": "verified", "subject": "CN=client.lab.example,O=Lab Org"},
+    ),
+    (lambda log: log.client_cert(5, ClientCert.NONE, None), {"event": "client_cert", "state": "none"}),
+    (
+        lambda log: log.injection_discarded(5, 6, b"NOOP\r\n"),
+        {"event": "injection_discarded", "nbytes": 6, "preview": "NOOP\\r\\n"},
+    ),
+    (
+        lambda log: log.refused(7, "TCPREFUSE SG BLACKLIST"),
+        {"event": "refused", "icid": 7, "reason": "TCPREFUSE SG BLACKLIST"},
+    ),
+    (
+        lambda log: log.message_refused(7, "530 5.7.0 Must issue a STARTTLS command first"),
+        {"event": "message_refused", "reason": "530 5.7.0 Must issue a STARTTLS command first"},
+    ),
+    (
+        lambda log: log.rcpt_rejected(7, 1, "x@elsewhere.test", "not in RAT"),
+        {"event": "rcpt_rejected", "rid": 1, "addr": "<x@elsewhere.test>", "reason": "not in RAT"},
+    ),
+    (lambda log: log.protocol_error(7, "bare LF"), {"event": "protocol_error", "what": "bare LF"}),
+    (lambda log: log.close(7), {"event": "close", "icid": 7, "by": None}),
+    (lambda log: log.mid_start(2, 7), {"event": "mid_start", "mid": 2, "icid": 7}),
+    (lambda log: log.mid_from(2, 7, ""), {"event": "mid_from", "addr": "<>"}),
+    (lambda log: log.mid_rcpt(2, 7, 3, "b@example.com"), {"event": "mid_rcpt", "rid": 3, "addr": "<b@example.com>"}),
+    (lambda log: log.mid_ready(2, 99), {"event": "mid_ready", "mid": 2, "nbytes": 99}),
+    (
+        lambda log: log.mid_spooled(2, Path("/spool/In bound/new/1.M0P1Q1.esa")),
+        {"event": "mid_spooled", "path": "/spool/In bound/new/1.M0P1Q1.esa"},
+    ),
+    (lambda log: log.mid_deferred(2, "TLS required"), {"event": "mid_deferred", "reason": "TLS required"}),
+    (lambda log: log.mid_bounced(2, "5.7.10"), {"event": "mid_bounced", "reason": "5.7.10"}),
+    (
+        lambda log: log.dcid_new(8, "192.168.2.1", "203.0.113.5", 25),
+        {"event": "dcid_new", "dcid": 8, "interface_addr": "192.168.2.1", "peer_ip": "203.0.113.5", "port": 25},
+    ),
+    (lambda log: log.dcid_starttls_not_supported(8), {"event": "dcid_starttls_not_supported", "dcid": 8}),
+    (
+        lambda log: log.dcid_tls_success(8, "TLSv1.3", "TLS_AES_128_GCM_SHA256"),
+        {"event": "dcid_tls_success", "protocol": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"},
+    ),
+    (lambda log: log.dcid_tls_failed(8, "timeout"), {"event": "dcid_tls_failed", "reason": "timeout"}),
+    (
+        lambda log: log.dcid_tls_required(8, "example.org"),
+        {"event": "dcid_tls_required", "domain": "example.org", "level": "Warning"},
+    ),
+    (
+        lambda log: log.dcid_delivery_start(8, 2, [0, 1]),
+        {"event": "dcid_delivery_start", "dcid": 8, "mid": 2, "rids": [0, 1]},
+    ),
+    (lambda log: log.dcid_message_done(8, 2, [0]), {"event": "dcid_message_done", "rids": [0]}),
+    (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
+]
+
+
+@pytest.mark.parametrize(("call", "expected"), CASES)
+def test_every_event_reads_back(call, expected: dict) -> None:
+    fields = parse_line(call(fixed_log()))
+    assert fields["timestamp"] == STAMP and fields["time"] == T0
+    assert fields.get("level", "Info") == expected.get("level", fields["level"])
+    for key, value in expected.items():
+        assert fields[key] == value, key
+
+
+def test_the_cases_cover_the_whole_grammar() -> None:
+    covered = {expected["event"] for _, expected in CASES} | {"new_connection", "mid_ready"}
+    assert covered == set(GRAMMAR)
+
+
+@settings(max_examples=200, deadline=None)
+@given(icid=st.integers(min_value=1, max_value=10**9), reason=st.text(max_size=200))
+def test_any_reason_stays_one_parseable_line(icid: int, reason: str) -> None:
+    line = fixed_log().tls_failed(icid, reason)
+    assert line.isascii() and line.isprintable() and len(line.splitlines()) == 1
+    fields = parse_line(line)
+    assert (fields["event"], fields["icid"]) == ("tls_failed", icid)
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=200))
+def test_any_injected_bytes_give_a_parseable_line(data: bytes) -> None:
+    line = fixed_log().injection_discarded(1, len(data), data)
+    fields = parse_line(line)
+    assert fields["event"] == "injection_discarded" and fields["nbytes"] == len(data)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["", "garbage", f"{STAMP} Info: something else happened", f"{STAMP} Info: ICID x close"],
+)
+def test_lines_outside_the_grammar_are_bad_input(line: str) -> None:
+    with pytest.raises(BadInput):
+        parse_line(line)
