@@ -100,6 +100,13 @@ def test_injection_preview_is_escaped_and_cut() -> None:
     assert len(preview) == len("QUIT\\'\\\\\\x00\\tZ") + 64 - 9 + 3
 
 
+def test_injection_preview_accepts_buffers_and_text() -> None:
+    log = fixed_log()
+    expected = "ICID 1 STARTTLS command injection: discarded 6 bytes received after STARTTLS: 'RSET\\r\\n'"
+    for preview in (b"RSET\r\n", bytearray(b"RSET\r\n"), "RSET\r\n"):
+        assert log.injection_discarded(1, 6, preview).endswith(expected)
+
+
 def test_control_characters_cannot_forge_lines() -> None:
     log = fixed_log()
     line = log.tls_failed(4, "bad\r\nTue Dec  1 19:40:05 2026 Info: MID 9 ready 1 bytes")

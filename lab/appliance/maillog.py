@@ -106,8 +106,9 @@ def _addr(addr: str) -> str:
     return "<" + inner.replace(">", "\\x3e") + ">"
 
 
-def _preview(data: bytes) -> str:
+def _preview(data: bytes | bytearray | memoryview | str) -> str:
     """``'MAIL FROM:<x>\\r\\n...'``: like a Python bytes repr without the b, cut at PREVIEW_BYTES."""
+    data = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else bytes(data)
     out = []
     for byte in data[:PREVIEW_BYTES]:
         if byte == 0x0D:
@@ -217,7 +218,7 @@ class MailLog:
         text = f"ICID {icid} TLS client certificate {_token(state).lower()}"
         return self.write(text + (f" subject {_text(subject)}" if subject else ""))
 
-    def injection_discarded(self, icid: int, nbytes: int, preview: bytes) -> str:
+    def injection_discarded(self, icid: int, nbytes: int, preview: bytes | bytearray | str) -> str:
         return self.write(
             f"ICID {icid} STARTTLS command injection: discarded {int(nbytes)} bytes received after STARTTLS:"
             f" '{_preview(preview)}'",
