@@ -328,3 +328,18 @@ def test_load_index_errors_are_one_line_bad_input(tmp_path: Path) -> None:
         with pytest.raises(BadInput) as info:
             load_index(path)
         assert "\n" not in str(info.value)
+
+
+def test_scenario_model_parts_are_accepted() -> None:
+    from lab.scenario import model
+
+    alternative = model.Alternative(
+        Verdict.FAILED, "accepted in plaintext", (model.Condition("replies.MAIL", model.Equals(250), 250),)
+    )
+    ref = model.SpecRef("RFC 3207 4", model.Level.MUST, "MUST NOT require")
+    run = _run("3207-4-02", "required", Verdict.FAILED, spec_refs=[ref], expected=alternative)
+    assert run.spec_refs == [SpecRef("RFC 3207 4", Level.MUST, "MUST NOT require")]
+    assert run.expected == Expected(Verdict.FAILED, "accepted in plaintext", {"replies.MAIL": 250})
+    assert RunResult.from_dict(RunResult(seed=1, carrier="memory", runs=[run]).to_dict()).runs == [run]
+    with pytest.raises(HarnessError, match="Expected"):
+        _run("3207-4-02", "required", Verdict.OK, expected=["not", "a", "mapping"])

@@ -115,11 +115,17 @@ def _opt_str(value: object) -> str | None:
 
 
 def _coerce(value: Any, cls: type) -> Any:
-    """Accept the dict form of a part (as the JSON has it) wherever the dataclass is expected."""
+    """Accept the dict form of a part (as the JSON has it), or any object with ``to_dict()`` giving that form
+    (``lab.scenario.model.SpecRef``, ``Alternative``), wherever the dataclass is expected."""
     if value is None or isinstance(value, cls):
         return value
+    if not isinstance(value, dict) and callable(getattr(value, "to_dict", None)):
+        value = value.to_dict()
     if isinstance(value, dict):
-        return cls(**value)
+        try:
+            return cls(**value)
+        except (TypeError, ValueError) as exc:
+            raise HarnessError(f"{cls.__name__}: {exc}") from None
     raise HarnessError(f"{cls.__name__} expected, got {type(value).__name__}")
 
 
