@@ -113,7 +113,8 @@ def build_junit(result: RunResult) -> ET.Element:
 
 
 def junit_bytes(result: RunResult) -> bytes:
-    return ET.tostring(build_junit(result), encoding="utf-8", xml_declaration=True) + b"\n"
+    data: bytes = ET.tostring(build_junit(result), encoding="utf-8", xml_declaration=True)
+    return data + b"\n"
 
 
 def write_junit(result: RunResult, path: Path) -> Path:
