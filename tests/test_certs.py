@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -152,6 +152,13 @@ def test_load_pem_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(BadInput, match="unencrypted") as err:
         load_pem(tmp_path / "one.pem", tmp_path / "enc.key", "x")
     assert err.value.file == str(tmp_path / "enc.key")
+    x25519_key = x25519.X25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "x25519.key").write_bytes(x25519_key)
+    with pytest.raises(BadInput, match="cannot sign") as err:
+        load_pem(tmp_path / "one.pem", tmp_path / "x25519.key", "x")
+    assert err.value.file == str(tmp_path / "x25519.key")
 
 
 def test_default_state_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -19,13 +19,15 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from lab.errors import BadInput, HarnessError
 
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=397)
+TLS_KEY_TYPES = (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
 RENEW_BEFORE = dt.timedelta(days=30)  # reissue a cached certificate this long before it expires
 BACKDATE = dt.timedelta(hours=1)  # tolerate small clock skew between the lab and an external peer
 
@@ -45,8 +47,8 @@ class CertKey:
         return x509.load_pem_x509_certificate(self.cert_pem)
 
     @cached_property
-    def private_key(self) -> ec.EllipticCurvePrivateKey:
-        return serialization.load_pem_private_key(self.key_pem, password=None)  # type: ignore[return-value]
+    def private_key(self) -> PrivateKeyTypes:
+        return serialization.load_pem_private_key(self.key_pem, password=None)
 
     @property
     def chain(self) -> list[x509.Certificate]:
@@ -227,6 +229,8 @@ def load_pem(cert_path: str | Path, key_path: str | Path, name: str) -> CertKey:
         key = serialization.load_pem_private_key(key_bytes, password=None)
     except (ValueError, TypeError) as exc:
         raise BadInput(f"not an unencrypted PEM private key ({exc})", file=str(key_path)) from exc
+    if not isinstance(key, TLS_KEY_TYPES):
+        raise BadInput(f"a {type(key).__name__} cannot sign a TLS handshake (use RSA or EC)", file=str(key_path))
     leaf = certs[0]
     if _public_der(key.public_key()) != _public_der(leaf.public_key()):
         raise BadInput(f"private key does not match the certificate in {cert_path}", file=str(key_path))
@@ -287,16 +291,14 @@ def _key_usage(
     )
 
 
-def _key_pem(key: object) -> bytes:
-    return key.private_bytes(  # type: ignore[attr-defined]
+def _key_pem(key: PrivateKeyTypes) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 
-def _public_der(public_key: object) -> bytes:
-    return public_key.public_bytes(  # type: ignore[attr-defined]
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:

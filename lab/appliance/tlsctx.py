@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from zope.interface import implementer
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lab.appliance.certs import CertKey
 from lab.errors import BadInput
@@ -133,7 +133,7 @@ def _peer_chain(conn: SSL.Connection) -> tuple[x509.Certificate | None, list[x50
 
 def _use_certkey(ctx: SSL.Context, certkey: CertKey) -> None:
     ctx.use_certificate(certkey.certificate)
-    ctx.use_privatekey(certkey.private_key)
+    ctx.use_privatekey(certkey.private_key)  # type: ignore[arg-type]  # load_pem admits only TLS key types
     for extra in certkey.chain:
         ctx.add_extra_chain_cert(extra)
     ctx.check_privatekey()
