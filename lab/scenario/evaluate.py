@@ -1,0 +1,64 @@
+"""Judge what one run observed against a case's expected alternatives (DESIGN.md principle 5).
+
+Pure: no I/O, no clock. The first alternative whose conditions all hold decides; when none does, the verdict
+is that of the strongest spec level among the case's refs (MUST -> FAILED, SHOULD -> NON-STRICT, local
+policy -> INFORMATIONAL) and the reason names the closest alternative's unmet conditions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lab.scenario.model import Alternative, Case
+from lab.scenario.verdict import Verdict
+
+NO_MATCH = "no expected alternative matched"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    verdict: Verdict
+    alternative: Alternative | None  # the alternative that decided, or None (fallback, not run)
+    reason: str  # one sentence: why this verdict
+    unmet: tuple[str, ...] = ()  # the closest alternative's unmet conditions, on a fallback
+
+
+def evaluate(case: Case, policy: str, observed: Mapping[str, Any], *, external: bool) -> Evaluation:
+    """The verdict of ``case`` under ``policy`` given ``observed``; ``external``: the target is not the lab's."""
+    policy = str(policy)
+    if policy not in case.policies:
+        return Evaluation(Verdict.SKIPPED, None, f"the case does not run under policy {policy!r}")
+    if external and case.requires:
+        return Evaluation(Verdict.UNIMPLEMENTED, None, f"{case.lab_only_reason()} (lab targets only)")
+    alternatives = case.expect.for_policy(policy)
+    for alt in alternatives:
+        if not alt.unmet(observed):
+            return Evaluation(alt.verdict, alt, alt.label)
+    level = case.strongest_level
+    if not alternatives:  # the loader refuses this; kept total for hand-built cases
+        return Evaluation(level.verdict, None, f"{NO_MATCH}: the case lists none for {policy!r}")
+    ranked = sorted(enumerate(alternatives), key=lambda item: (len(item[1].unmet(observed)), item[0]))
+    closest = ranked[0][1]
+    unmet = tuple(closest.unmet(observed))
+    reason = f"{NO_MATCH} ({level} at stake); closest: {closest.label!r} ({closest.verdict}) wanted " + "; ".join(unmet)
+    return Evaluation(level.verdict, None, reason, unmet)
+
+
+def apply_deviation(evaluation: Evaluation, deviation: str | None) -> Evaluation:
+    """A target's declared deviation (with its reason): FAILED / NON-STRICT become XFAIL, an OK becomes XPASS.
+
+    Other verdicts (INFORMATIONAL, UNIMPLEMENTED, ERROR, SKIPPED) say nothing about the deviation and stay.
+    """
+    if not deviation:
+        return evaluation
+    if evaluation.verdict in (Verdict.FAILED, Verdict.NON_STRICT):
+        return replace(
+            evaluation, verdict=Verdict.XFAIL, reason=f"declared deviation: {deviation} ({evaluation.reason})"
+        )
+    if evaluation.verdict is Verdict.OK:
+        return replace(
+            evaluation, verdict=Verdict.XPASS, reason=f"declared deviation is gone: {deviation} ({evaluation.reason})"
+        )
+    return evaluation
