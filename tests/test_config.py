@@ -212,11 +212,11 @@ def test_all_group_can_be_remapped_and_stays_last(tmp_path: Path) -> None:
         hat:
           sender_groups:
             - {name: WHITELIST, members: [192.0.2.0/24]}
-            - {name: ALL, policy: BLOCKED}
+            - {name: all, policy: BLOCKED}  # the catch-all by any case
         """,
     )
     listener = load_appliance(path).listener("Inboundmail")
-    assert [g.name for g in listener.hat.groups][-1] == "ALL"
+    assert [g.name for g in listener.hat.groups] == ["WHITELIST", "BLACKLIST", "SUSPECTLIST", "UNKNOWNLIST", "ALL"]
     assert listener.resolve(Peer.of("198.51.100.1")).policy.behaviour is Behaviour.REJECT
     assert listener.resolve(Peer.of("192.0.2.1")).match.group == "WHITELIST"
 

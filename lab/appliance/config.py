@@ -149,12 +149,11 @@ def _normalise(doc: Any, file: str) -> None:
 
 def parse_size(text: str | int) -> int:
     """``10485760``, ``10M``, ``512K``, ``1GB`` -> bytes."""
-    if isinstance(text, int):
-        return text
-    found = _SIZE.match(text)
+    found = _SIZE.match(str(text))
     if not found or int(found.group(1)) < 1:
         raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M or G)")
-    return int(found.group(1)) * 1024 ** " kmg".index(found.group(2).lower() or " ")
+    exponent = " kmg".index(found.group(2).lower() or " ")
+    return int(found.group(1)) * int(1024**exponent)
 
 
 def _valid_domain(name: str) -> bool:
@@ -347,11 +346,11 @@ class _Builder:
         groups: list[SenderGroup] = []
         for index, item in enumerate(raw or []):
             gpath = [*path, "sender_groups", index]
-            name = item["name"]
+            name = "ALL" if item["name"].upper() == "ALL" else item["name"]
             if name in seen:
                 raise self.fail(f"duplicate sender group {name!r} (also sender_groups[{seen[name]}])", [*gpath, "name"])
             seen[name] = index
-            if name.upper() == "ALL" and index != len(raw or []) - 1:
+            if name == "ALL" and index != len(raw or []) - 1:
                 raise self.fail("the ALL group must be the last sender group", [*gpath, "name"])
             policy = item.get("policy", predefined.get(name))
             if policy is None:
@@ -359,8 +358,8 @@ class _Builder:
             if policy not in policies:
                 known = ", ".join(sorted(policies))
                 raise self.fail(f"unknown policy {policy!r} (known: {known})", [*gpath, "policy"])
-            members = list(item.get("members", ["ALL"] if name.upper() == "ALL" else []))
-            if name.upper() == "ALL" and [m.strip().upper() for m in members] != ["ALL"]:
+            members = list(item.get("members", ["ALL"] if name == "ALL" else []))
+            if name == "ALL" and [m.strip().upper() for m in members] != ["ALL"]:
                 raise self.fail("the ALL group matches every host; its only member is ALL", [*gpath, "members"])
             for m, member in enumerate(members):
                 try:
@@ -371,10 +370,10 @@ class _Builder:
         for name, policy in predefined.items():  # predefined groups the file left out keep their place before ALL
             if name not in seen and name != "ALL":
                 groups.insert(
-                    len(groups) - (1 if groups and groups[-1].name.upper() == "ALL" else 0),
+                    len(groups) - (1 if groups and groups[-1].name == "ALL" else 0),
                     SenderGroup.of(name, [], policy),
                 )
-        if not groups or groups[-1].name.upper() != "ALL":
+        if not groups or groups[-1].name != "ALL":
             groups.append(SenderGroup.of("ALL", ["ALL"], predefined["ALL"]))
         return groups
 
