@@ -21,6 +21,7 @@ from zope.interface import implementer
 
 from lab.appliance.certs import demo_certificate
 from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
+from lab.errors import BadInput
 
 MODES = ("ok", "absent", "454", "garbage-after-220", "response-injection", "handshake-fail")
 #: A fatal TLS alert, handshake_failure(40): what a server with nothing in common with the ClientHello sends.
@@ -43,6 +44,7 @@ class SessionLog:
     commands: list[tuple[bool, str]] = field(default_factory=list)  # (inside TLS?, line)
     tls: bool = False
     tls_version: str | None = None
+    client_cert_subject: str | None = None  # the certificate the client presented, if any
     tls_error: str | None = None
     closed: bool = False
 
@@ -62,7 +64,7 @@ class RemoteMTAFactory(ServerFactory):
         idle_timeout: float = 300.0,
     ) -> None:
         if starttls not in MODES:
-            raise ValueError(f"starttls must be one of {', '.join(MODES)}, not {starttls!r}")
+            raise BadInput(f"{starttls!r} is not one of {', '.join(MODES)}", field="starttls")
         self.hostname = hostname
         self.starttls = starttls
         self._tls_server = tls_server
@@ -199,7 +201,8 @@ class RemoteMTAProtocol(LineReceiver, TimeoutMixin):
 
     def handshakeCompleted(self) -> None:
         self.tls = self.log.tls = True
-        self.log.tls_version = tls_facts(self.transport.getHandle()).version
+        facts = tls_facts(self.transport.getHandle())
+        self.log.tls_version, self.log.client_cert_subject = facts.version, facts.peer_subject
 
     def smtp_MAIL(self, argument: str) -> None:
         if self.helo is None:
