@@ -172,6 +172,12 @@ async def load(host: str, port: int, sessions: int, concurrency: int, use_tls: b
     return (sessions - remaining[0] - errors[0]) / elapsed, errors[0]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far: steadier than wall time on a shared machine."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -220,15 +226,19 @@ def main() -> None:
         ]:
             host = f"127.0.77.{len(figures) + 1}"
             port = free_port(host)
-            with started(command_for(host, port), host, port):
+            with started(command_for(host, port), host, port) as server:
+                cpu_before = cpu_seconds(server.pid)
                 rate, errors = asyncio.run(load(host, port, args.sessions, args.concurrency, tls))
+                cpu_ms = (cpu_seconds(server.pid) - cpu_before) * 1000 / args.sessions
             figures[name] = rate
+            figures[name + " cpu"] = cpu_ms
             print(
-                f"{name:40s} {rate:8.1f} sessions/s  ({args.sessions} sessions, {args.concurrency} concurrent, "
-                f"{errors} errors)"
+                f"{name:40s} {rate:8.1f} sessions/s {cpu_ms:6.2f} server CPU ms/session "
+                f"({args.sessions} sessions, {args.concurrency} concurrent, {errors} errors)"
             )
         ratio = figures["smtplab STARTTLS"] / figures["aiosmtpd STARTTLS (require_starttls)"]
-        print(f"{'ratio smtplab / aiosmtpd (STARTTLS)':40s} {ratio:8.2f}")
+        cpu_ratio = figures["aiosmtpd STARTTLS (require_starttls) cpu"] / figures["smtplab STARTTLS cpu"]
+        print(f"{'ratio smtplab / aiosmtpd (STARTTLS)':40s} {ratio:8.2f} by sessions/s, {cpu_ratio:.2f} by server CPU")
 
         host = "127.0.77.9"
         port = free_port(host)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.policy.params import EffectiveParams
-from lab.smtp.session import Close, Message, Send, ServerSession, SessionConfig, SpoolError, StartTLS
+from lab.smtp.session import Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
 
 
 @dataclass
@@ -26,11 +26,6 @@ class Recorder:
     def new_mid(self) -> int:
         self.mids += 1
         return self.mids
-
-    def deliver(self, message: Message) -> None:
-        if self.fail_spool:
-            raise SpoolError("disk full")
-        self.delivered.append(message)
 
     def event(self, name: str, **fields: Any) -> None:
         self.events.append((name, fields))
@@ -60,6 +55,24 @@ def session(
     return s, hooks
 
 
+def feed(s: ServerSession, data: bytes) -> list[Any]:
+    """``receive``, with every ``Deliver`` carried out as a listener would (the Recorder is the spool)."""
+    return resolve(s, s.receive(data))
+
+
+def resolve(s: ServerSession, actions: list[Any]) -> list[Any]:
+    hooks = s.hooks
+    assert isinstance(hooks, Recorder)
+    out: list[Any] = []
+    for action in actions:
+        out.append(action)
+        if isinstance(action, Deliver):
+            if not hooks.fail_spool:
+                hooks.delivered.append(action.message)
+            out.extend(resolve(s, s.delivered("disk full" if hooks.fail_spool else None)))
+    return out
+
+
 def wire(actions: list[Any]) -> bytes:
     return b"".join(a.data for a in actions if isinstance(a, Send))
 
@@ -69,7 +82,7 @@ def codes(actions: list[Any]) -> list[int]:
 
 
 def talk(s: ServerSession, *lines: str) -> list[int]:
-    return codes(s.receive("".join(f"{line}\r\n" for line in lines).encode()))
+    return codes(feed(s, "".join(f"{line}\r\n" for line in lines).encode()))
 
 
 def test_banner_and_ehlo_per_mode() -> None:
@@ -77,7 +90,7 @@ def test_banner_and_ehlo_per_mode() -> None:
         hooks = Recorder()
         s = ServerSession(SessionConfig("esa.lab.example", Behaviour.ACCEPT, EffectiveParams(tls=mode)), hooks)
         assert wire(s.start()) == b"220 esa.lab.example ESMTP smtplab\r\n"
-        reply = wire(s.receive(b"EHLO client.example\r\n"))
+        reply = wire(feed(s, b"EHLO client.example\r\n"))
         assert reply.startswith(b"250-esa.lab.example Hello client.example\r\n")
         assert reply.endswith(b"250 HELP\r\n")
         assert (b"250-STARTTLS\r\n" in reply) is advertised
@@ -99,7 +112,7 @@ def test_plaintext_mail_under_no_and_preferred() -> None:
     for mode in (TLSMode.NO, TLSMode.PREFERRED):
         s, hooks = session(mode)
         assert talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA") == [250, 250, 250, 354]
-        assert codes(s.receive(b"Subject: hi\r\n\r\n..leading dot\r\n.\r\n")) == [250]
+        assert codes(feed(s, b"Subject: hi\r\n\r\n..leading dot\r\n.\r\n")) == [250]
         [message] = hooks.delivered
         assert message.data == b"Subject: hi\r\n\r\n.leading dot\r\n"  # dot-unstuffed
         assert message.tls is None and message.recipients == ("c@example.com",)
@@ -115,7 +128,7 @@ def test_starttls_under_no_is_502() -> None:
 def test_starttls_rules(mode: TLSMode) -> None:
     s, hooks = session(mode)
     assert talk(s, "EHLO x", "STARTTLS now") == [250, 501]  # rule 1
-    actions = s.receive(
+    actions = feed(s, 
         b"MAIL FROM:<a@b.example>\r\nSTARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<c@example.com>\r\n"
     )
     expected_mail = 530 if mode is TLSMode.REQUIRED else 250
@@ -126,22 +139,22 @@ def test_starttls_rules(mode: TLSMode) -> None:
     assert name == "injection_discarded" and fields["nbytes"] == len(
         b"MAIL FROM:<evil@x.example>\r\nRCPT TO:<c@example.com>\r\n"
     )
-    assert s.receive(b"anything before the handshake\r\n") == []
+    assert feed(s, b"anything before the handshake\r\n") == []
     s.tls_started(FakeTLS())
     # rule 4: everything from before is forgotten; MAIL before a new EHLO is 503 Send EHLO first
-    assert wire(s.receive(b"MAIL FROM:<a@b.example>\r\n")) == b"503 5.5.1 Send EHLO first\r\n"
-    ehlo = wire(s.receive(b"EHLO x\r\n"))
+    assert wire(feed(s, b"MAIL FROM:<a@b.example>\r\n")) == b"503 5.5.1 Send EHLO first\r\n"
+    ehlo = wire(feed(s, b"EHLO x\r\n"))
     assert b"STARTTLS" not in ehlo  # rule 2: never advertised inside TLS
     assert talk(s, "STARTTLS") == [503]  # rule 2: refused while TLS is active
     assert talk(s, "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA") == [250, 250, 354]
-    assert codes(s.receive(b"hello\r\n.\r\n")) == [250]
+    assert codes(feed(s, b"hello\r\n.\r\n")) == [250]
     assert hooks.delivered[0].tls == FakeTLS()
 
 
 def test_pipelined_starttls_must_be_last() -> None:
     """Rule 7: with PIPELINING, anything behind STARTTLS in the same group is rule 3."""
     s, hooks = session(TLSMode.PREFERRED)
-    actions = s.receive(b"EHLO x\r\nSTARTTLS\r\nEHLO y\r\n")
+    actions = feed(s, b"EHLO x\r\nSTARTTLS\r\nEHLO y\r\n")
     assert codes(actions) == [250, 220]
     assert ("injection_discarded", {"nbytes": 8, "preview": b"EHLO y\r\n"}) in hooks.events
 
@@ -159,10 +172,10 @@ def test_line_limits_nul_and_bare_lf() -> None:
     assert talk(s, "NOOP " + "x" * 505) == [250]  # 512 octets with CRLF: allowed
     assert talk(s, "NOOP " + "x" * 506) == [500]  # 513: too long
     # an overlong line arriving in pieces is discarded without buffering it all
-    assert s.receive(b"NOOP " + b"y" * 600) == []
-    assert codes(s.receive(b"yyyy\r\nNOOP\r\n")) == [500, 250]
-    assert wire(s.receive(b"NOOP\x00\r\n")).startswith(b"500 5.5.2")
-    assert wire(s.receive(b"NOOP\n")).startswith(b"500 5.5.2")
+    assert feed(s, b"NOOP " + b"y" * 600) == []
+    assert codes(feed(s, b"yyyy\r\nNOOP\r\n")) == [500, 250]
+    assert wire(feed(s, b"NOOP\x00\r\n")).startswith(b"500 5.5.2")
+    assert wire(feed(s, b"NOOP\n")).startswith(b"500 5.5.2")
     assert hooks.names().count("protocol_error") == 4
 
 
@@ -179,7 +192,7 @@ def test_line_limits_nul_and_bare_lf() -> None:
 def test_text_lines(body: bytes, code: int) -> None:
     s, hooks = session(TLSMode.NO)
     talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA")
-    assert codes(s.receive(body + b".\r\n")) == [code]
+    assert codes(feed(s, body + b".\r\n")) == [code]
     assert len(hooks.delivered) == (1 if code == 250 else 0)
 
 
@@ -187,7 +200,7 @@ def test_size_limits() -> None:
     s, hooks = session(TLSMode.NO, max_message_size=100)
     assert talk(s, "EHLO x", "MAIL FROM:<a@b.example> SIZE=101") == [250, 552]
     assert talk(s, "MAIL FROM:<a@b.example> SIZE=50", "RCPT TO:<c@example.com>", "DATA") == [250, 250, 354]
-    assert codes(s.receive(b"x" * 80 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n")) == [552]
+    assert codes(feed(s, b"x" * 80 + b"\r\n" + b"y" * 80 + b"\r\n.\r\n")) == [552]
     assert not hooks.delivered
 
 
@@ -200,8 +213,8 @@ def test_recipient_limits_and_rat() -> None:
 def test_messages_per_connection() -> None:
     s, hooks = session(TLSMode.NO, max_msgs_per_connection=1)
     talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA")
-    s.receive(b"one\r\n.\r\n")
-    actions = s.receive(b"MAIL FROM:<a@b.example>\r\n")
+    feed(s, b"one\r\n.\r\n")
+    actions = feed(s, b"MAIL FROM:<a@b.example>\r\n")
     assert codes(actions) == [421] and isinstance(actions[-1], Close)
     assert len(hooks.delivered) == 1
 
@@ -236,14 +249,14 @@ def test_spool_failure_is_451_and_nothing_delivered() -> None:
     s, hooks = session(TLSMode.NO)
     hooks.fail_spool = True
     talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA")
-    assert codes(s.receive(b"x\r\n.\r\n")) == [451]
+    assert codes(feed(s, b"x\r\n.\r\n")) == [451]
     assert not hooks.delivered
 
 
 def test_disconnect_mid_data_delivers_nothing() -> None:
     s, hooks = session(TLSMode.NO)
     talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA")
-    s.receive(b"half a message\r\n")
+    feed(s, b"half a message\r\n")
     s.connection_lost()
     assert not hooks.delivered and hooks.names()[-1] == "message_refused"
 
@@ -283,7 +296,7 @@ def test_hostile_bytes_never_crash_and_never_deliver_without_dot(chunks: list[by
     s, hooks = session(TLSMode.REQUIRED)
     out = b""
     for chunk in chunks:
-        out += wire(s.receive(chunk))
+        out += wire(feed(s, chunk))
     for line in out.split(b"\r\n")[:-1]:
         assert line[:3].isdigit() and line[3:4] in (b" ", b"-")
     assert not hooks.delivered  # nothing can be delivered before TLS under Required
@@ -294,6 +307,6 @@ def test_hostile_bytes_never_crash_and_never_deliver_without_dot(chunks: list[by
 def test_chunking_does_not_change_the_outcome(split: int) -> None:
     stream = b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\nbody\r\n.\r\nQUIT\r\n"
     s, hooks = session(TLSMode.NO)
-    out = b"".join(wire(s.receive(stream[i : i + split])) for i in range(0, len(stream), split))
+    out = b"".join(wire(feed(s, stream[i : i + split])) for i in range(0, len(stream), split))
     assert codes([Send(out)]) == [250, 250, 250, 354, 250, 221]
     assert hooks.delivered[0].data == b"body\r\n"

@@ -136,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
     spool_root = Path(args.spool) if args.spool else state_dir / "spool"
     log_sink = Path(args.log) if args.log else sys.stdout
     maillog = MailLog(log_sink, clock=reactor.seconds)
-    runtime = ApplianceRuntime(appliance, clock=reactor, maillog=maillog, spool=Spool(spool_root), state_dir=state_dir)
+    runtime = ApplianceRuntime(
+        appliance, clock=reactor, maillog=maillog, spool=Spool(spool_root), state_dir=state_dir, spool_in_threads=True
+    )
+    reactor.suggestThreadPoolSize(32)  # spool writes wait on fsync; let concurrent sessions overlap them
 
     for item in appliance.listeners:
         host, port = binds[item.name]

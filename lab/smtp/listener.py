@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
+from twisted.internet import threads
 from twisted.internet.interfaces import IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
@@ -27,7 +28,7 @@ from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
 from lab.policy import replies
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
-from lab.smtp.session import Action, Close, Message, Send, ServerSession, SessionConfig, SpoolError, StartTLS
+from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -50,6 +51,7 @@ class ApplianceRuntime:
         state_dir: Path,
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
+        spool_in_threads: bool = False,
     ) -> None:
         self.appliance = appliance
         self.clock = clock
@@ -58,6 +60,7 @@ class ApplianceRuntime:
         self.state_dir = state_dir
         self.reverse_dns = reverse_dns
         self.keylog = keylog
+        self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
         self._tls: dict[str, ServerTLS] = {}
         self._ca: LabCA | None = None
 
@@ -148,8 +151,9 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             self._apply([Send(replies.TOO_MANY_CONNECTIONS.render()), Close()])
             return
         resolution = self.listener.resolve(Peer.of(self.peer_ip, self.peer_name))
-        self.log.policy(self.icid, resolution.policy.behaviour.value.upper(), resolution.match.group,
-                        resolution.match.member)
+        self.log.policy(
+            self.icid, resolution.policy.behaviour.value.upper(), resolution.match.group, resolution.match.member
+        )
         self.owner.per_ip[self.peer_ip] += 1
         self._counted_ip = True
         if self.owner.per_ip[self.peer_ip] > resolution.params.max_concurrency_per_ip:
@@ -213,6 +217,8 @@ class ListenerProtocol(Protocol, TimeoutMixin):
                     self.log.demo_certificate(self.icid)
                 self._tls_pending = True
                 self.transport.startTLS(server_tls)
+            elif isinstance(action, Deliver):
+                self._deliver(action.message)
             elif isinstance(action, Close):
                 self.setTimeout(None)
                 if action.abort:
@@ -220,12 +226,9 @@ class ListenerProtocol(Protocol, TimeoutMixin):
                 else:
                     self.transport.loseConnection()
 
-    # -- SessionHooks
+    # -- delivery: the 250 goes out only once the message is durable
 
-    def new_mid(self) -> int:
-        return self.log.next_mid()
-
-    def deliver(self, message: Message) -> None:
+    def _deliver(self, message: Message) -> None:
         header = received_header(
             from_host=self.peer_name or self.peer_ip,
             from_addr=self.peer_ip,
@@ -236,11 +239,35 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             recipient=message.recipients[0] if len(message.recipients) == 1 else None,
             when=self.runtime.clock.seconds(),
         )
+        spool, name = self.runtime.spool, self.listener.name
+
+        def write() -> str:
+            return spool.for_listener(name).deliver(header + message.data)
+
+        if self.runtime.spool_in_threads:
+            d = threads.deferToThread(write)
+            d.addCallbacks(
+                lambda path: self._delivered(message, path, None),
+                lambda failure: self._delivered(message, None, failure.getErrorMessage()),
+            )
+            return
         try:
-            path = self.runtime.spool.for_listener(self.listener.name).deliver(header + message.data)
+            path = write()
         except Exception as exc:  # the spool's own error or any OSError: never a crash, always a 451
-            raise SpoolError(str(exc)) from exc
-        self.log.mid_spooled(message.mid, str(path))
+            self._delivered(message, None, str(exc) or type(exc).__name__)
+        else:
+            self._delivered(message, path, None)
+
+    def _delivered(self, message: Message, path: str | None, error: str | None) -> None:
+        if path is not None:
+            self.log.mid_spooled(message.mid, path)
+        assert self.session is not None
+        self._apply(self.session.delivered(error))
+
+    # -- SessionHooks
+
+    def new_mid(self) -> int:
+        return self.log.next_mid()
 
     def event(self, name: str, **fields: Any) -> None:
         log, icid = self.log, self.icid

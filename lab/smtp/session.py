@@ -3,7 +3,8 @@
 The Twisted listener feeds it received bytes and carries out what it returns (send bytes, start TLS, close).
 What it decides comes from the pure policy core: the command gate for the TLS mode, the STARTTLS rules of
 SPEC.md 3, the limits of the effective mail flow policy. Delivery, MID numbering and the mail log are reached
-through ``SessionHooks`` so that the listener decides where they go.
+through ``SessionHooks``, and delivery is an action (``Deliver``) whose outcome the listener reports back
+with ``delivered``, so that the spool may be written off the reactor thread.
 """
 
 from __future__ import annotations
@@ -44,7 +45,14 @@ class Close:
     abort: bool = False  # True: drop the connection at once (TCPREFUSE, failed handshake)
 
 
-Action = Send | StartTLS | Close
+@dataclass(frozen=True)
+class Deliver:
+    """Write ``message`` durably, then call ``ServerSession.delivered``; input waits until then."""
+
+    message: Message
+
+
+Action = Send | StartTLS | Close | Deliver
 
 
 # --- what the session is given and gives -------------------------------------------------------------
@@ -53,10 +61,6 @@ Action = Send | StartTLS | Close
 class TLSInfo(Protocol):
     version: str
     cipher: str
-
-
-class SpoolError(Exception):
-    """The message could not be written durably; the client gets 451 and may retry."""
 
 
 @dataclass(frozen=True)
@@ -73,9 +77,6 @@ class Message:
 
 class SessionHooks(Protocol):
     def new_mid(self) -> int: ...
-
-    def deliver(self, message: Message) -> None:
-        """Write ``message`` durably; raise ``SpoolError`` when that is not possible."""
 
     def event(self, name: str, **fields: Any) -> None:
         """A mail-log event (see ``lab.smtp.listener`` for the names)."""
@@ -127,6 +128,7 @@ class ServerSession:
         self._discarding_long_line = False
         self._transaction: _Transaction | None = None
         self._data: _DataState | None = None
+        self._delivering: Message | None = None
 
     # -- facts
 
@@ -165,7 +167,7 @@ class ServerSession:
             return []
         self._buffer += data
         actions: list[Action] = []
-        while self._buffer and not self.closed and not self.tls_pending:
+        while self._buffer and not self.closed and not self.tls_pending and self._delivering is None:
             if self._data is not None:
                 more = self._take_data_line(actions)
             else:
@@ -415,14 +417,24 @@ class ServerSession:
             data=b"".join(state.chunks),
             tls=self.tls,
         )
-        try:
-            self.hooks.deliver(message)
-        except SpoolError as exc:
-            self.hooks.event("message_refused", mid=transaction.mid, reason=f"spool error: {exc}")
-            return [Send(Reply(451, "4.3.0", "Local error in processing, try again later").render())]
-        self.messages += 1
-        self.hooks.event("mid_ready", mid=transaction.mid, nbytes=len(message.data))
-        return [Send(Reply(250, "2.0.0", f"Ok: queued as {transaction.mid}").render())]
+        self._delivering = message
+        return [Deliver(message)]
+
+    def delivered(self, error: str | None = None) -> list[Action]:
+        """The spool's answer to ``Deliver``: 250 once the message is durable, else 451; then go on reading."""
+        message = self._delivering
+        assert message is not None, "delivered() without a pending Deliver"
+        self._delivering = None
+        if error is not None:
+            self.hooks.event("message_refused", mid=message.mid, reason=f"spool error: {error}")
+            reply = Reply(451, "4.3.0", "Local error in processing, try again later")
+        else:
+            self.messages += 1
+            self.hooks.event("mid_ready", mid=message.mid, nbytes=len(message.data))
+            reply = Reply(250, "2.0.0", f"Ok: queued as {message.mid}")
+        if self.closed:
+            return []
+        return [Send(reply.render()), *self.receive(b"")]
 
     def _close(self, abort: bool = False) -> list[Action]:
         self.closed = True
