@@ -50,6 +50,7 @@ class MiniServer(LineReceiver):
         self.version: str | None = None
         self.reason: Failure | None = None
         self.in_tls = False
+        self.gone: defer.Deferred[MiniServer] = defer.Deferred()
 
     def connectionMade(self) -> None:
         self.sendLine(b"220 mini ready")
@@ -78,6 +79,7 @@ class MiniServer(LineReceiver):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.reason = reason
+        self.gone.callback(self)
 
 
 @implementer(IHandshakeListener)
