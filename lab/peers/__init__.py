@@ -125,15 +125,17 @@ def wait_for_banner(address: str, port: int, *, timeout: float, alive: Callable[
     """
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    for _ in range(MAX_PROBES):
+    for attempt in range(MAX_PROBES):
         if not alive():
             raise HarnessError(f"peer on {address}:{port} exited before it answered")
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        # Short probes at first, so a dead peer (or someone else squatting on the port) is noticed quickly.
+        probe = min(remaining, 0.5 * (attempt + 1))
         try:
-            with socket.create_connection((address, port), timeout=min(remaining, 5.0)) as sock:
-                banner = read_reply(sock, deadline)
+            with socket.create_connection((address, port), timeout=probe) as sock:
+                banner = read_reply(sock, time.monotonic() + probe)
                 if not banner.startswith("220"):
                     raise HarnessError(f"peer on {address}:{port} greeted with {banner!r}, not 220")
                 _polite_quit(sock)
@@ -295,16 +297,15 @@ class Peer:
         """Messages delivered to this peer so far, as stored on disk."""
         return read_maildir(self.maildir)
 
-    def wait_for_messages(self, count: int, timeout: float = 10.0) -> list[bytes]:
-        """Wait (bounded) until at least ``count`` messages are on disk; deliveries can be asynchronous (Postfix)."""
+    def wait_for_message(self, needle: bytes, timeout: float = 10.0) -> bytes | None:
+        """The first stored message containing ``needle``, waiting (bounded) because delivery may be asynchronous."""
         deadline = time.monotonic() + timeout
-        found = self.messages()
         for _ in range(MAX_PROBES):
-            if len(found) >= count or time.monotonic() > deadline:
-                break
+            found = next((m for m in self.messages() if needle in m), None)
+            if found is not None or time.monotonic() > deadline:
+                return found
             time.sleep(POLL)
-            found = self.messages()
-        return found
+        return None
 
     def _spawn(self, argv: Sequence[str], log: Path, env: dict[str, str]) -> None:
         """Start the main process in its own session, so its process group is ours to end and nobody else's."""
