@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -259,7 +260,7 @@ def tail(path: Path, lines: int = 20) -> str:
         return ""
 
 
-class Peer:
+class Peer(ABC):
     """What both peers share: a process we started, an address and port, a Maildir, start/stop by PID."""
 
     kind = "peer"
@@ -336,11 +337,13 @@ class Peer:
             self._out.close()
             self._out = None
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Write the peer's configuration, start its process and wait for the 220; a no-op while running."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """End every process this peer started, by PID; a no-op when stopped."""
 
     def __enter__(self) -> Self:
         self.start()

@@ -153,7 +153,9 @@ class PostfixPeer(Peer):
         if tls_level != "none" and cert_pem is None:
             raise BadInput(f"tls_level {tls_level} needs a certificate (cert_pem, key_pem)", field="cert_pem")
         if verify_client and client_ca_pem is None:
-            raise BadInput("verify_client needs client_ca_pem, the CA that signs client certificates", field="verify")
+            raise BadInput(
+                "verify_client needs client_ca_pem, the CA that signs client certificates", field="client_ca_pem"
+            )
         if verify_client and tls_level == "none":
             raise BadInput("verify_client needs TLS (tls_level may or encrypt)", field="verify_client")
         self.tls_level: TLSLevel = tls_level
