@@ -6,10 +6,13 @@ in-memory carrier (No / Preferred / Required, real TLS, virtual time).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.protocol import ServerFactory
 
 from lab.appliance.certs import LabCA
@@ -19,7 +22,9 @@ from lab.appliance.model import Certificate
 from lab.appliance.spool import Spool
 from lab.appliance.tlsctx import ServerTLS
 from lab.errors import BadInput
+from lab.net.loopback import LoopbackNetwork
 from lab.net.memory import MemoryNetwork
+from lab.net.middlebox import StartTLSStripper
 from lab.policy.fallback import ClientTLS
 from lab.policy.modes import TLSMode
 from lab.smtp.behaviours import BEHAVIOURS, behaviour_steps
@@ -271,3 +276,45 @@ def test_listener_verifying_client_certificates(tmp_path: Path) -> None:
     record = untrusted.run("fail-untrusted-client-cert")
     assert record.observed["replies"]["MAIL/tls"] == 554
     assert untrusted.logged("TLS client certificate unverified")
+
+
+# -- the same behaviours over the loopback carrier and through a stripping middlebox
+
+
+def test_stripping_middlebox_turns_prefer_into_plaintext_but_require_gives_up(tmp_path: Path) -> None:
+    outcomes = {}
+    for name in ("prefer", "require"):
+        lab = Lab(tmp_path / name, TLSMode.PREFERRED)
+        lab.net.listen(SERVER, 25, lab.factory)
+        client = ScriptedClient(
+            behaviour_steps(name, ehlo="mx.example.net", mail_from="a@example.net", rcpt_to="b@example.com"),
+            clock=lab.net.clock,
+            connect=lambda f, net=lab.net: net.connect(CLIENT, SERVER, 25, f, middleboxes=[StartTLSStripper()]),
+            tls_factory=make_tls_factory(state_dir=tmp_path / "client"),
+        )
+        outcomes[name] = lab.net.run_until(client.run(), timeout=3600).observed
+    assert outcomes["prefer"]["starttls_advertised"] is False and outcomes["prefer"]["delivered_plaintext"] is True
+    assert outcomes["require"]["aborted"] is True and outcomes["require"]["delivered"] is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_prefer_over_the_loopback_carrier(tmp_path: Path) -> None:
+    base = f"127.62.{os.getpid() % 200 + 20}"
+    net = LoopbackNetwork({SERVER: f"{base}.1", CLIENT: f"{base}.2"})
+    factory = RemoteMTAFactory("mx.remote.test", starttls="454")
+    net.listen(SERVER, 25, factory)
+    try:
+        client = ScriptedClient(
+            behaviour_steps("prefer", ehlo="mx.example.net", mail_from="a@example.net", rcpt_to="b@example.com"),
+            clock=reactor,
+            connect=lambda f: net.connect(CLIENT, SERVER, 25, f),
+            tls_factory=make_tls_factory(state_dir=tmp_path),
+            reply_timeout=5,
+            target=f"{SERVER}:25",
+        )
+        record = await net.wait(client.run(), timeout=20)
+    finally:
+        await net.close()
+    assert record.transcript[1] == f"=== Connected to {SERVER}."  # the virtual address, not the 127.x one
+    assert record.observed["fell_back"] is True and record.observed["delivered_plaintext"] is True
+    assert factory.messages and factory.messages[0].tls is False

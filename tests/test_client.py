@@ -361,6 +361,7 @@ def test_every_action_parses() -> None:
         ('- {send: "A\\r\\nB"}', "steps[0].send: send is one command line"),
         ("- {tls_policy: sometimes}", "steps[0].tls_policy: 'sometimes' is not valid"),
         ("- {starttls: {tls: {client_cert: mine}}}", "steps[0].starttls.tls.client_cert: 'mine' is not one of"),
+        ("- {tls_policy: {behaviour: require, tls: {ciphers: NOPE}}}", "steps[0].tls_policy.tls.ciphers: no usable"),
     ],
 )
 def test_bad_steps_name_file_line_and_field(text: str, message: str) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jsonschema
+from OpenSSL import SSL
 
 from lab.errors import BadInput
 from lab.policy.fallback import ClientTLS
@@ -343,6 +344,8 @@ class _Parser:
             raise self.fail(f"min version {low} is above max version {high}", path)
         if "sni" in data and "server_name" in data:
             raise self.fail("give sni or server_name, not both", [*path, "sni"])
+        if data.get("ciphers") is not None and not _usable_ciphers(data["ciphers"]):
+            raise self.fail(f"no usable cipher in {data['ciphers']!r} (an OpenSSL cipher string)", [*path, "ciphers"])
         if data.get("abort_mid_handshake") and data.get("plaintext_after_220"):
             raise self.fail("abort_mid_handshake and plaintext_after_220 exclude each other", path)
         return TLSOptions(
@@ -355,6 +358,15 @@ class _Parser:
             abort_mid_handshake=bool(data.get("abort_mid_handshake", False)),
             plaintext_after_220=bool(data.get("plaintext_after_220", False)),
         )
+
+
+def _usable_ciphers(ciphers: str) -> bool:
+    """Would OpenSSL accept this cipher string? Checked at load time so the error names file and line."""
+    try:
+        SSL.Context(SSL.TLS_METHOD).set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        return False
+    return True
 
 
 def _version(value: Any) -> str | None:
