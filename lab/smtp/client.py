@@ -45,7 +45,7 @@ from lab.smtp.steps import (
 from lab.smtp.transcript import Transcript
 
 TLSFactory = Callable[[TLSOptions], IOpenSSLClientConnectionCreator]
-Connect = Callable[[ClientFactory], Deferred]
+Connect = Callable[[ClientFactory], Deferred[Any]]
 
 #: Longest reply line accepted (RFC 5321 4.5.3.1.5 says 512; real servers exceed it, Postfix accepts 2048).
 MAX_REPLY_LINE = 2048
@@ -166,7 +166,7 @@ class _Factory(ClientFactory):
 @dataclass
 class _Waiter:
     ready: Callable[[], bool]
-    deferred: Deferred
+    deferred: Deferred[bool]
     timer: Any
 
 
@@ -216,7 +216,7 @@ class ScriptedClient:
 
     # -- public
 
-    def run(self) -> Deferred:
+    def run(self) -> Deferred[ClientRecord]:
         """Deferred[ClientRecord]; it always fires (a harness fault fails it), never hangs."""
         if self._started:
             raise RuntimeError("a ScriptedClient runs once")
@@ -327,7 +327,7 @@ class ScriptedClient:
         """True as soon as ``ready()`` holds, False when ``timeout`` virtual seconds pass first."""
         if ready():
             return True
-        deferred: Deferred = Deferred()
+        deferred: Deferred[bool] = Deferred()
 
         def expire() -> None:
             if self._waiter is not None and self._waiter.deferred is deferred:
