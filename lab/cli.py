@@ -15,9 +15,11 @@ from lab.errors import EXIT_BAD_INPUT, EXIT_HARNESS, BadInput, HarnessError
 
 #: subcommand -> module in lab.commands, in the order ``--help`` lists them.
 COMMANDS: dict[str, str] = {
+    "run": "run",
+    "list": "list",
+    "report": "report",
     "serve": "serve",
     "listeners": "listeners",
-    "report": "report",
 }
 
 

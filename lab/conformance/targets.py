@@ -1,0 +1,64 @@
+"""External targets for the runner, from ``smtplab run`` flags or from a target profile."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lab.appliance.certs import CertKey, load_pem
+from lab.conformance.profile import Profile, default_recipient, load_profile, parse_address
+from lab.errors import BadInput
+from lab.policy.modes import TLSMode
+from lab.scenario.runner import ExternalTarget
+
+
+def _read_pem(path: str | Path, field: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path), field=field) from None
+
+
+def _client_cert(cert: str | Path | None, key: str | Path | None, field: str) -> CertKey | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise BadInput("a client certificate needs both the certificate and its key", field=field)
+    return load_pem(cert, key, "client")
+
+
+def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
+    """``--target HOST:PORT --policy X [--name] [--ehlo] [--from --to] [--ca] [--client-cert --client-key]``."""
+    host, port = parse_address(args.target, field="--target")
+    return ExternalTarget(
+        name=args.name or f"{host}:{port}",
+        host=host,
+        port=port,
+        policy=TLSMode(policy),
+        ehlo=args.ehlo,
+        mail_from=args.mail_from,
+        rcpt_to=args.rcpt_to or default_recipient(host),
+        trust_pems=(_read_pem(args.ca, "--ca"),) if args.ca else (),
+        client_cert=_client_cert(args.client_cert, args.client_key, "--client-cert"),
+    )
+
+
+def target_from_profile(path: str | Path, address: str | None = None) -> ExternalTarget:
+    """A profile's target; ``address`` (``--target``) puts it on another HOST:PORT."""
+    profile: Profile = load_profile(path)
+    if address:
+        profile = profile.at(address)
+    return ExternalTarget(
+        name=profile.name,
+        host=profile.host,
+        port=profile.port,
+        policy=profile.policy,
+        ehlo=profile.ehlo,
+        mail_from=profile.mail_from,
+        rcpt_to=profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host),
+        trust_pems=(_read_pem(profile.ca_file, "ca"),) if profile.ca_file else (),
+        client_cert=_client_cert(profile.client_cert, profile.client_key, "client_cert"),
+        server_name=profile.server_name,
+        timeout=profile.timeouts.reply,
+        deviations=profile.deviations,
+    )

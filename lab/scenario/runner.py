@@ -1,0 +1,414 @@
+"""The one runner: every case x policy x target through the same client engine and the same listener.
+
+A lab target is the topology's appliance with the policy under test applied to the sender group the client's
+host falls into, served over the memory carrier (virtual clock, real TLS) or the loopback carrier. An
+external target is any host:port on loopback, reached over real TCP. Either way the scripted client,
+the capture, the evaluation and the record are the same; only the carrier differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.protocol import ClientFactory
+
+from lab import __version__
+from lab.appliance.certs import CertKey, LabCA, default_state_dir
+from lab.appliance.maillog import MailLog
+from lab.appliance.model import Appliance, Listener
+from lab.appliance.spool import Spool
+from lab.appliance.tlsctx import ClientTLS
+from lab.errors import HarnessError
+from lab.net.capture import Capture, Direction
+from lab.net.keylog import KeyLog
+from lab.net.middlebox import StartTLSStripper
+from lab.net.pcap import write_pcap
+from lab.net.topology import Topology, default_topology
+from lab.policy.modes import Behaviour, ListenerType, TLSMode
+from lab.policy.params import MailFlowPolicy
+from lab.scenario.evaluate import Evaluation, evaluate
+from lab.scenario.model import Case
+from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
+from lab.scenario.verdict import Verdict
+from lab.smtp.behaviours import behaviour_steps
+from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
+from lab.smtp.listener import ApplianceRuntime
+from lab.smtp.remote_mta import RemoteMTAFactory
+from lab.smtp.steps import TLSOptions
+
+VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
+WALL_TIMEOUT = 120.0  # wall seconds a loopback or external run may take
+_LOG_PREFIX = re.compile(r"^\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4} ")
+
+
+@dataclass(frozen=True)
+class ExternalTarget:
+    """Another MTA at host:port with the policy its configuration is meant to have."""
+
+    name: str
+    host: str
+    port: int
+    policy: TLSMode
+    ehlo: str | None = None
+    mail_from: str | None = None
+    rcpt_to: str | None = None
+    trust_pems: tuple[bytes, ...] = ()
+    client_cert: CertKey | None = None
+    server_name: str | None = None
+    timeout: float = 30.0
+    deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass
+class RunOptions:
+    carrier: str = "memory"  # memory | loopback (lab targets); external targets always use real TCP
+    topology: Topology | None = None
+    seed: int = 0
+    report_dir: Path | None = None  # captures are written under report_dir/captures/
+    state_dir: Path | None = None  # the lab CA; default $SMTPLAB_STATE or ./.smtplab
+    timestamps: bool = True
+    target: ExternalTarget | None = None
+    jobs: int = 1
+    progress: Callable[[str], None] | None = None
+    extra_targets: list[Target] = field(default_factory=list)
+
+
+class Runner:
+    """Runs cases; ``run`` returns the one result record every report is drawn from."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self.options = options
+        self.topology = options.topology or default_topology()
+        self.state_dir = options.state_dir or default_state_dir()
+        self._tmp = tempfile.TemporaryDirectory(prefix="smtplab-run-")
+        self._ca = LabCA(self.state_dir)
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    # -- the whole run
+
+    def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
+        runs: list[CaseRun] = []
+        try:
+            for case in cases:
+                for policy in self._policies(case, policies):
+                    runs.append(self.run_one(case, policy))
+                    if self.options.progress:
+                        self.options.progress(f"{case.id}[{policy}]")
+        finally:
+            self.close()
+        target = self.options.target
+        if target is not None and target.deviations:
+            from lab.conformance.deviations import apply_deviations
+
+            runs = apply_deviations(runs, target.deviations)
+        return RunResult(
+            tool=f"smtplab {__version__}",
+            seed=self.options.seed,
+            carrier=self._carrier_name(),
+            started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) if self.options.timestamps else None,
+            targets=[self._target_record()],
+            address_map=self.topology.loopback_map() if self._carrier_name() == "loopback" else {},
+            runs=runs,
+        )
+
+    def _policies(self, case: Case, policies: Sequence[str]) -> list[str]:
+        if self.options.target is not None:
+            return [str(self.options.target.policy)]
+        return [p for p in policies if p in case.policies]
+
+    def _carrier_name(self) -> str:
+        return "tcp" if self.options.target is not None else self.options.carrier
+
+    def _target_record(self) -> Target:
+        target = self.options.target
+        if target is not None:
+            return Target(target.name, target.address, target.policy)
+        listener = self._listener(None)
+        address = self.topology.appliance().interfaces[listener.interface].address
+        mapping = self.topology.loopback_map() if self.options.carrier == "loopback" else None
+        return Target(f"lab:{listener.name}", f"{address}:{listener.port}", None, mapping)
+
+    # -- one case under one policy
+
+    def run_one(self, case: Case, policy: str) -> CaseRun:
+        started = time.perf_counter()
+        external = self.options.target is not None
+        observed: dict[str, Any] = {}
+        transcript: list[str] = []
+        capture, keylog = Capture(), KeyLog()
+        virtual = 0.0
+        try:
+            if external and case.requires:
+                evaluation = evaluate(case, policy, observed, external=True)
+            else:
+                record, extra, virtual = (self._external if external else self._lab)(case, policy, capture, keylog)
+                transcript = list(record.transcript)
+                observed = {**record.observed, **extra.pop("observed", {})}
+                transcript.extend(extra.pop("notes", []))
+                observed["plaintext_exposure"] = _exposure(case, capture)
+                evaluation = evaluate(case, policy, observed, external=external)
+        except HarnessError as exc:
+            evaluation = Evaluation(Verdict.ERROR, None, f"harness error: {exc}")
+            transcript.append(f"<** harness error: {exc}")
+        capture_path, keylog_path = self._write_capture(case, policy, capture, keylog)
+        tls = None
+        if observed.get("tls") and observed.get("tls_version"):
+            tls = TLSInfo(observed["tls_version"], observed.get("tls_cipher", ""))
+        wall = (time.perf_counter() - started) * 1000 if self.options.timestamps else None
+        return CaseRun(
+            case=case.id,
+            title=case.title,
+            section=case.section,
+            spec_refs=list(case.refs),
+            description=case.description,
+            expectation=case.expectation,
+            client=case.client.describe(),
+            target=self._target_record().name,
+            policy=TLSMode(policy),
+            carrier=self._carrier_name(),
+            verdict=evaluation.verdict,
+            reason=evaluation.reason,
+            expected=_expected(evaluation),
+            observed=observed,
+            transcript=transcript,
+            tls=tls,
+            timings=Timings(virtual_s=round(virtual, 6), wall_ms=None if wall is None else round(wall, 3)),
+            capture=capture_path,
+            keylog=keylog_path,
+        )
+
+    # -- lab targets
+
+    def _listener(self, name: str | None) -> Listener:
+        appliance = self.topology.appliance()
+        if name is not None:
+            try:
+                return appliance.listener(name)
+            except KeyError:
+                raise HarnessError(f"the appliance has no listener {name!r}") from None
+        for listener in appliance.listeners:
+            if listener.type is ListenerType.PUBLIC:
+                return listener
+        return appliance.listeners[0]
+
+    def _appliance_for(self, case: Case, policy: str, client_ip: str) -> tuple[Appliance, Listener]:
+        """The topology's appliance with the policy under test set on the client's sender-group policy."""
+        appliance = self.topology.appliance()
+        listener = self._listener(case.target)
+        resolution = listener.resolve(self.topology.peer(client_ip))
+        name = resolution.policy.name
+        base = listener.policies.get(name, resolution.policy)
+        params = dataclasses.replace(base.params, tls=TLSMode(policy), verify_client=case.verify_client)
+        if case.policy_params:
+            params = dataclasses.replace(params, **dict(case.policy_params))
+        behaviour = Behaviour(case.policy_behaviour) if case.policy_behaviour else base.behaviour
+        policies = {**listener.policies, name: MailFlowPolicy(name, behaviour, params)}
+        changes: dict[str, Any] = {"policies": policies}
+        if case.server_cert == "demo":
+            changes["certificate"] = None
+        listener = dataclasses.replace(listener, **changes)
+        listeners = tuple(listener if item.name == listener.name else item for item in appliance.listeners)
+        return dataclasses.replace(appliance, listeners=listeners), listener
+
+    def _client_host(self, case: Case) -> tuple[str, str]:
+        try:
+            host = self.topology.host(case.client.host)
+        except KeyError:
+            raise HarnessError(f"{case.where()}: the topology has no host {case.client.host!r}") from None
+        return host.address, (host.dns_names[0] if host.dns_names else host.name)
+
+    def _lab(self, case: Case, policy: str, capture: Capture, keylog: KeyLog) -> tuple[ClientRecord, dict, float]:
+        client_ip, client_name = self._client_host(case)
+        appliance, listener = self._appliance_for(case, policy, client_ip)
+        server_ip = appliance.interfaces[listener.interface].address
+        if self.options.carrier == "loopback":
+            from twisted.internet import reactor
+
+            from lab.net.loopback import LoopbackNetwork
+
+            net: Any = LoopbackNetwork(self.topology.loopback_map(), capture=capture, reactor=reactor)
+            clock: Any = reactor
+        else:
+            from lab.net.memory import MemoryNetwork
+
+            clock = task.Clock()
+            net = MemoryNetwork(clock, capture)
+        maillog = MailLog(None, clock=clock.seconds)
+        run_dir = Path(self._tmp.name) / f"{case.id}-{policy}"
+        runtime = ApplianceRuntime(
+            appliance,
+            clock=clock,
+            maillog=maillog,
+            spool=Spool(run_dir / "spool"),
+            state_dir=self.state_dir,
+            reverse_dns=self.topology.reverse_name,
+            keylog=keylog.callback,
+        )
+        if case.remote_mta is not None:
+            factory: Any = RemoteMTAFactory(case.remote_mta.hostname, starttls=case.remote_mta.starttls, clock=clock)
+        else:
+            factory = runtime.factory(listener)
+        port = net.listen(server_ip, listener.port, factory, backlog=listener.tcp_queue)
+        boxes = self._middleboxes(case, client_ip)
+        steps = self._steps(case, client_name)
+        tls_factory = make_tls_factory(
+            server_name=appliance.hostname,
+            trust_pems=(self._ca.ca_pem,),
+            state_dir=self.state_dir,
+            client_name=client_name,
+            keylog=keylog.callback,
+        )
+
+        def connect(f: ClientFactory) -> Any:
+            return net.connect(client_ip, server_ip, listener.port, f, middleboxes=boxes)
+
+        client = ScriptedClient(
+            steps, clock=clock, connect=connect, tls_factory=tls_factory, target=f"{server_ip}:{listener.port}"
+        )
+        begin = clock.seconds()
+        try:
+            if self.options.carrier == "loopback":
+                record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
+            else:
+                record = net.run_until(client.run(), timeout=VIRTUAL_TIMEOUT)
+                net.run()  # let the listener finish closing (its log lines)
+        finally:
+            if self.options.carrier == "loopback":
+                net.run_until(port.stopListening(), timeout=10)
+        spooled = 0 if case.remote_mta else len(runtime.spool.for_listener(listener.name).messages())
+        observed: dict[str, Any] = {
+            "spooled": spooled,
+            "server_log": [_LOG_PREFIX.sub("", line) for line in maillog.lines],
+        }
+        notes = [f"=== middlebox: {note}" for box in boxes for note in box.notes]
+        return record, {"observed": observed, "notes": notes}, clock.seconds() - begin
+
+    def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
+        boxes = []
+        if case.middlebox is not None:
+            boxes.append(
+                StartTLSStripper(rewrite=case.middlebox.rewrite, answer_starttls=case.middlebox.answer_starttls)
+            )
+        host = self.topology.host_by_address(client_ip)
+        if host is not None:
+            for box in self.topology.middleboxes_between(host.name, self.topology.appliance_host().name):
+                if box.enabled:
+                    boxes.append(
+                        StartTLSStripper(rewrite=box.options.rewrite, answer_starttls=box.options.answer_starttls)
+                    )
+        return boxes
+
+    def _steps(self, case: Case, ehlo: str) -> list[Any]:
+        if case.client.steps is not None:
+            return list(case.client.steps)
+        target = self.options.target
+        mail_from = (target.mail_from if target and target.mail_from else None) or case.client.mail_from
+        rcpt_to = ((target.rcpt_to,) if target and target.rcpt_to else None) or case.client.rcpt_to
+        return behaviour_steps(
+            case.client.behaviour or "prefer",
+            ehlo=(target.ehlo if target and target.ehlo else None) or case.client.ehlo or ehlo,
+            mail_from=mail_from,
+            rcpt_to=rcpt_to,
+            body_marker=case.marker,
+        )
+
+    # -- external targets
+
+    def _external(self, case: Case, policy: str, capture: Capture, keylog: KeyLog) -> tuple[ClientRecord, dict, float]:
+        from twisted.internet import reactor
+
+        from lab.net.loopback import LoopbackNetwork
+
+        target = self.options.target
+        assert target is not None
+        source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
+        net = LoopbackNetwork(
+            {source: source, target.host: target.host},
+            port_map={target.port: target.port},
+            capture=capture,
+            reactor=reactor,
+            allow_localhost=True,
+        )
+        client_cert = target.client_cert
+
+        def tls_factory(options: TLSOptions) -> ClientTLS:
+            cert = client_cert if options.client_cert == "lab" else None
+            if options.client_cert == "untrusted":
+                cert = LabCA.untrusted(self.state_dir).issue("client-untrusted", ["client.example"], client=True)
+            return ClientTLS(
+                server_name=options.server_name or target.server_name,
+                verify=options.verify,
+                trust_pems=target.trust_pems,
+                min_version=options.min_version,
+                max_version=options.max_version,
+                ciphers=options.ciphers,
+                client_cert=cert,
+                keylog=keylog.callback,
+            )
+
+        def connect(f: ClientFactory) -> Any:
+            return net.connect(source, target.host, target.port, f)
+
+        steps = self._steps(case, target.ehlo or "smtplab.invalid")
+        client = ScriptedClient(
+            steps,
+            clock=reactor,
+            connect=connect,
+            tls_factory=tls_factory,
+            reply_timeout=target.timeout,
+            target=target.address,
+            settle=0.5,
+        )
+        begin = time.monotonic()
+        record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
+        return record, {}, time.monotonic() - begin
+
+    # -- captures
+
+    def _write_capture(
+        self, case: Case, policy: str, capture: Capture, keylog: KeyLog
+    ) -> tuple[str | None, str | None]:
+        if self.options.report_dir is None or not capture.flows:
+            return None, None
+        captures = self.options.report_dir / "captures"
+        stem = f"{case.id}-{policy}"
+        write_pcap(capture, captures / f"{stem}.pcap", seed=self.options.seed)
+        keylog_path = None
+        if keylog:
+            keylog.write(captures / f"{stem}.keys.log")
+            keylog_path = f"captures/{stem}.keys.log"
+        return f"captures/{stem}.pcap", keylog_path
+
+
+def _exposure(case: Case, capture: Capture) -> dict[str, bool]:
+    """Did an envelope address or the body marker cross the wire unencrypted? (SPEC.md 5)"""
+    wire = b"".join(flow.payload(Direction.C2S) for flow in capture.flows)
+    addresses = [case.client.mail_from, *case.client.rcpt_to]
+    envelope = any(f"<{a}>".encode() in wire for a in addresses if a)
+    return {"envelope": envelope, "body": case.marker.encode() in wire}
+
+
+def _expected(evaluation: Evaluation) -> Expected | None:
+    alt = evaluation.alternative
+    if alt is None:
+        return None
+    return Expected(alt.verdict, alt.label, alt.to_dict().get("when"))
+
+
+def run_cases(cases: Sequence[Case], policies: Sequence[str], options: RunOptions) -> RunResult:
+    """Run every case under every policy it lists (or the external target's declared policy)."""
+    return Runner(options).run(cases, policies)
