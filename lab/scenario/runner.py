@@ -13,7 +13,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from lab.smtp.behaviours import behaviour_steps
 from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
+from lab.smtp.session import ServerSession
 from lab.smtp.steps import TLSOptions
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
@@ -82,7 +83,7 @@ class RunOptions:
     target: ExternalTarget | None = None
     jobs: int = 1
     progress: Callable[[str], None] | None = None
-    extra_targets: list[Target] = field(default_factory=list)
+    session_class: type[ServerSession] = ServerSession  # the lab listener's session (tests break it on purpose)
 
 
 class Runner:
@@ -176,7 +177,7 @@ class Runner:
             spec_refs=list(case.refs),
             description=case.description,
             expectation=case.expectation,
-            client=case.client.describe(),
+            client=case.client.behaviour or "scripted",
             target=self._target_record().name,
             policy=TLSMode(policy),
             carrier=self._carrier_name(),
@@ -257,6 +258,7 @@ class Runner:
             state_dir=self.state_dir,
             reverse_dns=self.topology.reverse_name,
             keylog=keylog.callback,
+            session_class=self.options.session_class,
         )
         if case.remote_mta is not None:
             factory: Any = RemoteMTAFactory(case.remote_mta.hostname, starttls=case.remote_mta.starttls, clock=clock)

@@ -52,6 +52,7 @@ class ApplianceRuntime:
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
         spool_in_threads: bool = False,
+        session_class: type[ServerSession] = ServerSession,
     ) -> None:
         self.appliance = appliance
         self.clock = clock
@@ -61,6 +62,7 @@ class ApplianceRuntime:
         self.reverse_dns = reverse_dns
         self.keylog = keylog
         self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
+        self.session_class = session_class  # tests swap in deliberately broken sessions to prove verdicts fail
         self._tls: dict[str, ServerTLS] = {}
         self._ca: LabCA | None = None
 
@@ -167,7 +169,7 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             params=resolution.params,
             accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
         )
-        self.session = ServerSession(config, self)
+        self.session = self.runtime.session_class(config, self)
         self.setTimeout(self.listener.idle_timeout)
         self._apply(self.session.start())
 
