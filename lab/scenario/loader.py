@@ -58,8 +58,11 @@ Path_ = list[str | int]
 
 
 def catalogue_dir() -> Path:
-    """The built-in catalogue: package data, so it is there in a checkout and when installed."""
-    return Path(str(resources.files("lab").joinpath("catalogue")))
+    """The built-in catalogue: package data, so it is there in a checkout and when installed.
+
+    In a checkout ``lab/catalogue`` is a symlink to ``scenarios/``; resolving it shows users the file they edit.
+    """
+    return Path(str(resources.files("lab").joinpath("catalogue"))).resolve()
 
 
 def _display(path: Path) -> str:
@@ -102,9 +105,27 @@ class _CaseReader:
     def fail(self, problem: str, path: Path_) -> BadInput:
         return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path) or None)
 
+    def normalise(self) -> None:
+        """YAML 1.1 reads the policy name ``no`` as false: give it its name back (keeping line numbers)."""
+        expect = self.doc.get("expect")
+        if isinstance(expect, dict) and False in expect:
+            items = list(expect.items())
+            expect.clear()
+            expect.update(("no" if k is False else k, v) for k, v in items)
+            lines = getattr(expect, "key_lines", None)
+            if lines is not None and "False" in lines:
+                lines["no"] = lines.pop("False")
+        policies = self.doc.get("policies")
+        if isinstance(policies, list):
+            policies[:] = ["no" if p is False else p for p in policies]
+        remote = self.doc.get("remote_mta")
+        if isinstance(remote, dict) and isinstance(remote.get("starttls"), int):
+            remote["starttls"] = str(remote["starttls"])  # 454 written bare
+
     def validate(self) -> None:
         if not isinstance(self.doc, Mapping):
             raise BadInput("a scenario file is a mapping (id, title, refs, ...)", file=self.file, line=1)
+        self.normalise()
         errors = list(_validator().iter_errors(self.doc))
         if not errors:
             return
