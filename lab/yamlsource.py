@@ -126,15 +126,20 @@ def validate(doc: Any, schema: dict[str, Any], file: str) -> None:
     raise BadInput(_describe(best), file=file, line=line_of(doc, path), field=field_name(path) or None)
 
 
-def load_validated(path: str | Path, schema_name: str) -> Any:
-    """Read, parse and validate a YAML file; every failure is a ``BadInput`` naming file and line."""
+def read_yaml(path: str | Path) -> Any:
+    """Read and parse a YAML file keeping line numbers; an unreadable file is a ``BadInput`` naming it."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror}", file=str(path)) from None
+        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
     except UnicodeDecodeError:
         raise BadInput("not UTF-8 text", file=str(path)) from None
-    doc = parse_yaml(text, str(path))
+    return parse_yaml(text, str(path))
+
+
+def load_validated(path: str | Path, schema_name: str) -> Any:
+    """Read, parse and validate a YAML file; every failure is a ``BadInput`` naming file and line."""
+    doc = read_yaml(path)
     validate(doc, load_schema(schema_name), str(path))
     return doc

@@ -20,7 +20,7 @@ from lab.errors import BadInput
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
-from lab.yamlsource import field_name, line_of, load_schema, parse_yaml, validate
+from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
 SCHEMA = "appliance.schema.json"
 DEMO = "demo"
@@ -48,13 +48,7 @@ def default_appliance_path() -> Path:
 def load_appliance(path: str | Path) -> Appliance:
     """Read, check and build an appliance from a YAML file; ``builtin`` names the built-in default."""
     path = default_appliance_path() if str(path) == "builtin" else Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise BadInput("not UTF-8 text", file=str(path)) from None
-    return appliance_from_dict(parse_yaml(text, str(path)), str(path))
+    return appliance_from_dict(read_yaml(path), str(path))
 
 
 def default_appliance() -> Appliance:

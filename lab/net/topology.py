@@ -19,7 +19,7 @@ from typing import Any
 from lab.appliance.model import Appliance
 from lab.errors import BadInput
 from lab.policy.hat import Peer
-from lab.yamlsource import field_name, line_of, load_schema, parse_yaml, validate
+from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
 SCHEMA = "topology.schema.json"
 BUILTIN = "builtin"
@@ -256,13 +256,7 @@ def default_topology() -> Topology:
 def load_topology(path: str | Path) -> Topology:
     """Read, check and build a topology; ``builtin`` names the built-in default."""
     path = default_topology_path() if str(path) == BUILTIN else Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise BadInput("not UTF-8 text", file=str(path)) from None
-    return topology_from_dict(parse_yaml(text, str(path)), str(path))
+    return topology_from_dict(read_yaml(path), str(path))
 
 
 def topology_from_dict(doc: Any, file: str) -> Topology:
