@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "run": "run",
     "list": "list",
     "report": "report",
+    "diff": "diff",
     "serve": "serve",
     "listeners": "listeners",
 }
