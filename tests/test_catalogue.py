@@ -1,0 +1,201 @@
+"""The built-in catalogue: it loads, covers what SPEC.md asks for, and its verdicts on the lab are the declared ones.
+
+The last tests run the whole catalogue through the runner on the memory carrier (virtual time, real TLS), and
+then again against listeners broken on purpose, to show the expectations can fail.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lab.appliance.config import load_appliance
+from lab.net.topology import default_topology
+from lab.scenario.loader import catalogue_dir, load_cases
+from lab.scenario.model import POLICIES, Case
+from lab.scenario.runner import RunOptions, run_cases
+from lab.scenario.verdict import Verdict
+from lab.smtp.behaviours import BEHAVIOURS
+from lab.smtp.session import ServerSession
+
+FOLDERS = {"starttls", "policy", "clients", "attacks", "limits"}
+
+#: SPEC.md 3: each STARTTLS rule and the cases that test it (all run under no, preferred and required).
+RULES = {
+    1: ["3207-4-04"],  # STARTTLS with a parameter: 501
+    2: ["3207-4.2-01", "3207-4.2-02"],  # STARTTLS inside TLS refused; EHLO inside TLS without STARTTLS
+    3: ["3207-4.2-03", "ATK-INJECT-01"],  # plaintext behind STARTTLS discarded and logged
+    4: ["3207-4.2-04", "3207-4.2-05", "3207-4.2-06", "3207-4-06"],  # the handshake resets EHLO name and envelope
+    5: ["3207-4.1-01"],  # a failed handshake is logged, delivers nothing
+    6: ["5321-4.5.3.1.4-01", "5321-4.5.3.1.6-01", "5321-2.3.8-01", "5321-2.4-01"],  # lines, bare LF, NUL
+    7: ["2920-3.1-01", "2920-3.1-02"],  # STARTTLS last in a pipelined group
+    8: ["3207-4-01"],  # Required on a public MX: INFORMATIONAL
+}
+
+#: SPEC.md 5: each attack and its cases.
+ATTACKS = {
+    "stripping by rewrite": ["ATK-STRIP-01", "ATK-STRIP-02", "ATK-STRIP-05"],
+    "stripping by answering 454": ["ATK-STRIP-03", "ATK-STRIP-04"],
+    "command injection": ["ATK-INJECT-01", "3207-4.2-03"],
+    "response injection": ["ATK-RESP-01"],
+    "plaintext exposure": ["ATK-EXPOSE-01", "ATK-EXPOSE-02"],
+}
+
+#: The runs whose declared verdict on the lab is INFORMATIONAL (local policy, or exposure by design).
+INFORMATIONAL = {
+    ("3207-4-01", "required"),  # rule 8: Required on a public MX
+    ("3207-4-07", "required"),  # HELO-only client under Required: rule 8 again
+    ("ATK-EXPOSE-01", "no"),
+    ("ATK-EXPOSE-01", "preferred"),
+    ("ATK-EXPOSE-02", "no"),
+    ("ATK-STRIP-01", "no"),
+    ("ATK-STRIP-01", "preferred"),
+    ("ATK-STRIP-03", "no"),
+    ("ATK-STRIP-03", "preferred"),
+    ("ATK-STRIP-04", "no"),
+    ("ATK-STRIP-05", "no"),
+    ("ATK-STRIP-05", "preferred"),
+}
+
+
+@pytest.fixture(scope="module")
+def catalogue() -> list[Case]:
+    return load_cases()
+
+
+def by_id(cases: list[Case]) -> dict[str, Case]:
+    return {c.id: c for c in cases}
+
+
+def test_the_catalogue_loads_with_unique_ids(catalogue: list[Case]) -> None:
+    assert len(catalogue) >= 40
+    ids = [c.id for c in catalogue]
+    assert len(set(ids)) == len(ids)
+    files = sorted(p for p in catalogue_dir().rglob("*.yaml"))
+    assert len(files) == len(catalogue)  # every YAML file in the catalogue is a case
+
+
+def test_cases_are_filed_by_what_they_test(catalogue: list[Case]) -> None:
+    root = catalogue_dir()
+    for case in catalogue:
+        folder = Path(str(case.file)).resolve().relative_to(root).parts[0]
+        assert folder in FOLDERS, f"{case.file}: not in one of {sorted(FOLDERS)}"
+        if case.id.startswith("ATK-"):
+            assert folder == "attacks", case.file
+
+
+def test_every_behaviour_is_used(catalogue: list[Case]) -> None:
+    used = Counter(c.client.behaviour for c in catalogue if c.client.behaviour)
+    assert set(BEHAVIOURS) - set(used) == set()
+
+
+def test_clients_and_targets_exist_in_the_default_lab(catalogue: list[Case]) -> None:
+    topology = default_topology()
+    appliance = load_appliance(Path(__file__).resolve().parents[1] / "lab" / "defaults" / "appliance.yaml")
+    listeners = {item.name for item in appliance.listeners}
+    for case in catalogue:
+        topology.host(case.client.host)  # raises KeyError for an unknown host
+        assert case.target is None or case.target in listeners, case.id
+
+
+def test_the_rules_and_attacks_of_the_spec_are_covered(catalogue: list[Case]) -> None:
+    cases = by_id(catalogue)
+    for rule, ids in RULES.items():
+        for case_id in ids:
+            assert case_id in cases, f"rule {rule}: {case_id} missing"
+            assert cases[case_id].policies == POLICIES, f"rule {rule}: {case_id} must run under every policy"
+    for attack, ids in ATTACKS.items():
+        assert all(i in cases for i in ids), attack
+    assert any(c.verify_client for c in catalogue)
+    assert {c.middlebox.answer_starttls for c in catalogue if c.middlebox} == {None, 454}
+
+
+def test_every_run_has_a_passing_alternative(catalogue: list[Case]) -> None:
+    """A case states, for each policy it runs under, the outcome that passes (OK, or INFORMATIONAL by design)."""
+    for case in catalogue:
+        for policy in case.policies:
+            verdicts = {a.verdict for a in case.expect.for_policy(policy)}
+            assert verdicts & {Verdict.OK, Verdict.INFORMATIONAL}, f"{case.id}[{policy}]"
+
+
+def _run(cases: list[Case], state: Path, session: type[ServerSession] = ServerSession) -> dict[tuple[str, str], object]:
+    options = RunOptions(carrier="memory", state_dir=state, timestamps=False, session_class=session)
+    result = run_cases(cases, POLICIES, options)
+    return {(r.case, str(r.policy)): r for r in result.runs}
+
+
+def test_the_lab_gives_the_declared_verdicts(catalogue: list[Case], tmp_path_factory: pytest.TempPathFactory) -> None:
+    runs = _run(catalogue, tmp_path_factory.mktemp("state"))
+    assert len(runs) == sum(len(c.policies) for c in catalogue)
+    wrong = {k: (r.verdict, r.reason) for k, r in runs.items() if r.verdict not in (Verdict.OK, Verdict.INFORMATIONAL)}
+    assert wrong == {}
+    informational = {k for k, r in runs.items() if r.verdict is Verdict.INFORMATIONAL}
+    assert informational == INFORMATIONAL
+
+
+class _InjectionVulnerable(ServerSession):
+    """CVE-2011-0411: keeps the plaintext behind STARTTLS and runs it inside TLS."""
+
+    _kept = b""
+
+    def _cmd_starttls(self, argument: str):  # type: ignore[no-untyped-def]
+        kept = self._buffer
+        actions = super()._cmd_starttls(argument)
+        self._kept = kept
+        return actions
+
+    def tls_started(self, info, client_cert=None):  # type: ignore[no-untyped-def]
+        actions = super().tls_started(info) if client_cert is None else super().tls_started(info, client_cert)
+        kept, self._kept = self._kept, b""
+        return actions + (self.receive(kept) if kept else [])
+
+
+class _KeepsEhlo(ServerSession):
+    """Keeps the EHLO name across the handshake (RFC 3207 4.2 says forget it)."""
+
+    def tls_started(self, info, client_cert=None):  # type: ignore[no-untyped-def]
+        greeting = self.greeting
+        actions = super().tls_started(info) if client_cert is None else super().tls_started(info, client_cert)
+        self.greeting = greeting
+        return actions
+
+
+class _AdvertisesAgain(ServerSession):
+    """Lists STARTTLS in its EHLO reply inside TLS too."""
+
+    def _cmd_ehlo(self, argument: str):  # type: ignore[no-untyped-def]
+        actions = super()._cmd_ehlo(argument)
+        if self.tls is None or not actions:
+            return actions
+        data = actions[0].data.replace(b"250 HELP", b"250-STARTTLS\r\n250 HELP")
+        return [actions[0].__class__(data), *actions[1:]]
+
+
+@pytest.mark.parametrize(
+    ("session", "failed"),
+    [
+        (
+            _InjectionVulnerable,
+            {("3207-4.2-03", p) for p in ("preferred", "required")}
+            | {("ATK-INJECT-01", p) for p in ("preferred", "required")}
+            | {("2920-3.1-01", p) for p in ("preferred", "required")},
+        ),
+        (_KeepsEhlo, {("3207-4.2-06", "preferred")}),
+        (_AdvertisesAgain, {("3207-4.2-02", "preferred"), ("3207-4.2-02", "required")}),
+    ],
+)
+def test_broken_listeners_fail(
+    catalogue: list[Case],
+    tmp_path_factory: pytest.TempPathFactory,
+    session: type[ServerSession],
+    failed: set[tuple[str, str]],
+) -> None:
+    """Each broken listener fails exactly the runs that test what it breaks; the rest of those cases stay OK."""
+    cases = [by_id(catalogue)[i] for i in sorted({case_id for case_id, _ in failed})]
+    runs = _run(cases, tmp_path_factory.mktemp("state"), session)
+    seen = {k for k, r in runs.items() if r.verdict is Verdict.FAILED}
+    assert seen == failed
+    others = {k: r.verdict for k, r in runs.items() if k not in failed}
+    assert set(others.values()) <= {Verdict.OK, Verdict.INFORMATIONAL}
