@@ -1,0 +1,664 @@
+"""Policy inference: which TLS policy does a target implement, and where does it deviate from SPEC.md 3?
+
+A short battery of questions, each one connection driven by the lab's one client engine
+(``lab.smtp.client.ScriptedClient`` with steps from ``lab.smtp.steps``) over real TCP to a loopback address.
+The answers are judged by reply *classes*, never by our wording (other MTAs say 454, 500, 503 ...):
+
+- No: STARTTLS not advertised, or refused;
+- Preferred: advertised, plaintext MAIL and RCPT accepted;
+- Required: advertised, plaintext MAIL (or RCPT) refused, accepted after TLS; with client-certificate
+  verification when the handshake carries a CertificateRequest and MAIL is refused without a verifying one.
+
+Every deviation comes with the transcript lines that prove it. No mail is ever sent: MAIL/RCPT answers are
+enough for the classification, and each transaction ends with RSET.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.interfaces import IReactorTCP, IReactorTime
+
+from lab.appliance.certs import CertKey, LabCA
+from lab.appliance.tlsctx import ClientTLS
+from lab.conformance.profile import DEFAULT_FROM, default_recipient, format_address
+from lab.errors import EXIT_FAILED, EXIT_OK, HarnessError
+from lab.policy.modes import TLSMode
+from lab.smtp.client import ClientRecord, ScriptedClient
+from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
+from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_TLS
+
+#: Longer than the 512 octets RFC 5321 4.5.3.1.4 allows for a command line (CRLF included).
+LONG_LINE = b"NOOP " + b"X" * 600 + b"\r\n"
+STARTTLS_ARGUMENT = "SMTPLAB-PROBE"
+
+#: id -> (title, the rule at stake). The ids are stable: scripts and profiles may rely on them.
+CHECKS: dict[str, tuple[str, str]] = {
+    "starttls-refused": ("advertises STARTTLS but refuses it", "RFC 3207 4 / SPEC.md 2"),
+    "starttls-unadvertised": ("accepts STARTTLS although EHLO does not offer it", "SPEC.md 2 (No)"),
+    "helo-before-starttls": ("serves HELO before STARTTLS under Required", "SPEC.md 2 (Required)"),
+    "starttls-injection": (
+        "executes commands pipelined behind STARTTLS inside TLS",
+        "SPEC.md 3.3, RFC 3207 5 (CVE-2011-0411)",
+    ),
+    "starttls-pipelined-plaintext": ("answers commands pipelined behind STARTTLS in plaintext", "SPEC.md 3.3, 3.7"),
+    "state-across-tls": ("keeps the EHLO state across the TLS handshake", "SPEC.md 3.4, RFC 3207 4.2"),
+    "mail-without-ehlo": (
+        "accepts MAIL without any EHLO/HELO, so also right after the handshake",
+        "SPEC.md 3.4, RFC 5321 4.1.4",
+    ),
+    "envelope-across-tls": ("keeps the envelope across the TLS handshake", "SPEC.md 3.4, RFC 3207 4.2"),
+    "starttls-twice": ("accepts STARTTLS inside TLS", "SPEC.md 3.2"),
+    "starttls-in-tls-ehlo": ("advertises STARTTLS inside TLS", "SPEC.md 3.2, RFC 3207 4.2"),
+    "starttls-argument": ("accepts STARTTLS with an argument", "SPEC.md 3.1, RFC 3207 4"),
+    "long-command-line": ("accepts a command line longer than 512 octets", "SPEC.md 3.6, RFC 5321 4.5.3.1.4"),
+    "nul-in-command": ("accepts a NUL byte in a command line", "SPEC.md 3.6"),
+}
+
+
+class ProbeUnreachable(HarnessError):
+    """No SMTP conversation was possible (refused, timed out, not a 220 greeting): exit 2, one line."""
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """What the probe needs; ``rcpt_to`` None means ``postmaster@`` the target's domain (or example.com)."""
+
+    host: str
+    port: int
+    ehlo: str = DEFAULT_EHLO
+    mail_from: str = DEFAULT_FROM
+    rcpt_to: str | None = None
+    ca_pems: tuple[bytes, ...] = ()
+    server_name: str | None = None
+    client_cert: CertKey | None = None
+    timeout: float = 10.0  # one reply, one handshake, one connect
+    settle: float = 0.5  # how long to listen inside TLS for replies to injected bytes
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    @property
+    def recipient(self) -> str:
+        return self.rcpt_to or default_recipient(self.server_name or self.host)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One deviation from SPEC.md 3, with the transcript lines that prove it."""
+
+    id: str
+    evidence: tuple[str, ...]
+
+    @property
+    def title(self) -> str:
+        return CHECKS[self.id][0]
+
+    @property
+    def rule(self) -> str:
+        return CHECKS[self.id][1]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "title": self.title, "rule": self.rule, "evidence": list(self.evidence)}
+
+
+@dataclass
+class Answer:
+    """One question's connection: the engine's record plus what the TLS layer saw."""
+
+    name: str
+    header: str  # the note that opens this question in the probe's transcript
+    record: ClientRecord
+    cert_requested: bool = False
+    ca_names: list[str] = field(default_factory=list)
+
+    @property
+    def observed(self) -> dict[str, Any]:
+        return self.record.observed
+
+    @property
+    def lines(self) -> list[str]:
+        return self.record.transcript
+
+    def code(self, label: str) -> int | None:
+        value = self.observed.get("replies", {}).get(label)
+        return int(value) if value is not None else None
+
+    def ok(self, label: str) -> bool:
+        return positive(self.code(label))
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.observed.get("tls"))
+
+
+@dataclass(frozen=True)
+class ProbeReport:
+    target: str
+    policy: TLSMode
+    verify_client: bool
+    starttls_advertised: bool
+    conclusive: bool
+    basis: str
+    tls: dict[str, str] | None
+    server_cert_verified: bool | None
+    client_cert_requested: bool
+    client_ca_names: tuple[str, ...]
+    findings: tuple[Finding, ...]
+    notes: tuple[str, ...]
+    checks: dict[str, dict[str, int]]
+    transcript: tuple[str, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """0: classified, no deviation; 1: deviations found or the classification is a guess."""
+        return EXIT_FAILED if self.findings or not self.conclusive else EXIT_OK
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "policy": str(self.policy),
+            "verify_client": self.verify_client,
+            "starttls_advertised": self.starttls_advertised,
+            "conclusive": self.conclusive,
+            "basis": self.basis,
+            "tls": self.tls,
+            "server_cert_verified": self.server_cert_verified,
+            "client_cert_requested": self.client_cert_requested,
+            "client_ca_names": list(self.client_ca_names),
+            "deviations": [f.to_dict() for f in self.findings],
+            "notes": list(self.notes),
+            "checks": {name: dict(replies) for name, replies in self.checks.items()},
+            "transcript": list(self.transcript),
+        }
+
+    def summary(self) -> list[str]:
+        """The human view: policy and why, TLS facts, each deviation with its evidence, notes."""
+        label = {TLSMode.NO: "No", TLSMode.PREFERRED: "Preferred", TLSMode.REQUIRED: "Required"}[self.policy]
+        if self.verify_client:
+            label += ", verify client certificate"
+        guess = "" if self.conclusive else " (inconclusive: best guess)"
+        out = [f"Target: {self.target}", f"Policy: {label}{guess}", f"  because {self.basis}"]
+        if self.tls:
+            out.append(f"TLS: {self.tls['version']} {self.tls['cipher']}")
+        if self.server_cert_verified is not None:
+            out.append(f"Server certificate: {'verified' if self.server_cert_verified else 'did NOT verify'}")
+        if self.client_cert_requested:
+            names = ", ".join(self.client_ca_names) or "no CA names"
+            out.append(f"Client certificate: requested by the server ({names})")
+        out.append(f"Deviations from SPEC.md 3: {len(self.findings) or 'none found'}")
+        for finding in self.findings:
+            out.append(f"  {finding.id}: {finding.title} ({finding.rule})")
+            out += [f"      {line}" for line in finding.evidence]
+        out += [f"Note: {note}" for note in self.notes]
+        return out
+
+
+def positive(code: int | None) -> bool:
+    return code is not None and 200 <= code < 400
+
+
+def refused(code: int | None) -> bool:
+    return code is not None and code >= 400
+
+
+# -- evidence: verbatim transcript lines
+
+
+def _is_sent(line: str) -> bool:
+    return line.startswith((SENT, SENT_TLS))
+
+
+def exchange(lines: Sequence[str], wanted: Callable[[str], bool], *, after: int = 0) -> list[str]:
+    """The first sent line from ``after`` on that ``wanted`` accepts, and what came back until the next one."""
+    for i in range(after, len(lines)):
+        if _is_sent(lines[i]) and wanted(lines[i]):
+            out = [lines[i]]
+            for line in lines[i + 1 :]:
+                if _is_sent(line):
+                    break
+                out.append(line)
+            return out
+    return []
+
+
+def sent(command: str, *, tls: bool | None = None) -> Callable[[str], bool]:
+    """A predicate: a line the client sent (in plaintext, inside TLS, or either) starting with ``command``."""
+    markers = (SENT,) if tls is False else (SENT_TLS,) if tls else (SENT, SENT_TLS)
+
+    def wanted(line: str) -> bool:
+        return any(line.startswith(m) and line[len(m) :].upper().startswith(command.upper()) for m in markers)
+
+    return wanted
+
+
+def tls_started_at(lines: Sequence[str]) -> int | None:
+    return next((i for i, line in enumerate(lines) if line.startswith(NOTE + "TLS started")), None)
+
+
+def span(lines: Sequence[str], start: Callable[[str], bool], end: Callable[[str], bool]) -> list[str]:
+    """From the first line ``start`` accepts through the first line after it that ``end`` accepts."""
+    for i, line in enumerate(lines):
+        if start(line):
+            for j in range(i + 1, len(lines)):
+                if end(lines[j]):
+                    return list(lines[i : j + 1])
+            return list(lines[i:])
+    return []
+
+
+# -- the TLS side of the probe
+
+
+class _ProbeTLS:
+    """``TLSOptions -> ClientTLS`` for one question, noticing a CertificateRequest in the handshake.
+
+    ``client_cert``: ``none``; ``lab`` = the certificate the user gave (``--cert``); ``untrusted`` = one issued
+    by a CA made up for this probe, which no server can trust.
+    """
+
+    def __init__(self, settings: ProbeSettings, untrusted: Callable[[], CertKey]) -> None:
+        self.settings = settings
+        self.untrusted = untrusted
+        self.cert_requested = False
+        self.ca_names: list[str] = []
+
+    def __call__(self, options: TLSOptions) -> ClientTLS:
+        cert = None
+        if options.client_cert == "lab":
+            cert = self.settings.client_cert
+        elif options.client_cert == "untrusted":
+            cert = self.untrusted()
+        tls = ClientTLS(
+            server_name=self.settings.server_name or self.settings.host,
+            verify=bool(self.settings.ca_pems),
+            trust_pems=self.settings.ca_pems,
+            client_cert=cert,
+        )
+        tls.context.set_info_callback(self._info)
+        return tls
+
+    def _info(self, conn: SSL.Connection, _where: int, _ret: int) -> None:
+        if b"certificate request" in conn.get_state_string() and not self.cert_requested:
+            self.cert_requested = True
+            self.ca_names = [_dn(name) for name in conn.get_client_ca_list()]
+
+
+def _dn(name: Any) -> str:
+    parts = name.get_components()
+    return ",".join(f"{k.decode('ascii', 'replace')}={v.decode('utf-8', 'replace')}" for k, v in parts)
+
+
+# -- the battery
+
+
+class Prober:
+    """Runs the questions one after another (each bounded by the engine's timeouts) and judges the answers."""
+
+    def __init__(self, settings: ProbeSettings, reactor: Any, workdir: Path) -> None:
+        self.settings = settings
+        self.reactor = reactor
+        self.workdir = workdir
+        self.answers: dict[str, Answer] = {}
+        self.transcript: list[str] = []
+        self.findings: list[Finding] = []
+        self.notes: list[str] = []
+        self._untrusted: CertKey | None = None
+
+    def untrusted_cert(self) -> CertKey:
+        if self._untrusted is None:
+            ca = LabCA.untrusted(self.workdir)
+            self._untrusted = ca.issue("probe-untrusted-client", [self.settings.ehlo], client=True)
+        return self._untrusted
+
+    def connect(self, factory: Any) -> Deferred:
+        s = self.settings
+        endpoint_type = TCP6ClientEndpoint if ":" in s.host else TCP4ClientEndpoint
+        return endpoint_type(self.reactor, s.host, s.port, timeout=max(1, int(s.timeout))).connect(factory)
+
+    async def ask(self, name: str, why: str, steps: Sequence[Step]) -> Answer:
+        tls = _ProbeTLS(self.settings, self.untrusted_cert)
+        client = ScriptedClient(
+            steps,
+            clock=self.reactor,
+            connect=self.connect,
+            tls_factory=tls,
+            reply_timeout=self.settings.timeout,
+            target=self.settings.address,
+            settle=self.settings.settle,
+            close_wait=min(5.0, self.settings.timeout),
+        )
+        record = await client.run()
+        answer = Answer(name, f"{NOTE}probe {name}: {why}", record, tls.cert_requested, tls.ca_names)
+        self.answers[name] = answer
+        self.transcript.append(answer.header)
+        self.transcript += record.transcript
+        return answer
+
+    def found(self, check: str, *parts: tuple[Answer, Sequence[str]]) -> None:
+        """Record a deviation; each part is the lines of one question, shown under that question's header."""
+        if check not in CHECKS:  # pragma: no cover - a typo in this module
+            raise HarnessError(f"unknown probe check {check!r}")
+        evidence: list[str] = []
+        for answer, lines in parts:
+            evidence += [answer.header, *lines]
+        self.findings.append(Finding(check, tuple(evidence)))
+
+    # -- steps
+
+    def greet(self) -> list[Step]:
+        return [Ehlo(self.settings.ehlo)]
+
+    def envelope(self, prefix: str) -> list[Step]:
+        s = self.settings
+        return [
+            Send(f"MAIL FROM:<{s.mail_from}>", label=f"{prefix}MAIL"),
+            Send(f"RCPT TO:<{s.recipient}>", label=f"{prefix}RCPT"),
+            Send("RSET", label=f"{prefix}RSET"),
+        ]
+
+    def starttls(self, client_cert: str = "none", **kwargs: Any) -> StartTLS:
+        return StartTLS(tls=TLSOptions(client_cert=client_cert), **kwargs)
+
+    # -- the run
+
+    async def run(self) -> ProbeReport:
+        s = self.settings
+        plain = await self.ask(
+            "plain", "EHLO, MAIL and RCPT in plaintext", [*self.greet(), *self.envelope("plain."), Quit()]
+        )
+        self._check_reachable(plain)
+        advertised = bool(plain.observed.get("starttls_advertised"))
+        await self._line_limits()
+        if not advertised:
+            return await self._not_advertised(plain)
+
+        main = await self.ask(
+            "tls",
+            "STARTTLS, EHLO, MAIL and RCPT inside TLS, then STARTTLS again",
+            [
+                *self.greet(),
+                self.starttls(label="tls.STARTTLS"),
+                Ehlo(s.ehlo, label="tls.EHLO"),
+                *self.envelope("tls."),
+                self.starttls(label="tls.STARTTLS#2"),
+                Quit(),
+            ],
+        )
+        if main.code("tls.STARTTLS") != 220:
+            return self._advertised_but_refused(plain, main)
+        with_cert = untrusted = None
+        if main.cert_requested or main.observed.get("tls_error"):
+            if s.client_cert is not None:
+                with_cert = await self._tls_envelope("tls-cert", "with the client certificate given", "lab")
+            untrusted = await self._tls_envelope("tls-untrusted", "with a client certificate nobody trusts",
+                                                 "untrusted")  # fmt: skip
+        candidates = [a for a in (main, with_cert) if a is not None]
+        session = next((a for a in candidates if a.tls and a.ok("tls.EHLO")), None)
+        if session is not None:
+            self._judge_tls_session(session)
+        elif main.tls:
+            self.notes.append(
+                f"EHLO inside TLS is answered {main.code('tls.EHLO')}, so STARTTLS inside TLS could not be checked"
+            )
+        usable = next((a for a in candidates if a.ok("tls.MAIL")), None)
+        if usable is not None:
+            await self._state_checks(plain, usable)
+        elif main.tls:
+            self.notes.append("MAIL is refused inside TLS, so the state-across-TLS checks were not run")
+        await self._injection(with_cert is not None and with_cert.tls)
+        await self._argument()
+        policy, verify, conclusive, basis = self._classify(plain, main, with_cert, untrusted)
+        if policy is TLSMode.REQUIRED:
+            await self._helo()
+        answers = tuple(a for a in (plain, main, with_cert, untrusted) if a is not None)
+        return self._build(policy, verify, True, conclusive, basis, main if main.tls else None, answers)
+
+    def _check_reachable(self, plain: Answer) -> None:
+        obs = plain.observed
+        if not obs.get("connected"):
+            errors = [line[len(ERROR) :] for line in plain.lines if line.startswith(ERROR)]
+            why = errors[-1] if errors else "no greeting"
+            raise ProbeUnreachable(f"cannot probe {self.settings.address}: {why}")
+        if obs.get("banner") != 220:
+            greeting = next((line for line in plain.lines if line.startswith(RECEIVED)), "")
+            raise ProbeUnreachable(
+                f"cannot probe {self.settings.address}: greeting {obs.get('banner')} ({greeting.strip()})"
+            )
+
+    async def _tls_envelope(self, name: str, why: str, client_cert: str) -> Answer:
+        steps = [
+            *self.greet(),
+            self.starttls(client_cert, label="tls.STARTTLS"),
+            Ehlo(self.settings.ehlo, label="tls.EHLO"),
+        ]
+        steps += [*self.envelope("tls."), self.starttls(client_cert, label="tls.STARTTLS#2"), Quit()]
+        return await self.ask(name, f"MAIL and RCPT inside TLS {why}, then STARTTLS again", steps)
+
+    async def _not_advertised(self, plain: Answer) -> ProbeReport:
+        answer = await self.ask("no-tls", "STARTTLS although EHLO did not offer it", [*self.greet(), self.starttls(
+            label="STARTTLS"), Quit()])  # fmt: skip
+        code = answer.code("STARTTLS")
+        basis = f"EHLO does not advertise STARTTLS and STARTTLS is answered {code}"
+        if answer.tls:
+            self.found("starttls-unadvertised", (answer, exchange(answer.lines, sent("STARTTLS"))))
+            basis = "EHLO does not advertise STARTTLS (a client never starts TLS; the server would)"
+        if not (plain.ok("plain.MAIL") and plain.ok("plain.RCPT")):
+            self.notes.append(
+                f"plaintext MAIL/RCPT answered {plain.code('plain.MAIL')}/{plain.code('plain.RCPT')}: "
+                "the envelope is refused for another reason (try --from / --to)"
+            )
+        return self._build(TLSMode.NO, False, False, True, basis, answer if answer.tls else None, (plain, answer))
+
+    def _advertised_but_refused(self, plain: Answer, main: Answer) -> ProbeReport:
+        code = main.code("tls.STARTTLS")
+        self.found("starttls-refused", (main, exchange(main.lines, sent("STARTTLS"))))
+        basis = f"EHLO advertises STARTTLS but STARTTLS is answered {code}: no TLS is possible"
+        return self._build(TLSMode.NO, False, True, True, basis, None, (plain, main))
+
+    def _judge_tls_session(self, session: Answer) -> None:
+        """Inside TLS: does EHLO list STARTTLS, and is a second STARTTLS accepted?"""
+        start = tls_started_at(session.lines) or 0
+        ehlo = exchange(session.lines, sent("EHLO", tls=True), after=start)
+        listed = [line for line in ehlo[1:] if line.startswith(RECEIVED_TLS) and "STARTTLS" in line[4:].upper()]
+        if listed:
+            self.found("starttls-in-tls-ehlo", (session, [ehlo[0], *listed]))
+        if session.code("tls.STARTTLS#2") == 220:
+            self.found("starttls-twice", (session, exchange(session.lines, sent("STARTTLS", tls=True))))
+
+    async def _state_checks(self, plain: Answer, usable: Answer) -> None:
+        cert = "lab" if usable.name == "tls-cert" else "none"
+        s = self.settings
+        state = await self.ask(
+            "state",
+            "MAIL right after the handshake, without a new EHLO",
+            [*self.greet(), self.starttls(cert, label="STARTTLS"),
+             Send(f"MAIL FROM:<{s.mail_from}>", label="state.MAIL"), Send("RSET"), Quit()],
+        )  # fmt: skip
+        if state.ok("state.MAIL"):
+            await self._no_greeting_control(state, cert)
+        if not plain.ok("plain.MAIL"):
+            return
+        envelope = await self.ask(
+            "envelope",
+            "MAIL in plaintext, then STARTTLS, EHLO and RCPT inside TLS",
+            [*self.greet(), Send(f"MAIL FROM:<{s.mail_from}>", label="envelope.MAIL"),
+             self.starttls(cert, label="STARTTLS"), Ehlo(s.ehlo),
+             Send(f"RCPT TO:<{s.recipient}>", label="envelope.RCPT"), Send("RSET"), Quit()],
+        )  # fmt: skip
+        if envelope.ok("envelope.MAIL") and envelope.ok("envelope.RCPT"):
+            lines = exchange(envelope.lines, sent("MAIL", tls=False)) + exchange(envelope.lines, sent("RCPT", tls=True))
+            self.found("envelope-across-tls", (envelope, lines))
+
+    async def _no_greeting_control(self, state: Answer, cert: str) -> None:
+        """MAIL after the handshake without a new EHLO was accepted: kept state, or is EHLO never needed?
+
+        The control connection never greets at all (STARTTLS straight after the banner, then MAIL). A server
+        that accepts that does not require EHLO anywhere (Postfix: ``smtpd_helo_required = no``), which is a
+        different finding from remembering the greeting across the handshake.
+        """
+        evidence = (state, exchange(state.lines, sent("MAIL", tls=True)))
+        s = self.settings
+        control = await self.ask(
+            "no-greeting",
+            "control: STARTTLS and MAIL without any EHLO/HELO on the connection",
+            [self.starttls(cert, label="STARTTLS"), Send(f"MAIL FROM:<{s.mail_from}>", label="nogreeting.MAIL"),
+             Send("RSET"), Quit()],
+        )  # fmt: skip
+        if control.tls and control.ok("nogreeting.MAIL"):
+            self.found("mail-without-ehlo", evidence, (control, exchange(control.lines, sent("MAIL", tls=True))))
+            return
+        self.found("state-across-tls", evidence)
+        if not (control.tls and refused(control.code("nogreeting.MAIL"))):
+            self.notes.append(
+                "state-across-tls: the control without any EHLO could not run (STARTTLS before EHLO answered "
+                f"{control.code('STARTTLS')}), so a server that never requires EHLO looks the same"
+            )
+
+    async def _injection(self, use_cert: bool) -> None:
+        answer = await self.ask(
+            "injection",
+            "STARTTLS and NOOP in one write; does a reply arrive inside TLS before we send anything?",
+            [*self.greet(), self.starttls("lab" if use_cert else "none", inject=b"NOOP\r\n", label="STARTTLS"),
+             Ehlo(self.settings.ehlo), Quit()],
+        )  # fmt: skip
+        if answer.observed.get("injection_executed"):
+            lines = span(answer.lines, sent("STARTTLS", tls=False), lambda line: line.startswith(ERROR))
+            self.found("starttls-injection", (answer, lines))
+        if answer.observed.get("response_injection_discarded"):
+            lines = span(answer.lines, sent("STARTTLS", tls=False), lambda line: line.startswith(NOTE + "discarded"))
+            self.found("starttls-pipelined-plaintext", (answer, lines))
+        if answer.code("STARTTLS") == 220 and not answer.tls:
+            self.notes.append("the handshake after STARTTLS+NOOP failed: " + str(answer.observed.get("tls_error")))
+
+    async def _argument(self) -> None:
+        answer = await self.ask(
+            "argument",
+            "STARTTLS with an argument",
+            [*self.greet(), self.starttls(argument=STARTTLS_ARGUMENT, label="STARTTLS"), Quit()],
+        )
+        if answer.code("STARTTLS") == 220:
+            self.found("starttls-argument", (answer, exchange(answer.lines, sent("STARTTLS"))))
+
+    async def _helo(self) -> None:
+        answer = await self.ask("helo", "HELO before STARTTLS", [Helo(self.settings.ehlo, label="HELO"), Quit()])
+        if answer.ok("HELO"):
+            self.found("helo-before-starttls", (answer, exchange(answer.lines, sent("HELO"))))
+
+    async def _line_limits(self) -> None:
+        answer = await self.ask(
+            "limits",
+            "a 607-octet command line and a NUL byte in a command, in plaintext",
+            [*self.greet(), Raw((LONG_LINE,), replies=1, label="LONG"), Raw((b"NOOP \x00\r\n",), replies=1,
+             label="NUL"), Quit()],
+        )  # fmt: skip
+        if answer.ok("LONG"):
+            self.found("long-command-line", (answer, exchange(answer.lines, sent("NOOP XXX"))))
+        if answer.ok("NUL"):
+            self.found("nul-in-command", (answer, exchange(answer.lines, sent("NOOP \\x00"))))
+
+    # -- judging
+
+    def _classify(
+        self, plain: Answer, main: Answer, with_cert: Answer | None, untrusted: Answer | None
+    ) -> tuple[TLSMode, bool, bool, str]:
+        """(policy, verify_client, conclusive, basis) from the answers; STARTTLS was advertised and got 220."""
+
+        def envelope_ok(answer: Answer | None, prefix: str) -> bool:
+            return answer is not None and answer.ok(f"{prefix}MAIL") and answer.ok(f"{prefix}RCPT")
+
+        plain_ok = envelope_ok(plain, "plain.")
+        plain_codes = f"{plain.code('plain.MAIL')}/{plain.code('plain.RCPT')}"
+        tls_codes = f"{main.code('tls.MAIL')}/{main.code('tls.RCPT')}"
+        requested = any(a is not None and a.cert_requested for a in (main, with_cert, untrusted))
+        refused_untrusted = untrusted is not None and (not untrusted.tls or refused(untrusted.code("tls.MAIL")))
+        refused_no_cert = not main.tls or refused(main.code("tls.MAIL"))
+        verify = requested and (refused_no_cert or refused_untrusted)
+        conclusive = True
+        if plain_ok:
+            policy = TLSMode.PREFERRED
+            basis = f"STARTTLS is advertised and plaintext MAIL/RCPT are accepted ({plain_codes})"
+        elif envelope_ok(main, "tls.") or envelope_ok(with_cert, "tls."):
+            policy = TLSMode.REQUIRED
+            how = "inside TLS" if envelope_ok(main, "tls.") else "inside TLS with the client certificate"
+            basis = f"plaintext MAIL/RCPT are refused ({plain_codes}) and accepted {how}"
+        elif requested and refused_no_cert:
+            policy = TLSMode.REQUIRED
+            basis = (
+                f"plaintext MAIL/RCPT are refused ({plain_codes}) and, without a verifying client certificate, "
+                f"inside TLS too ({tls_codes}); the handshake asks for a client certificate"
+            )
+            if with_cert is None:
+                self.notes.append("give --cert/--key with a certificate the target trusts to confirm MAIL after TLS")
+        elif (
+            plain.ok("plain.MAIL") and not plain.ok("plain.RCPT") and main.code("tls.RCPT") == plain.code("plain.RCPT")
+        ):
+            policy, conclusive = TLSMode.PREFERRED, False
+            basis = f"plaintext MAIL is accepted; RCPT is refused in plaintext and in TLS alike ({plain_codes})"
+            self.notes.append(f"the recipient <{self.settings.recipient}> is refused everywhere: give --to")
+        else:
+            policy, conclusive = TLSMode.REQUIRED, False
+            why = f"the TLS handshake failed ({main.observed.get('tls_error')})" if not main.tls else tls_codes
+            basis = f"plaintext MAIL/RCPT are refused ({plain_codes}) and it could not be confirmed inside TLS: {why}"
+            self.notes.append("try another --from / --to, or --cert/--key")
+        if not main.tls:
+            self.notes.append(f"the TLS handshake failed: {main.observed.get('tls_error')}")
+        if verify and not refused_no_cert:
+            basis += "; a client certificate that does not verify is refused"
+        return policy, verify, conclusive, basis
+
+    def _build(
+        self,
+        policy: TLSMode,
+        verify: bool,
+        advertised: bool,
+        conclusive: bool,
+        basis: str,
+        tls_answer: Answer | None,
+        answers: Sequence[Answer],
+    ) -> ProbeReport:
+        tls = None
+        verified = None
+        if tls_answer is not None and tls_answer.tls:
+            obs = tls_answer.observed
+            tls = {"version": str(obs.get("tls_version")), "cipher": str(obs.get("tls_cipher"))}
+            verified = obs.get("server_cert_verified") if self.settings.ca_pems else None
+        requested = [a for a in answers if a.cert_requested]
+        return ProbeReport(
+            target=self.settings.address,
+            policy=policy,
+            verify_client=verify,
+            starttls_advertised=advertised,
+            conclusive=conclusive,
+            basis=basis,
+            tls=tls,
+            server_cert_verified=verified,
+            client_cert_requested=bool(requested),
+            client_ca_names=tuple(requested[0].ca_names) if requested else (),
+            findings=tuple(self.findings),
+            notes=tuple(self.notes),
+            checks={name: dict(a.observed.get("replies", {})) for name, a in self.answers.items()},
+            transcript=tuple(self.transcript),
+        )
+
+
+def probe(settings: ProbeSettings, reactor: IReactorTCP | IReactorTime | None = None) -> Deferred:
+    """Deferred[ProbeReport]; fails with ``ProbeUnreachable`` when no SMTP conversation is possible."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor  # type: ignore[assignment]
+
+    async def main() -> ProbeReport:
+        with tempfile.TemporaryDirectory(prefix="smtplab-probe-") as workdir:
+            return await Prober(settings, reactor, Path(workdir)).run()
+
+    return Deferred.fromCoroutine(main())

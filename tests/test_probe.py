@@ -1,0 +1,404 @@
+"""``smtplab probe``: policy inference against the lab's own listener, and deviations against broken ones.
+
+The lab's listener is served as a real process (``smtplab serve``) for each policy, and the probe's CLI reads
+it over loopback TCP. Each deviation is proven against a deliberately broken listener made here: the real
+``ListenerProtocol`` whose ``ServerSession`` is a subclass with exactly one fault, in-process on the reactor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import pytest_twisted
+from serving import Served, free_port, fresh_loopback, serve
+from twisted.internet import reactor
+
+from lab.appliance.certs import LabCA
+from lab.appliance.config import quick_appliance
+from lab.appliance.maillog import MailLog
+from lab.appliance.spool import Spool
+from lab.commands import probe as probe_command
+from lab.conformance.probe import CHECKS, ProbeReport, ProbeSettings, ProbeUnreachable, exchange, probe, sent, span
+from lab.errors import BadInput
+from lab.policy.modes import Behaviour, ClientCert, TLSMode
+from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
+from lab.smtp.session import Action, Send, ServerSession, StartTLS, TLSInfo
+
+REPO = Path(__file__).resolve().parent.parent
+#: The probe command, registered here the way the lead registers it in lab/cli.py.
+SMTPLAB = (
+    "import sys, lab.cli; lab.cli.COMMANDS.setdefault('probe', 'probe'); raise SystemExit(lab.cli.main(sys.argv[1:]))"
+)
+
+
+def smtplab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SMTPLAB, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
+
+
+# -- evidence helpers (pure)
+
+LINES = [
+    "=== Connected to 127.0.0.1.",
+    "<-  220 mx ESMTP",
+    " -> EHLO c.example",
+    "<-  250-mx",
+    "<-  250 STARTTLS",
+    " -> STARTTLS",
+    "<-  220 go ahead",
+    "=== TLS started with cipher TLSv1.3:TLS_AES_256_GCM_SHA384:256",
+    " ~> EHLO c.example",
+    "<~  250 mx",
+    " ~> MAIL FROM:<a@b.invalid>",
+    "<~  250 ok",
+]
+
+
+def test_exchange_takes_a_sent_line_and_its_reply() -> None:
+    assert exchange(LINES, sent("EHLO")) == LINES[2:5]
+    assert exchange(LINES, sent("ehlo", tls=True)) == LINES[8:10]
+    assert exchange(LINES, sent("MAIL", tls=False)) == []
+    assert exchange(LINES, sent("MAIL")) == LINES[10:12]
+
+
+def test_span_runs_through_the_end_line() -> None:
+    assert span(LINES, sent("STARTTLS"), lambda line: line.startswith("=== TLS")) == LINES[5:8]
+    assert span(LINES, sent("QUIT"), lambda line: True) == []
+
+
+# -- the lab's own listener, served as a process, probed through the CLI
+
+
+def probe_json(address: str, *extra: str) -> tuple[int, dict[str, Any]]:
+    done = smtplab("probe", address, "--json", "--timeout", "5", *extra)
+    assert done.stderr == ""
+    return done.returncode, json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Served]]:
+    """One served listener (a real `smtplab serve` process) per TLS setting, shared by the tests below."""
+    with (
+        serve(tmp_path_factory.mktemp("no"), "--tls", "no") as no,
+        serve(tmp_path_factory.mktemp("preferred"), "--tls", "preferred") as preferred,
+        serve(tmp_path_factory.mktemp("required"), "--tls", "required") as required,
+    ):
+        yield {"no": no, "preferred": preferred, "required": required}
+
+
+@pytest.mark.parametrize(
+    ("tls", "advertised"), [(TLSMode.NO, False), (TLSMode.PREFERRED, True), (TLSMode.REQUIRED, True)]
+)
+@pytest_twisted.ensureDeferred
+async def test_probe_classifies_the_served_listener(served: dict[str, Served], tls: TLSMode, advertised: bool) -> None:
+    target = served[str(tls)]
+    report = await probe(ProbeSettings(host=target.host, port=target.port, timeout=5.0, settle=0.2), reactor)
+    assert (report.policy, report.verify_client, report.conclusive) == (tls, False, True)
+    assert report.starttls_advertised is advertised
+    assert report.findings == () and report.exit_code == 0
+    assert (report.tls is not None) is advertised
+    assert target.maildir_new() == []  # MAIL/RCPT answers were enough: nothing was delivered
+    assert not any("DATA" in line for line in report.transcript)
+    assert " -> MAIL FROM:<probe@smtplab.invalid>" in report.transcript
+
+
+def test_cli_json(served: dict[str, Served]) -> None:
+    code, report = probe_json(f"{served['preferred'].host}:{served['preferred'].port}")
+    assert code == 0
+    assert (report["policy"], report["verify_client"], report["starttls_advertised"]) == ("preferred", False, True)
+    assert report["deviations"] == [] and report["conclusive"] is True
+    assert report["tls"]["version"].startswith("TLSv1.")
+    assert report["checks"]["plain"]["plain.MAIL"] == 250
+    assert report["transcript"][0] == "=== probe plain: EHLO, MAIL and RCPT in plaintext"
+
+
+@pytest_twisted.ensureDeferred
+async def test_probe_sees_required_with_client_certificate_verification(tmp_path: Path) -> None:
+    with serve(tmp_path, "--tls", "required", "--verify-client") as served:
+        settings = ProbeSettings(host=served.host, port=served.port, timeout=5.0, settle=0.2)
+        without = await probe(settings, reactor)
+        cert = LabCA(served.workdir / "state").issue("probe-client", ["client.example.net"], client=True)
+        with_cert = await probe(dataclasses.replace(settings, client_cert=cert), reactor)
+    for report in (without, with_cert):
+        assert (report.policy, report.verify_client, report.findings) == (TLSMode.REQUIRED, True, ())
+        assert report.conclusive and report.client_cert_requested
+        assert report.client_ca_names == ("O=smtplab,CN=smtplab Lab CA",)
+    assert without.checks["tls"]["tls.MAIL"] == 554
+    assert with_cert.checks["tls-cert"]["tls.MAIL"] == 250
+    assert with_cert.checks["tls-untrusted"]["tls.MAIL"] == 554
+    assert "accepted inside TLS with the client certificate" in with_cert.basis
+
+
+def test_human_summary(served: dict[str, Served]) -> None:
+    done = smtplab("probe", f"{served['required'].host}:{served['required'].port}", "--timeout", "5")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[1] == "Policy: Required"
+    assert lines[2] == "  because plaintext MAIL/RCPT are refused (530/530) and accepted inside TLS"
+    assert "Deviations from SPEC.md 3: none found" in lines
+
+
+def test_unreachable_target_is_one_line_and_exit_2() -> None:
+    host = fresh_loopback()
+    done = smtplab("probe", f"{host}:{free_port(host)}", "--timeout", "3")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"smtplab probe: cannot probe {host}:") and "refused" in line.lower()
+
+
+def test_bad_input_is_one_line_and_exit_3() -> None:
+    done = smtplab("probe", "192.0.2.7:25")
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines() == [
+        "smtplab: HOST:PORT: 192.0.2.7 is not a loopback address; smtplab talks to 127.0.0.0/8 or ::1 unless told "
+        "otherwise"
+    ]
+
+
+def parse(*argv: str) -> ProbeSettings:
+    parser = argparse.ArgumentParser()
+    probe_command.add_arguments(parser)
+    return probe_command.settings_from(parser.parse_args(list(argv)))
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["127.0.0.1"], "is not HOST:PORT"),
+        (["mx.example.com:25"], "not a loopback IP address"),
+        (["127.0.0.1:25", "--to", "nobody"], "not a mail address"),
+        (["127.0.0.1:25", "--from", "a@b> x"], "not a mail address"),
+        (["127.0.0.1:25", "--timeout", "0"], "more than 0"),
+        (["127.0.0.1:25", "--ca", "/nonexistent/ca.pem"], "cannot read"),
+        (["127.0.0.1:25", "--cert", "c.pem"], "--cert and --key go together"),
+    ],
+)
+def test_bad_flags(argv: list[str], needle: str) -> None:
+    with pytest.raises(BadInput, match=re.escape(needle)):
+        parse(*argv)
+
+
+def test_flags_become_settings(tmp_path: Path) -> None:
+    ca = LabCA(tmp_path)
+    (tmp_path / "ca.pem").write_bytes(ca.ca_pem)
+    settings = parse("[::1]:2525", "--ehlo", "me.example", "--to", "x@example.org", "--ca", str(tmp_path / "ca.pem"))
+    assert (settings.host, settings.port, settings.ehlo) == ("::1", 2525, "me.example")
+    assert settings.recipient == "x@example.org" and settings.ca_pems == (ca.ca_pem,)
+    assert parse("127.0.0.1:25", "--server-name", "mx.example.net").recipient == "postmaster@example.net"
+    assert parse("127.0.0.1:25").recipient == "postmaster@example.com"
+
+
+# -- broken listeners of our own making: one fault each
+
+
+class Broken(ServerSession):
+    """The lab's session with the faults named in ``faults``; everything else as the real one does it."""
+
+    faults: ClassVar[frozenset[str]] = frozenset()
+
+    def _command(self, line: str) -> list[Action]:
+        verb, _, argument = line.strip().partition(" ")
+        verb = verb.upper()
+        if verb == "HELO" and "helo-before-starttls" in self.faults:
+            return self._cmd_helo(argument.strip())
+        if verb == "STARTTLS":
+            if "starttls-refused" in self.faults:
+                return [Send(b"454 4.7.0 TLS not available due to local problem\r\n")]
+            if self.tls is None and argument and "starttls-argument" in self.faults:
+                return self._cmd_starttls("")
+            if self.tls is None and "starttls-unadvertised" in self.faults:
+                return self._cmd_starttls("")
+            if self.tls is not None and "starttls-twice" in self.faults:
+                return [Send(b"220 2.0.0 Ready to start TLS again\r\n")]
+        return super()._command(line)
+
+    def _cmd_ehlo(self, argument: str) -> list[Action]:
+        transaction = self._transaction
+        actions = super()._cmd_ehlo(argument)
+        if "envelope-across-tls" in self.faults:
+            self._transaction = transaction
+        if self.tls is not None and "starttls-in-tls-ehlo" in self.faults:
+            (reply,) = actions
+            assert isinstance(reply, Send)
+            first, rest = reply.data.split(b"\r\n", 1)
+            actions = [Send(first + b"\r\n250-STARTTLS\r\n" + rest)]
+        return actions
+
+    def _cmd_mail(self, argument: str) -> list[Action]:
+        if self.greeting is None and "mail-without-ehlo" in self.faults:
+            self.greeting = "nobody"
+        return super()._cmd_mail(argument)
+
+    def _cmd_starttls(self, argument: str) -> list[Action]:
+        behind, self._buffer = self._buffer, b""
+        actions = super()._cmd_starttls(argument)
+        if "starttls-injection" in self.faults:
+            self.stash = behind  # executed once TLS is up: CVE-2011-0411
+        if "starttls-pipelined-plaintext" in self.faults and behind:
+            answers = [Send(b"250 2.0.0 OK\r\n") for _ in range(behind.count(b"\n"))]
+            actions = [actions[0], *answers, *(a for a in actions if isinstance(a, StartTLS))]
+        return actions
+
+    def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
+        greeting, transaction = self.greeting, self._transaction
+        actions = super().tls_started(info, client_cert)
+        if "state-across-tls" in self.faults:
+            self.greeting = greeting
+        if "envelope-across-tls" in self.faults:
+            self._transaction = transaction
+        stash = getattr(self, "stash", b"")
+        if stash:
+            self.stash = b""
+            actions += self.receive(stash)
+        return actions
+
+    def _take_command_line(self, actions: list[Action]) -> bool:
+        end = self._buffer.find(b"\n")
+        line = self._buffer[: end + 1]
+        too_long = len(line) > 512 and "long-command-line" in self.faults
+        nul = b"\x00" in line and "nul-in-command" in self.faults
+        if end >= 0 and (too_long or nul):
+            self._buffer = self._buffer[end + 1 :]
+            actions.extend(self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", "replace")))
+            return True
+        return super()._take_command_line(actions)
+
+
+class BrokenProtocol(ListenerProtocol):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        if self.session is not None:
+            self.session.__class__ = self.owner.session_class  # type: ignore[attr-defined]
+
+
+class BrokenFactory(ListenerFactory):
+    session_class: type[ServerSession] = ServerSession
+
+    def buildProtocol(self, addr: Any) -> BrokenProtocol:
+        protocol = BrokenProtocol(self)
+        protocol.factory = self
+        return protocol
+
+
+@contextlib.asynccontextmanager
+async def listen(
+    tmp_path: Path,
+    tls: TLSMode,
+    faults: set[str],
+    *,
+    verify_client: bool = False,
+    behaviour: Behaviour | None = None,
+    rat: tuple[str, ...] | None = None,
+) -> AsyncIterator[tuple[str, int]]:
+    """The real listener on a fresh 127.x address, its session broken by ``faults``; stopped afterwards."""
+    host = fresh_loopback()
+    port = free_port(host)
+    appliance = quick_appliance(host, port, tls, verify_client=verify_client)
+    listener = appliance.listeners[0]
+    if behaviour is not None:
+        accepted = dataclasses.replace(listener.policies["ACCEPTED"], behaviour=behaviour)
+        listener = dataclasses.replace(listener, policies={**listener.policies, "ACCEPTED": accepted})
+    if rat is not None:
+        listener = dataclasses.replace(listener, rat=rat)
+    appliance = dataclasses.replace(appliance, listeners=(listener,))
+    runtime = ApplianceRuntime(
+        appliance,
+        clock=reactor,
+        maillog=MailLog(None, clock=reactor.seconds),
+        spool=Spool(tmp_path / "spool"),
+        state_dir=tmp_path / "state",
+    )
+    listener = appliance.listeners[0]
+    factory = BrokenFactory(runtime, listener, appliance.interfaces[listener.interface])
+    factory.session_class = type("BrokenSession", (Broken,), {"faults": frozenset(faults)})
+    port_object = reactor.listenTCP(port, factory, interface=host)
+    try:
+        yield host, port
+    finally:
+        await port_object.stopListening()
+
+
+async def probe_broken(tmp_path: Path, tls: TLSMode, faults: set[str], **kwargs: Any) -> ProbeReport:
+    async with listen(tmp_path, tls, faults, **kwargs.pop("listener", {})) as (host, port):
+        settings = ProbeSettings(host=host, port=port, timeout=3.0, settle=0.2, **kwargs)
+        return await probe(settings, reactor)
+
+
+BROKEN = [
+    # fault, policy of the listener, a line the evidence must hold
+    ("helo-before-starttls", TLSMode.REQUIRED, "<-  250 esa.lab.example"),
+    ("starttls-injection", TLSMode.REQUIRED, "<~  250 2.0.0 OK"),
+    ("starttls-pipelined-plaintext", TLSMode.PREFERRED, "<-  250 2.0.0 OK"),
+    ("state-across-tls", TLSMode.PREFERRED, "<~  250 2.1.0 Sender OK"),
+    ("mail-without-ehlo", TLSMode.REQUIRED, "<~  250 2.1.0 Sender OK"),
+    ("envelope-across-tls", TLSMode.PREFERRED, "<~  250 2.1.5 Recipient OK"),
+    ("starttls-twice", TLSMode.PREFERRED, "<~  220 2.0.0 Ready to start TLS again"),
+    ("starttls-in-tls-ehlo", TLSMode.REQUIRED, "<~  250-STARTTLS"),
+    ("starttls-argument", TLSMode.PREFERRED, " -> STARTTLS SMTPLAB-PROBE"),
+    ("long-command-line", TLSMode.NO, "<-  250 2.0.0 OK"),
+    ("nul-in-command", TLSMode.REQUIRED, " -> NOOP \\x00"),
+    ("starttls-refused", TLSMode.PREFERRED, "<-  454 4.7.0 TLS not available due to local problem"),
+    ("starttls-unadvertised", TLSMode.NO, "<-  220 2.0.0 Ready to start TLS"),
+]
+
+
+def test_every_check_has_a_broken_listener() -> None:
+    assert {fault for fault, _, _ in BROKEN} == set(CHECKS)
+
+
+@pytest.mark.parametrize(("fault", "mode", "needle"), BROKEN, ids=[b[0] for b in BROKEN])
+@pytest_twisted.ensureDeferred
+async def test_each_deviation_is_found_with_evidence(tmp_path: Path, fault: str, mode: TLSMode, needle: str) -> None:
+    report = await probe_broken(tmp_path, mode, {fault})
+    assert [f.id for f in report.findings] == [fault], report.summary()
+    (finding,) = report.findings
+    assert needle in finding.evidence, finding.evidence
+    assert finding.evidence[0].startswith("=== probe ")
+    assert set(finding.evidence) <= set(report.transcript)  # the evidence is quoted, never made up
+    assert report.exit_code == 1
+    expected_policy = TLSMode.NO if fault == "starttls-refused" else mode
+    assert report.policy is expected_policy
+    assert fault in report.to_dict()["deviations"][0]["id"]
+
+
+@pytest.mark.parametrize("mode", list(TLSMode))
+@pytest_twisted.ensureDeferred
+async def test_the_correct_listener_shows_no_deviation_in_process(tmp_path: Path, mode: TLSMode) -> None:
+    report = await probe_broken(tmp_path, mode, set())
+    assert (report.policy, report.findings, report.conclusive, report.exit_code) == (mode, (), True, 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
+    report = await probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"verify_client": True})
+    assert (report.policy, report.verify_client, report.findings) == (TLSMode.PREFERRED, True, ())
+    assert report.checks["tls"]["tls.MAIL"] == 250  # no certificate: still welcome
+    assert report.checks["tls-untrusted"]["tls.MAIL"] == 554
+    assert "a client certificate that does not verify is refused" in report.basis
+
+
+@pytest_twisted.ensureDeferred
+async def test_rejecting_greeting_is_unreachable(tmp_path: Path) -> None:
+    async with listen(tmp_path, TLSMode.PREFERRED, set(), behaviour=Behaviour.REJECT) as (host, port):
+        with pytest.raises(ProbeUnreachable, match=f"cannot probe {host}:{port}: greeting 554"):
+            await probe(ProbeSettings(host=host, port=port, timeout=3.0), reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> None:
+    report = await probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"rat": ("example.org",)})
+    assert report.checks["plain"]["plain.RCPT"] == report.checks["tls"]["tls.RCPT"] == 550
+    assert (report.policy, report.conclusive, report.findings, report.exit_code) == (TLSMode.PREFERRED, False, (), 1)
+    assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes
