@@ -399,8 +399,8 @@ class Prober:
         if main.cert_requested or main.observed.get("tls_error"):
             if s.client_cert is not None:
                 with_cert = await self._tls_envelope("tls-cert", "with the client certificate given", "lab")
-            untrusted = await self._tls_envelope("tls-untrusted", "with a client certificate nobody trusts",
-                                                 "untrusted")  # fmt: skip
+            why = "with a client certificate nobody trusts"
+            untrusted = await self._tls_envelope("tls-untrusted", why, "untrusted")
         candidates = [a for a in (main, with_cert) if a is not None]
         session = next((a for a in candidates if a.tls and a.ok("tls.EHLO")), None)
         if session is not None:
@@ -444,8 +444,8 @@ class Prober:
         return await self.ask(name, f"MAIL and RCPT inside TLS {why}, then STARTTLS again", steps)
 
     async def _not_advertised(self, plain: Answer) -> ProbeReport:
-        answer = await self.ask("no-tls", "STARTTLS although EHLO did not offer it", [*self.greet(), self.starttls(
-            label="STARTTLS"), Quit()])  # fmt: skip
+        steps = [*self.greet(), self.starttls(label="STARTTLS"), Quit()]
+        answer = await self.ask("no-tls", "STARTTLS although EHLO did not offer it", steps)
         code = answer.code("STARTTLS")
         basis = f"EHLO does not advertise STARTTLS and STARTTLS is answered {code}"
         if answer.tls:
@@ -480,9 +480,14 @@ class Prober:
         state = await self.ask(
             "state",
             "MAIL right after the handshake, without a new EHLO",
-            [*self.greet(), self.starttls(cert, label="STARTTLS"),
-             Send(f"MAIL FROM:<{s.mail_from}>", label="state.MAIL"), Send("RSET"), Quit()],
-        )  # fmt: skip
+            [
+                *self.greet(),
+                self.starttls(cert, label="STARTTLS"),
+                Send(f"MAIL FROM:<{s.mail_from}>", label="state.MAIL"),
+                Send("RSET"),
+                Quit(),
+            ],
+        )
         if state.ok("state.MAIL"):
             await self._no_greeting_control(state, cert)
         if not plain.ok("plain.MAIL"):
@@ -490,10 +495,16 @@ class Prober:
         envelope = await self.ask(
             "envelope",
             "MAIL in plaintext, then STARTTLS, EHLO and RCPT inside TLS",
-            [*self.greet(), Send(f"MAIL FROM:<{s.mail_from}>", label="envelope.MAIL"),
-             self.starttls(cert, label="STARTTLS"), Ehlo(s.ehlo),
-             Send(f"RCPT TO:<{s.recipient}>", label="envelope.RCPT"), Send("RSET"), Quit()],
-        )  # fmt: skip
+            [
+                *self.greet(),
+                Send(f"MAIL FROM:<{s.mail_from}>", label="envelope.MAIL"),
+                self.starttls(cert, label="STARTTLS"),
+                Ehlo(s.ehlo),
+                Send(f"RCPT TO:<{s.recipient}>", label="envelope.RCPT"),
+                Send("RSET"),
+                Quit(),
+            ],
+        )
         if envelope.ok("envelope.MAIL") and envelope.ok("envelope.RCPT"):
             lines = exchange(envelope.lines, sent("MAIL", tls=False)) + exchange(envelope.lines, sent("RCPT", tls=True))
             self.found("envelope-across-tls", (envelope, lines))
@@ -510,9 +521,13 @@ class Prober:
         control = await self.ask(
             "no-greeting",
             "control: STARTTLS and MAIL without any EHLO/HELO on the connection",
-            [self.starttls(cert, label="STARTTLS"), Send(f"MAIL FROM:<{s.mail_from}>", label="nogreeting.MAIL"),
-             Send("RSET"), Quit()],
-        )  # fmt: skip
+            [
+                self.starttls(cert, label="STARTTLS"),
+                Send(f"MAIL FROM:<{s.mail_from}>", label="nogreeting.MAIL"),
+                Send("RSET"),
+                Quit(),
+            ],
+        )
         if control.tls and control.ok("nogreeting.MAIL"):
             self.found("mail-without-ehlo", evidence, (control, exchange(control.lines, sent("MAIL", tls=True))))
             return
@@ -527,9 +542,13 @@ class Prober:
         answer = await self.ask(
             "injection",
             "STARTTLS and NOOP in one write; does a reply arrive inside TLS before we send anything?",
-            [*self.greet(), self.starttls("lab" if use_cert else "none", inject=b"NOOP\r\n", label="STARTTLS"),
-             Ehlo(self.settings.ehlo), Quit()],
-        )  # fmt: skip
+            [
+                *self.greet(),
+                self.starttls("lab" if use_cert else "none", inject=b"NOOP\r\n", label="STARTTLS"),
+                Ehlo(self.settings.ehlo),
+                Quit(),
+            ],
+        )
         if answer.observed.get("injection_executed"):
             lines = span(answer.lines, sent("STARTTLS", tls=False), lambda line: line.startswith(ERROR))
             self.found("starttls-injection", (answer, lines))
@@ -557,9 +576,13 @@ class Prober:
         answer = await self.ask(
             "limits",
             "a 607-octet command line and a NUL byte in a command, in plaintext",
-            [*self.greet(), Raw((LONG_LINE,), replies=1, label="LONG"), Raw((b"NOOP \x00\r\n",), replies=1,
-             label="NUL"), Quit()],
-        )  # fmt: skip
+            [
+                *self.greet(),
+                Raw((LONG_LINE,), replies=1, label="LONG"),
+                Raw((b"NOOP \x00\r\n",), replies=1, label="NUL"),
+                Quit(),
+            ],
+        )
         if answer.ok("LONG"):
             self.found("long-command-line", (answer, exchange(answer.lines, sent("NOOP XXX"))))
         if answer.ok("NUL"):
