@@ -302,3 +302,18 @@ def test_smtplab_list_exits_3_with_one_line(tmp_path: Path) -> None:
         f"smtplab: {path}:12: expect.no[0].verdict: 'PASS' is not one of"
         " OK, NON-STRICT, FAILED, INFORMATIONAL, UNIMPLEMENTED"
     ]
+
+
+def test_envelope_addresses_and_markers_for_exposure_checks(tmp_path: Path) -> None:
+    behaviour = load_case_file(write(tmp_path, GOOD, "behaviour.yaml"))
+    assert behaviour.envelope_addresses() == ("alice@example.net", "bob@example.com")
+    assert behaviour.markers() == ("SMTPLAB-MARKER-3207-4-90",)
+    steps = (
+        "  steps:\n"
+        "    - send: 'MAIL FROM:<eve@a.example>'\n"
+        '    - starttls: {inject: "RCPT TO:<inj@b.example>\\r\\n"}\n'
+        "    - if: {capability: STARTTLS, then: [{mail: {from: x@c.example, to: [y@d.example], marker: M-1}}]}\n"
+    )
+    scripted = load_case_file(write(tmp_path, GOOD.replace("  behaviour: skip\n", steps), "steps.yaml"))
+    assert scripted.envelope_addresses() == ("eve@a.example", "inj@b.example", "x@c.example", "y@d.example")
+    assert scripted.markers() == ("M-1",)

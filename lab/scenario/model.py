@@ -371,6 +371,25 @@ class Case:
         """The body marker that plaintext-exposure checks look for."""
         return self.client.body_marker or f"SMTPLAB-MARKER-{self.id}"
 
+    def envelope_addresses(self) -> tuple[str, ...]:
+        """Every envelope address the client sends: a behaviour's, or those its steps name (for exposure checks)."""
+        if self.client.steps is None:
+            return (self.client.mail_from, *self.client.rcpt_to)
+        found: list[str] = []
+        for step in _walk(self.client.steps):
+            if hasattr(step, "mail_from") and hasattr(step, "rcpt_to"):
+                found += [step.mail_from, *step.rcpt_to]
+            for text in _step_texts(step):
+                found += _ADDRESS.findall(text)
+        return tuple(dict.fromkeys(a for a in found if a))
+
+    def markers(self) -> tuple[str, ...]:
+        """The body lines that show a message body on the wire: a behaviour's marker, or the steps' markers."""
+        if self.client.steps is None:
+            return (self.marker,)
+        found = [m for step in _walk(self.client.steps) if (m := getattr(step, "marker", None))]
+        return tuple(dict.fromkeys(found)) or (self.marker,)
+
     def where(self) -> str:
         return f"{self.file}:{self.line}" if self.file and self.line else (self.file or self.id)
 
@@ -401,3 +420,24 @@ def natural_key(case_id: str) -> tuple[Any, ...]:
         head,
         tuple((0, int(p)) if p.isdigit() else (1, p) for p in rest.split("-")),
     )
+
+
+_ADDRESS = re.compile(r"(?i)(?:MAIL FROM|RCPT TO):\s*<([^<>\r\n]*)>")
+
+
+def _walk(steps: Any) -> list[Any]:
+    """Steps in order, the branches of ``if`` steps included."""
+    out: list[Any] = []
+    for step in steps or ():
+        out.append(step)
+        out += _walk(getattr(step, "then", ())) + _walk(getattr(step, "else_", ()))
+    return out
+
+
+def _step_texts(step: Any) -> list[str]:
+    """The command text a step writes by hand (``send``, ``raw``, ``starttls`` injection)."""
+    texts = [getattr(step, "line", None)]
+    texts += [chunk.decode("latin-1") for chunk in getattr(step, "chunks", ())]
+    inject = getattr(step, "inject", b"")
+    texts.append(inject.decode("latin-1") if inject else None)
+    return [t for t in texts if isinstance(t, str)]
