@@ -32,7 +32,7 @@ from lab.conformance.probe import CHECKS, ProbeReport, ProbeSettings, ProbeUnrea
 from lab.errors import BadInput
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
-from lab.smtp.session import Action, Send, ServerSession, StartTLS, TLSInfo
+from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
 
 REPO = Path(__file__).resolve().parent.parent
 #: The probe command, registered here the way the lead registers it in lab/cli.py.
@@ -111,6 +111,15 @@ async def test_probe_classifies_the_served_listener(served: dict[str, Served], t
     assert target.maildir_new() == []  # MAIL/RCPT answers were enough: nothing was delivered
     assert not any("DATA" in line for line in report.transcript)
     assert " -> MAIL FROM:<probe@smtplab.invalid>" in report.transcript
+    assert set(report.evidence) <= set(report.transcript)
+    proof = {
+        TLSMode.NO: "<-  502 5.5.1 STARTTLS not implemented",
+        TLSMode.PREFERRED: "<-  250 2.1.5 Recipient OK",
+        TLSMode.REQUIRED: "<-  530 5.7.0 Must issue a STARTTLS command first",
+    }
+    assert proof[tls] in report.evidence
+    if tls is TLSMode.REQUIRED:
+        assert "<~  250 2.1.0 Sender OK" in report.evidence
 
 
 def test_cli_json(served: dict[str, Served]) -> None:
@@ -211,6 +220,9 @@ class Broken(ServerSession):
     def _command(self, line: str) -> list[Action]:
         verb, _, argument = line.strip().partition(" ")
         verb = verb.upper()
+        unverified = self.tls is not None and self.client_cert is not ClientCert.VERIFIED
+        if verb == "EHLO" and unverified and "close-unverified" in self.faults:
+            return [Send(b"421 4.7.1 Client certificate required\r\n"), Close()]  # Postfix smtpd_tls_req_ccert
         if verb == "HELO" and "helo-before-starttls" in self.faults:
             return self._cmd_helo(argument.strip())
         if verb == "STARTTLS":
@@ -387,6 +399,15 @@ async def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_
     assert report.checks["tls"]["tls.MAIL"] == 250  # no certificate: still welcome
     assert report.checks["tls-untrusted"]["tls.MAIL"] == 554
     assert "a client certificate that does not verify is refused" in report.basis
+
+
+@pytest_twisted.ensureDeferred
+async def test_required_closing_after_an_unverified_handshake(tmp_path: Path) -> None:
+    report = await probe_broken(tmp_path, TLSMode.REQUIRED, {"close-unverified"}, listener={"verify_client": True})
+    assert (report.policy, report.verify_client, report.conclusive) == (TLSMode.REQUIRED, True, True)
+    assert "inside TLS too (EHLO 421)" in report.basis
+    assert "<~  421 4.7.1 Client certificate required" in report.evidence
+    assert report.findings == ()
 
 
 @pytest_twisted.ensureDeferred

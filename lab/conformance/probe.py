@@ -148,6 +148,7 @@ class ProbeReport:
     starttls_advertised: bool
     conclusive: bool
     basis: str
+    evidence: tuple[str, ...]
     tls: dict[str, str] | None
     server_cert_verified: bool | None
     client_cert_requested: bool
@@ -170,6 +171,7 @@ class ProbeReport:
             "starttls_advertised": self.starttls_advertised,
             "conclusive": self.conclusive,
             "basis": self.basis,
+            "evidence": list(self.evidence),
             "tls": self.tls,
             "server_cert_verified": self.server_cert_verified,
             "client_cert_requested": self.client_cert_requested,
@@ -200,6 +202,21 @@ class ProbeReport:
             out += [f"      {line}" for line in finding.evidence]
         out += [f"Note: {note}" for note in self.notes]
         return out
+
+
+def envelope_ok(answer: Answer | None, prefix: str) -> bool:
+    """MAIL and RCPT (labelled ``PREFIX.MAIL``, ``PREFIX.RCPT``) both accepted."""
+    return answer is not None and answer.ok(f"{prefix}MAIL") and answer.ok(f"{prefix}RCPT")
+
+
+def tls_outcome(answer: Answer) -> str:
+    """How a TLS session went, in a few words: ``handshake failed (...)``, ``EHLO 421``, ``MAIL/RCPT 554/554``."""
+    if not answer.tls:
+        return f"the handshake failed: {answer.observed.get('tls_error', 'no reason given')}"
+    ehlo = answer.code("tls.EHLO")
+    if not positive(ehlo):
+        return f"EHLO {ehlo}" if ehlo is not None else "no reply to EHLO"
+    return f"MAIL/RCPT {answer.code('tls.MAIL')}/{answer.code('tls.RCPT')}"
 
 
 def positive(code: int | None) -> bool:
@@ -310,6 +327,7 @@ class Prober:
         self.answers: dict[str, Answer] = {}
         self.transcript: list[str] = []
         self.findings: list[Finding] = []
+        self.policy_evidence: list[str] = []
         self.notes: list[str] = []
         self._untrusted: CertKey | None = None
 
@@ -351,6 +369,17 @@ class Prober:
         for answer, lines in parts:
             evidence += [answer.header, *lines]
         self.findings.append(Finding(check, tuple(evidence)))
+
+    def cite(self, answer: Answer | None, *wanted: Callable[[str], bool]) -> None:
+        """Quote the exchanges of ``answer`` that the policy decision rests on."""
+        if answer is None:
+            return
+        lines = [line for predicate in wanted for line in exchange(answer.lines, predicate)]
+        if answer.tls and not any(line.startswith(NOTE + "TLS started") for line in lines):
+            start = tls_started_at(answer.lines)
+            lines += [answer.lines[start]] if start is not None else []
+        if lines:
+            self.policy_evidence += [answer.header, *lines]
 
     # -- steps
 
@@ -395,6 +424,8 @@ class Prober:
         )
         if main.code("tls.STARTTLS") != 220:
             return self._advertised_but_refused(plain, main)
+        if not main.tls:
+            self.notes.append(f"the TLS handshake failed: {main.observed.get('tls_error', 'no reason given')}")
         with_cert = untrusted = None
         if main.cert_requested or main.observed.get("tls_error"):
             if s.client_cert is not None:
@@ -447,6 +478,7 @@ class Prober:
         steps = [*self.greet(), self.starttls(label="STARTTLS"), Quit()]
         answer = await self.ask("no-tls", "STARTTLS although EHLO did not offer it", steps)
         code = answer.code("STARTTLS")
+        self.cite(answer, sent("STARTTLS"))
         basis = f"EHLO does not advertise STARTTLS and STARTTLS is answered {code}"
         if answer.tls:
             self.found("starttls-unadvertised", (answer, exchange(answer.lines, sent("STARTTLS"))))
@@ -460,6 +492,7 @@ class Prober:
 
     def _advertised_but_refused(self, plain: Answer, main: Answer) -> ProbeReport:
         code = main.code("tls.STARTTLS")
+        self.cite(main, sent("STARTTLS"))
         self.found("starttls-refused", (main, exchange(main.lines, sent("STARTTLS"))))
         basis = f"EHLO advertises STARTTLS but STARTTLS is answered {code}: no TLS is possible"
         return self._build(TLSMode.NO, False, True, True, basis, None, (plain, main))
@@ -594,19 +627,17 @@ class Prober:
         self, plain: Answer, main: Answer, with_cert: Answer | None, untrusted: Answer | None
     ) -> tuple[TLSMode, bool, bool, str]:
         """(policy, verify_client, conclusive, basis) from the answers; STARTTLS was advertised and got 220."""
-
-        def envelope_ok(answer: Answer | None, prefix: str) -> bool:
-            return answer is not None and answer.ok(f"{prefix}MAIL") and answer.ok(f"{prefix}RCPT")
-
-        plain_ok = envelope_ok(plain, "plain.")
         plain_codes = f"{plain.code('plain.MAIL')}/{plain.code('plain.RCPT')}"
-        tls_codes = f"{main.code('tls.MAIL')}/{main.code('tls.RCPT')}"
         requested = any(a is not None and a.cert_requested for a in (main, with_cert, untrusted))
-        refused_untrusted = untrusted is not None and (not untrusted.tls or refused(untrusted.code("tls.MAIL")))
-        refused_no_cert = not main.tls or refused(main.code("tls.MAIL"))
+        refused_no_cert = not main.ok("tls.MAIL")
+        refused_untrusted = untrusted is not None and not untrusted.ok("tls.MAIL")
         verify = requested and (refused_no_cert or refused_untrusted)
         conclusive = True
-        if plain_ok:
+        self.cite(plain, sent("MAIL"), sent("RCPT"))
+        self.cite(main, sent("STARTTLS", tls=False), sent("EHLO", tls=True), sent("MAIL", tls=True))
+        self.cite(with_cert, sent("MAIL", tls=True))
+        self.cite(untrusted, sent("MAIL", tls=True))
+        if envelope_ok(plain, "plain."):
             policy = TLSMode.PREFERRED
             basis = f"STARTTLS is advertised and plaintext MAIL/RCPT are accepted ({plain_codes})"
         elif envelope_ok(main, "tls.") or envelope_ok(with_cert, "tls."):
@@ -617,7 +648,7 @@ class Prober:
             policy = TLSMode.REQUIRED
             basis = (
                 f"plaintext MAIL/RCPT are refused ({plain_codes}) and, without a verifying client certificate, "
-                f"inside TLS too ({tls_codes}); the handshake asks for a client certificate"
+                f"inside TLS too ({tls_outcome(main)}); the handshake asks for a client certificate"
             )
             if with_cert is None:
                 self.notes.append("give --cert/--key with a certificate the target trusts to confirm MAIL after TLS")
@@ -629,11 +660,11 @@ class Prober:
             self.notes.append(f"the recipient <{self.settings.recipient}> is refused everywhere: give --to")
         else:
             policy, conclusive = TLSMode.REQUIRED, False
-            why = f"the TLS handshake failed ({main.observed.get('tls_error')})" if not main.tls else tls_codes
-            basis = f"plaintext MAIL/RCPT are refused ({plain_codes}) and it could not be confirmed inside TLS: {why}"
+            basis = (
+                f"plaintext MAIL/RCPT are refused ({plain_codes}) and it could not be confirmed inside TLS "
+                f"({tls_outcome(main)})"
+            )
             self.notes.append("try another --from / --to, or --cert/--key")
-        if not main.tls:
-            self.notes.append(f"the TLS handshake failed: {main.observed.get('tls_error')}")
         if verify and not refused_no_cert:
             basis += "; a client certificate that does not verify is refused"
         return policy, verify, conclusive, basis
@@ -662,6 +693,7 @@ class Prober:
             starttls_advertised=advertised,
             conclusive=conclusive,
             basis=basis,
+            evidence=tuple(self.policy_evidence),
             tls=tls,
             server_cert_verified=verified,
             client_cert_requested=bool(requested),
