@@ -349,7 +349,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{error.instance!r} is not one of {', '.join(str(c) for c in error.validator_value)}"
     if error.validator == "pattern" and list(error.absolute_path) == ["id"]:
         return f"{error.instance!r} is not a case id (RFC-SECTION-NN like 3207-4.2-01, POL-WORD-NN, ATK-WORD-NN)"
-    return error.message
+    return str(error.message)
 
 
 def load_case_file(path: str | Path) -> Case:
