@@ -21,7 +21,7 @@ from lab.errors import BadInput
 from lab.policy.modes import TLSMode
 from lab.scenario.result import Target
 from lab.smtp.steps import DEFAULT_EHLO
-from lab.yamlsource import field_name, line_of, load_schema, parse_yaml, validate
+from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
 SCHEMA = "profile.schema.json"
 DEFAULT_FROM = "probe@smtplab.invalid"
@@ -150,13 +150,7 @@ def _forgive_policy(mapping: Any) -> None:
 
 
 def _read(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise BadInput("not UTF-8 text", file=str(path)) from None
-    doc = parse_yaml(text, str(path))
+    doc = read_yaml(path)
     _forgive_policy(doc)
     if isinstance(doc, dict) and isinstance(doc.get("deviations"), list):
         for item in doc["deviations"]:
