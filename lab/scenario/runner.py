@@ -408,7 +408,7 @@ def _expected(evaluation: Evaluation) -> Expected | None:
     alt = evaluation.alternative
     if alt is None:
         return None
-    return Expected(alt.verdict, alt.label, alt.to_dict().get("when"))
+    return Expected(alt.verdict, alt.label, alt.to_dict()["conditions"])
 
 
 def run_cases(cases: Sequence[Case], policies: Sequence[str], options: RunOptions) -> RunResult:

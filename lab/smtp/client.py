@@ -550,11 +550,24 @@ class ScriptedClient:
         self.observed.setdefault("starttls_reply", reply.code)
         await self._check(step, reply.code)
         if reply.code != 220:
+            if step.inject:
+                await self._injected_replies(conn, step)
             return
         if conn.tls:
             self.transcript.error("220 to STARTTLS inside TLS: not starting TLS twice")
             await self._give_up()
         await self._after_220(step.tls, injected=bool(step.inject))
+
+    async def _injected_replies(self, conn: _Conn, step: StartTLS) -> None:
+        """STARTTLS was refused, so the injected lines were ordinary pipelined commands: read one reply each."""
+        for line in (line for line in step.inject.split(b"\r\n") if line):
+            reply = await self._reply(f"injected {_raw_verb(line)}")
+            self._note_reply(_raw_verb(line), step, reply)
+            if reply.code == 354:  # the server now reads a message body: hang up rather than send one
+                self.transcript.note("the injected DATA was accepted in plaintext; closing instead of sending a body")
+                self.observed["aborted"] = True
+                conn.transport.abortConnection()
+                raise _End
 
     async def _after_220(self, options: TLSOptions, *, injected: bool) -> bool:
         """Discard what the server sent behind the 220, then do (or fake) the handshake; True if TLS is up."""
