@@ -54,11 +54,6 @@ def test_a_run_records_observations_transcript_and_verdict(tmp_path: Path) -> No
     assert result.exit_code() == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spool file names (in the 'MID n spooled' log line) carry wall-clock time: the runner should give the"
-    " Maildir a deterministic name source",
-)
 def test_runs_are_deterministic(tmp_path: Path) -> None:
     cases = load_cases(["3207-4.2-03", "ATK-STRIP-03"])
     first = [r.to_dict() for r in run(cases, tmp_path / "a", seed=7).runs]

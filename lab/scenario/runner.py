@@ -24,7 +24,7 @@ from lab import __version__
 from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Listener
-from lab.appliance.spool import Spool
+from lab.appliance.spool import MaildirNames, Spool
 from lab.appliance.tlsctx import ClientTLS
 from lab.errors import HarnessError
 from lab.net.capture import Capture, Direction
@@ -254,7 +254,7 @@ class Runner:
             appliance,
             clock=clock,
             maillog=maillog,
-            spool=Spool(run_dir / "spool"),
+            spool=Spool(run_dir / "spool", name_source=MaildirNames(clock.seconds, host=appliance.hostname, pid=1)),
             state_dir=self.state_dir,
             reverse_dns=self.topology.reverse_name,
             keylog=keylog.callback,
@@ -399,9 +399,8 @@ class Runner:
 def _exposure(case: Case, capture: Capture) -> dict[str, bool]:
     """Did an envelope address or the body marker cross the wire unencrypted? (SPEC.md 5)"""
     wire = b"".join(flow.payload(Direction.C2S) for flow in capture.flows)
-    addresses = [case.client.mail_from, *case.client.rcpt_to]
-    envelope = any(f"<{a}>".encode() in wire for a in addresses if a)
-    return {"envelope": envelope, "body": case.marker.encode() in wire}
+    envelope = any(f"<{a}>".encode() in wire for a in case.envelope_addresses() if a)
+    return {"envelope": envelope, "body": any(marker.encode() in wire for marker in case.markers())}
 
 
 def _expected(evaluation: Evaluation) -> Expected | None:
