@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from lab.scenario.evaluate import NO_MATCH, apply_deviation, evaluate
+from lab.scenario.evaluate import NO_MATCH, evaluate
 from lab.scenario.loader import load_case_file
 from lab.scenario.model import Case, lookup
 from lab.scenario.verdict import Verdict
@@ -235,25 +235,6 @@ def test_an_alternative_may_declare_unimplemented(tmp_path: Path) -> None:
         },
     )
     assert evaluate(case, "no", {"connected": False}, external=True).verdict is Verdict.UNIMPLEMENTED
-
-
-@pytest.mark.parametrize(
-    ("verdict", "after"),
-    [
-        (Verdict.FAILED, Verdict.XFAIL),
-        (Verdict.NON_STRICT, Verdict.XFAIL),
-        (Verdict.OK, Verdict.XPASS),
-        (Verdict.INFORMATIONAL, Verdict.INFORMATIONAL),
-        (Verdict.UNIMPLEMENTED, Verdict.UNIMPLEMENTED),
-    ],
-)
-def test_declared_deviations(tmp_path: Path, verdict: Verdict, after: Verdict) -> None:
-    case = make_case(tmp_path, {"any": [{"verdict": str(verdict), "label": "l"}]})
-    result = apply_deviation(evaluate(case, "no", {}, external=False), "Postfix answers 502 here")
-    assert result.verdict is after
-    if after is not verdict:
-        assert "Postfix answers 502 here" in result.reason
-    assert apply_deviation(evaluate(case, "no", {}, external=False), None).verdict is verdict
 
 
 def test_lookup_walks_dotted_keys() -> None:

@@ -8,7 +8,7 @@ policy -> INFORMATIONAL) and the reason names the closest alternative's unmet co
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from lab.scenario.model import Alternative, Case
@@ -44,21 +44,3 @@ def evaluate(case: Case, policy: str, observed: Mapping[str, Any], *, external: 
     unmet = tuple(closest.unmet(observed))
     reason = f"{NO_MATCH} ({level} at stake); closest: {closest.label!r} ({closest.verdict}) wanted " + "; ".join(unmet)
     return Evaluation(level.verdict, None, reason, unmet)
-
-
-def apply_deviation(evaluation: Evaluation, deviation: str | None) -> Evaluation:
-    """A target's declared deviation (with its reason): FAILED / NON-STRICT become XFAIL, an OK becomes XPASS.
-
-    Other verdicts (INFORMATIONAL, UNIMPLEMENTED, ERROR, SKIPPED) say nothing about the deviation and stay.
-    """
-    if not deviation:
-        return evaluation
-    if evaluation.verdict in (Verdict.FAILED, Verdict.NON_STRICT):
-        return replace(
-            evaluation, verdict=Verdict.XFAIL, reason=f"declared deviation: {deviation} ({evaluation.reason})"
-        )
-    if evaluation.verdict is Verdict.OK:
-        return replace(
-            evaluation, verdict=Verdict.XPASS, reason=f"declared deviation is gone: {deviation} ({evaluation.reason})"
-        )
-    return evaluation
