@@ -1,0 +1,20 @@
+"""pytest in this folder is the conformance suite: the smtplab plugin is switched on here without ``--smtplab``.
+
+The plugin is loaded by its entry point where smtplab is installed (``tox -e conformance``); in a bare checkout
+(``python3 -m pytest conformance``) this conftest registers it, so both ways run the same items.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lab import pytest_plugin
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    if not pluginmanager.is_registered(pytest_plugin) and not pluginmanager.is_blocked("smtplab"):
+        pluginmanager.register(pytest_plugin, "smtplab")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    pytest_plugin.enable(config)
