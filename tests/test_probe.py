@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -29,7 +30,11 @@ from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
 from lab.commands import probe as probe_command
 from lab.conformance.probe import CHECKS, ProbeReport, ProbeSettings, ProbeUnreachable, exchange, probe, sent, span
+from lab.conformance.profile import load_profile
 from lab.errors import BadInput
+from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
+from lab.peers.aiosmtpd_peer import AiosmtpdPeer
+from lab.peers.postfix import PostfixPeer
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
@@ -423,3 +428,71 @@ async def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> N
     assert report.checks["plain"]["plain.RCPT"] == report.checks["tls"]["tls.RCPT"] == 550
     assert (report.policy, report.conclusive, report.findings, report.exit_code) == (TLSMode.PREFERRED, False, (), 1)
     assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes
+
+
+# -- real peers (lab.peers): the probe sees what the shipped target profiles declare
+
+PEERS = {
+    # name: (kind, setting, policy, verify_client)
+    "postfix-none": ("postfix", "none", TLSMode.NO, False),
+    "postfix-may": ("postfix", "may", TLSMode.PREFERRED, False),
+    "postfix-encrypt": ("postfix", "encrypt", TLSMode.REQUIRED, False),
+    "postfix-encrypt-verify": ("postfix", "encrypt", TLSMode.REQUIRED, True),
+    "aiosmtpd-plain": ("aiosmtpd", "plain", TLSMode.NO, False),
+    "aiosmtpd-tls": ("aiosmtpd", "tls", TLSMode.PREFERRED, False),
+    "aiosmtpd-require": ("aiosmtpd", "require", TLSMode.REQUIRED, False),
+}
+
+
+@pytest.fixture(scope="module")
+def peer_fleet() -> Iterator[tuple[dict[str, Peer], LabCA]]:
+    """Every available peer, started together on its own 127.25.x.y address; stopped together afterwards."""
+    root = make_peer_workdir()
+    ca = LabCA(root / "state")
+    peers: dict[str, Peer] = {}
+    for name, (kind, setting, _policy, verify) in PEERS.items():
+        module = postfix if kind == "postfix" else aiosmtpd_peer
+        if module.unavailable_reason() is not None:
+            continue
+        address = next_address()
+        cert = ca.issue(name, [f"{kind}.peer.test", address])
+        pems = (None, None) if setting in ("none", "plain") else (cert.cert_pem, cert.key_pem)
+        if kind == "postfix":
+            extra = {"verify_client": True, "client_ca_pem": ca.ca_pem} if verify else {}
+            peers[name] = PostfixPeer(root / name, address, None, setting, *pems, **extra)  # type: ignore[arg-type]
+        else:
+            peers[name] = AiosmtpdPeer(root / name, address, None, setting, *pems)  # type: ignore[arg-type]
+    start_all(list(peers.values()))
+    try:
+        yield peers, ca
+    finally:
+        stop_all(list(peers.values()))
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.peer
+@pytest.mark.parametrize("name", list(PEERS))
+@pytest_twisted.ensureDeferred
+async def test_probe_against_real_peers(peer_fleet: tuple[dict[str, Peer], LabCA], name: str) -> None:
+    kind, _setting, policy, verify = PEERS[name]
+    module = postfix if kind == "postfix" else aiosmtpd_peer
+    reason = module.unavailable_reason()
+    require_peer(kind, reason is None, reason or "")
+    peers, ca = peer_fleet
+    peer = peers[name]
+    settings = ProbeSettings(host=peer.address, port=peer.port, timeout=5.0, settle=0.3, ca_pems=(ca.ca_pem,))
+    if verify:
+        settings = dataclasses.replace(
+            settings, client_cert=ca.issue("probe-client", ["client.peer.test"], client=True)
+        )
+    report = await probe(settings, reactor)
+    assert (report.policy, report.verify_client, report.conclusive) == (policy, verify, True), report.summary()
+    declared = load_profile(REPO / "conformance" / "targets" / f"{name.removesuffix('-verify')}.yaml")
+    assert declared.policy is report.policy  # the shipped profile declares what the target does
+    if policy is not TLSMode.NO:
+        assert report.server_cert_verified is True  # the lab CA issued the peer's certificate for its address
+    ids = {f.id for f in report.findings}
+    assert "starttls-injection" not in ids and "envelope-across-tls" not in ids  # both fixed upstream long ago
+    for finding in report.findings:
+        assert set(finding.evidence) <= set(report.transcript)
+    assert peer.messages() == []  # the probe never delivers
