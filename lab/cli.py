@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "list": "list",
     "report": "report",
     "diff": "diff",
+    "probe": "probe",
     "serve": "serve",
     "listeners": "listeners",
 }
