@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from twisted.python.failure import Failure
+
 from lab.appliance.certs import load_pem
 from lab.conformance.probe import ProbeReport, ProbeSettings, ProbeUnreachable, probe
 from lab.conformance.profile import DEFAULT_FROM, parse_address
@@ -71,23 +73,24 @@ def settings_from(args: argparse.Namespace) -> ProbeSettings:
 
 def run_on_reactor(settings: ProbeSettings) -> ProbeReport:
     """Run the probe on the global reactor until it is done; its exception (if any) is raised here."""
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
-    outcome: list[Any] = []
+    reactor: Any = global_reactor
+    outcome: list[ProbeReport | Failure] = []
 
-    def start() -> None:
-        deferred = probe(settings, reactor)
-        deferred.addBoth(outcome.append)
-        deferred.addBoth(lambda _: reactor.stop())
+    def finish(result: ProbeReport | Failure) -> None:
+        outcome.append(result)
+        reactor.stop()
 
-    reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=True)
-    if not outcome:
+    reactor.callWhenRunning(lambda: probe(settings, reactor).addBoth(finish))
+    reactor.run()
+    if not outcome:  # the reactor stopped by a signal (Ctrl-C)
         raise KeyboardInterrupt
     result = outcome[0]
-    if hasattr(result, "raiseException"):
+    if isinstance(result, Failure):
         result.raiseException()
-    return result  # type: ignore[no-any-return]
+    assert isinstance(result, ProbeReport)
+    return result
 
 
 def run(args: argparse.Namespace) -> int:

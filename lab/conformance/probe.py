@@ -19,12 +19,12 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IReactorTCP, IReactorTime
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
 from lab.appliance.certs import CertKey, LabCA
 from lab.appliance.tlsctx import ClientTLS
@@ -288,7 +288,7 @@ class _ProbeTLS:
         self.cert_requested = False
         self.ca_names: list[str] = []
 
-    def __call__(self, options: TLSOptions) -> ClientTLS:
+    def __call__(self, options: TLSOptions) -> IOpenSSLClientConnectionCreator:
         cert = None
         if options.client_cert == "lab":
             cert = self.settings.client_cert
@@ -301,7 +301,7 @@ class _ProbeTLS:
             client_cert=cert,
         )
         tls.context.set_info_callback(self._info)
-        return tls
+        return cast(IOpenSSLClientConnectionCreator, tls)  # zope's @implementer, which mypy cannot see
 
     def _info(self, conn: SSL.Connection, _where: int, _ret: int) -> None:
         if b"certificate request" in conn.get_state_string() and not self.cert_requested:
@@ -337,7 +337,7 @@ class Prober:
             self._untrusted = ca.issue("probe-untrusted-client", [self.settings.ehlo], client=True)
         return self._untrusted
 
-    def connect(self, factory: Any) -> Deferred:
+    def connect(self, factory: Any) -> Deferred[Any]:
         s = self.settings
         endpoint_type = TCP6ClientEndpoint if ":" in s.host else TCP4ClientEndpoint
         return endpoint_type(self.reactor, s.host, s.port, timeout=max(1, int(s.timeout))).connect(factory)
@@ -705,12 +705,15 @@ class Prober:
         )
 
 
-def probe(settings: ProbeSettings, reactor: IReactorTCP | IReactorTime | None = None) -> Deferred:
-    """Deferred[ProbeReport]; fails with ``ProbeUnreachable`` when no SMTP conversation is possible."""
+def probe(settings: ProbeSettings, reactor: Any = None) -> Deferred[ProbeReport]:
+    """Deferred[ProbeReport]; fails with ``ProbeUnreachable`` when no SMTP conversation is possible.
+
+    ``reactor`` provides ``IReactorTCP`` and ``IReactorTime`` (default: the global reactor).
+    """
     if reactor is None:
         from twisted.internet import reactor as default_reactor
 
-        reactor = default_reactor  # type: ignore[assignment]
+        reactor = default_reactor
 
     async def main() -> ProbeReport:
         with tempfile.TemporaryDirectory(prefix="smtplab-probe-") as workdir:
