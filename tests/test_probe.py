@@ -40,15 +40,11 @@ from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtoco
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
 
 REPO = Path(__file__).resolve().parent.parent
-#: The probe command, registered here the way the lead registers it in lab/cli.py.
-SMTPLAB = (
-    "import sys, lab.cli; lab.cli.COMMANDS.setdefault('probe', 'probe'); raise SystemExit(lab.cli.main(sys.argv[1:]))"
-)
 
 
 def smtplab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", SMTPLAB, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+        [sys.executable, "-m", "lab", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
     )
 
 
