@@ -1,0 +1,58 @@
+"""Deliberately broken server sessions: each reintroduces one STARTTLS bug real MTAs have shipped.
+
+The acceptance tests run the catalogue against listeners built on these (``RunOptions(session_class=...)``) to
+prove that the verdicts can fail, and fail on the right cases. Each class breaks exactly one rule of SPEC.md 3
+and keeps every other behaviour of ``ServerSession``.
+"""
+
+from __future__ import annotations
+
+from lab.policy.modes import ClientCert, TLSMode
+from lab.smtp.session import Action, ServerSession, TLSInfo
+
+
+class InjectionExecutingSession(ServerSession):
+    """CVE-2011-0411: plaintext pipelined behind STARTTLS survives the handshake and is executed inside TLS.
+
+    Breaks SPEC.md 3 rule 3: the buffer behind the STARTTLS line is kept, and read as soon as TLS is up, as
+    the vulnerable Postfix, Exim and qmail versions did.
+    """
+
+    def _cmd_starttls(self, _argument: str) -> list[Action]:
+        kept = self._buffer
+        actions = super()._cmd_starttls(_argument)
+        self._buffer = kept
+        return actions
+
+    def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
+        kept = self._buffer
+        actions = super().tls_started(info, client_cert)
+        self._buffer = kept
+        return [*actions, *self.receive(b"")]
+
+
+class GateBypassSession(ServerSession):
+    """Serves MAIL before TLS under Required (the command gate is skipped for MAIL only).
+
+    Breaks SPEC.md 2 (Required: only EHLO, NOOP, QUIT and STARTTLS before TLS).
+    """
+
+    def _command(self, line: str) -> list[Action]:
+        verb, _, argument = line.strip().partition(" ")
+        if verb.upper() == "MAIL" and self.mode is TLSMode.REQUIRED and self.tls is None:
+            return self._cmd_mail(argument.strip())
+        return super()._command(line)
+
+
+class StateKeepingSession(ServerSession):
+    """Keeps the EHLO name and the envelope across the handshake (no reset in ``tls_started``).
+
+    Breaks SPEC.md 3 rule 4, as twisted.mail's ESMTP does: what the client said in plaintext still counts
+    inside TLS.
+    """
+
+    def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
+        greeting, transaction = self.greeting, self._transaction
+        actions = super().tls_started(info, client_cert)
+        self.greeting, self._transaction = greeting, transaction
+        return actions
