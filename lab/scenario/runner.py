@@ -9,10 +9,12 @@ the capture, the evaluation and the record are the same; only the carrier differ
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import re
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,26 +91,24 @@ class RunOptions:
 class Runner:
     """Runs cases; ``run`` returns the one result record every report is drawn from."""
 
-    def __init__(self, options: RunOptions) -> None:
+    def __init__(self, options: RunOptions, work_dir: Path | None = None) -> None:
         self.options = options
         self.topology = options.topology or default_topology()
         self.state_dir = options.state_dir or default_state_dir()
-        self._tmp = tempfile.TemporaryDirectory(prefix="smtplab-run-")
+        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="smtplab-run-")
+        self.work_dir = work_dir or Path(self._tmp.name)  # type: ignore[union-attr]
         self._ca = LabCA(self.state_dir)
 
     def close(self) -> None:
-        self._tmp.cleanup()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
     # -- the whole run
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
-        runs: list[CaseRun] = []
+        pairs = [(case, policy) for case in cases for policy in self._policies(case, policies)]
         try:
-            for case in cases:
-                for policy in self._policies(case, policies):
-                    runs.append(self.run_one(case, policy))
-                    if self.options.progress:
-                        self.options.progress(f"{case.id}[{policy}]")
+            runs = self._run_parallel(pairs) if self.options.jobs > 1 and len(pairs) > 1 else self._run_serial(pairs)
         finally:
             self.close()
         target = self.options.target
@@ -125,6 +125,37 @@ class Runner:
             address_map=self.topology.loopback_map() if self._carrier_name() == "loopback" else {},
             runs=runs,
         )
+
+    def _run_serial(self, pairs: Sequence[tuple[Case, str]]) -> list[CaseRun]:
+        runs = []
+        for case, policy in pairs:
+            runs.append(self.run_one(case, policy))
+            if self.options.progress:
+                self.options.progress(f"{case.id}[{policy}]")
+        return runs
+
+    def _run_parallel(self, pairs: Sequence[tuple[Case, str]]) -> list[CaseRun]:
+        """``-j N``: worker processes, each with its own reactor or clock; the record keeps the serial order.
+
+        Every run is independent (its own clock, listener, capture), so the records are the same as serially.
+        """
+        worker_options = dataclasses.replace(self.options, progress=None, jobs=1)
+        context = multiprocessing.get_context("fork")
+        runs: list[CaseRun | None] = [None] * len(pairs)
+        with ProcessPoolExecutor(max_workers=self.options.jobs, mp_context=context) as pool:
+            futures = {
+                pool.submit(_run_in_worker, worker_options, self.work_dir, case, policy): i
+                for i, (case, policy) in enumerate(pairs)
+            }
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    runs[index] = future.result()
+                except Exception as exc:  # a worker that died is the harness's fault, never the target's
+                    raise HarnessError(f"worker for {pairs[index][0].id}[{pairs[index][1]}] failed: {exc}") from exc
+                if self.options.progress:
+                    self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
+        return [run for run in runs if run is not None]
 
     def _policies(self, case: Case, policies: Sequence[str]) -> list[str]:
         if self.options.target is not None:
@@ -249,7 +280,7 @@ class Runner:
             clock = task.Clock()
             net = MemoryNetwork(clock, capture)
         maillog = MailLog(None, clock=clock.seconds)
-        run_dir = Path(self._tmp.name) / f"{case.id}-{policy}"
+        run_dir = self.work_dir / f"{case.id}-{policy}"
         runtime = ApplianceRuntime(
             appliance,
             clock=clock,
@@ -408,6 +439,18 @@ def _expected(evaluation: Evaluation) -> Expected | None:
     if alt is None:
         return None
     return Expected(alt.verdict, alt.label, alt.to_dict()["conditions"])
+
+
+_worker_runner: Runner | None = None
+
+
+def _run_in_worker(options: RunOptions, work_dir: Path, case: Case, policy: str) -> CaseRun:
+    """One run inside a ``-j`` worker process; the worker keeps one Runner (and its CA) for all its runs, and
+    works in the parent's directory, which the parent removes."""
+    global _worker_runner
+    if _worker_runner is None:
+        _worker_runner = Runner(options, work_dir)
+    return _worker_runner.run_one(case, policy)
 
 
 def run_cases(cases: Sequence[Case], policies: Sequence[str], options: RunOptions) -> RunResult:
