@@ -158,3 +158,12 @@ def test_the_loopback_carrier_gives_the_same_verdicts(tmp_path: Path, selection:
     assert smtplab_run("--carrier", "memory", "--report-dir", str(memory), *selection).returncode == 0
     assert verdicts(loop) == verdicts(memory)
     assert len(verdicts(loop)) == 6
+
+
+def test_parallel_jobs_give_the_serial_record(tmp_path: Path) -> None:
+    """``-j 2`` runs in worker processes; the record (order, verdicts, transcripts) is the serial one."""
+    cases = load_cases(["3207-4.2", "ATK-STRIP-01", "POL-HAT-01"])
+    serial = [r.to_dict() for r in run(cases, tmp_path / "a").runs]
+    parallel = [r.to_dict() for r in run(cases, tmp_path / "b", jobs=2).runs]
+    assert len(serial) == len(parallel) > 10
+    assert parallel == serial
