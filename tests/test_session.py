@@ -128,8 +128,8 @@ def test_starttls_under_no_is_502() -> None:
 def test_starttls_rules(mode: TLSMode) -> None:
     s, hooks = session(mode)
     assert talk(s, "EHLO x", "STARTTLS now") == [250, 501]  # rule 1
-    actions = feed(s, 
-        b"MAIL FROM:<a@b.example>\r\nSTARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<c@example.com>\r\n"
+    actions = feed(
+        s, b"MAIL FROM:<a@b.example>\r\nSTARTTLS\r\nMAIL FROM:<evil@x.example>\r\nRCPT TO:<c@example.com>\r\n"
     )
     expected_mail = 530 if mode is TLSMode.REQUIRED else 250
     assert codes(actions) == [expected_mail, 220]
