@@ -192,7 +192,11 @@ def make_plan(config: pytest.Config) -> Plan:
             raise BadInput("an external target needs the one policy it is meant to have", field="--smtplab-policy")
         fields = ("name", "ehlo", "mail_from", "rcpt_to", "ca", "client_cert", "client_key")
         args = argparse.Namespace(target=address, **dict.fromkeys(fields))
-        externals = [target_from_args(args, policies[0])]
+        try:
+            externals = [target_from_args(args, policies[0])]
+        except BadInput as exc:
+            exc.field = "--smtplab-target" if exc.field == "--target" else exc.field
+            raise
     if externals and carrier is not None:
         raise BadInput(
             "applies to the lab's own listeners; an external target is reached over TCP", field="--smtplab-carrier"

@@ -1,0 +1,240 @@
+"""The pytest plugin in real pytest sub-sessions (pytester, in a subprocess): items, outcomes, JUnit, reports.
+
+Each sub-session is a fresh ``python -m pytest`` that loads the plugin the way a user's gets it: by its entry point
+where smtplab is installed (tox), or with ``-p lab.pytest_plugin`` from a bare checkout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from importlib.metadata import distributions, entry_points
+from pathlib import Path
+
+import pytest
+from serving import Served, serve
+
+import lab
+
+pytest_plugins = ["pytester"]
+
+REPO = Path(__file__).resolve().parents[1]  # the checkout (lab itself may be an installed copy)
+ITEM = re.compile(r"^(smtplab/\S+::\S+) (PASSED|FAILED|SKIPPED|ERROR|XFAIL|XPASS)\b")
+
+Run = Callable[..., pytest.RunResult]
+
+
+#: Where the sub-session imports lab from: this checkout (bare, or installed editable) or the installed copy (tox).
+SUB_PATH = [str(REPO)] if Path(lab.__file__).resolve().is_relative_to(REPO) else []
+
+
+def _autoloaded() -> bool:
+    """Does the sub-session see smtplab's ``pytest11`` entry point (an install, or an egg-info in the checkout)?
+
+    Then pytest loads the plugin by itself, and ``-p lab.pytest_plugin`` would register it a second time.
+    """
+    found = distributions(path=[*SUB_PATH, *sys.path])
+    return any(ep.group == "pytest11" and ep.value == "lab.pytest_plugin" for dist in found for ep in dist.entry_points)
+
+
+@pytest.fixture(scope="module")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One lab CA for every sub-session of this module (making one per run would only cost time)."""
+    return tmp_path_factory.mktemp("smtplab-state")
+
+
+@pytest.fixture
+def run(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> Run:
+    monkeypatch.setenv("SMTPLAB_STATE", str(state_dir))
+    if SUB_PATH:
+        monkeypatch.setenv("PYTHONPATH", SUB_PATH[0])
+
+    def go(*args: str, load: bool = True) -> pytest.RunResult:
+        plugin = ["-p", "lab.pytest_plugin"] if load and not _autoloaded() else []
+        return pytester.runpytest_subprocess(*plugin, "-p", "no:cacheprovider", *args, timeout=120)
+
+    return go
+
+
+@pytest.fixture
+def inproc(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, state_dir: Path) -> Run:
+    """A sub-session in this process (fast) for runs that never reach the reactor: help, collection, usage errors."""
+    monkeypatch.setenv("SMTPLAB_STATE", str(state_dir))
+    loaded = any(ep.value == "lab.pytest_plugin" for ep in entry_points(group="pytest11"))
+    plugin = [] if loaded else ["-p", "lab.pytest_plugin"]
+
+    def go(*args: str) -> pytest.RunResult:
+        # no:twisted: an in-process pytest-twisted would stop the reactor greenlet of this very session
+        return pytester.runpytest_inprocess(*plugin, "-p", "no:twisted", "-p", "no:cacheprovider", *args)
+
+    return go
+
+
+@pytest.fixture(scope="module")
+def preferred_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A real ``smtplab serve --tls preferred``: declared Required, it is a deliberately broken target."""
+    with serve(tmp_path_factory.mktemp("served"), "--tls", "preferred") as served:
+        yield served
+
+
+def outcomes(result: pytest.RunResult) -> dict[str, str]:
+    """``-v`` lines: node id -> PASSED / FAILED / SKIPPED."""
+    out = {}
+    for line in result.outlines:
+        match = ITEM.match(line)
+        if match:
+            out[match.group(1)] = match.group(2)
+    return out
+
+
+def junit_cases(path: Path) -> dict[str, ET.Element]:
+    root = ET.parse(path).getroot()
+    return {f"{case.get('classname')}::{case.get('name')}": case for case in root.iter("testcase")}
+
+
+def properties(case: ET.Element) -> dict[str, str]:
+    return {p.get("name", ""): p.get("value", "") for p in case.iter("property")}
+
+
+def test_inert_in_a_plain_run(run: Run, inproc: Run, pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plain="def test_one():\n    assert 1 + 1 == 2\n")
+    help_text = inproc("--help")
+    assert "--smtplab-target=HOST:PORT" in help_text.stdout.str()  # the plugin is loaded in these runs
+
+    plain = run("-v")
+    plain.assert_outcomes(passed=1)
+    text = plain.stdout.str()
+    assert "smtplab/" not in text and "= smtplab =" not in text and not re.search(r"^smtplab: ", text, re.M)
+
+    listed = inproc("--collect-only", "-q")
+    assert [line for line in listed.outlines if "::" in line] == ["test_plain.py::test_one"]
+
+
+def test_lab_selection_items_junit_and_reports(run: Run, pytester: pytest.Pytester) -> None:
+    result = run("-v", "--smtplab", "--smtplab-select", "3207-4-02,3207-4-01", "--junitxml=out.xml",
+                 "--smtplab-report-dir", "report")  # fmt: skip
+    result.assert_outcomes(passed=6)
+    assert result.ret == 0
+    names = [f"smtplab/lab:Inboundmail::3207-4-0{n}[{p}]" for n in (1, 2) for p in ("no", "preferred", "required")]
+    assert outcomes(result) == dict.fromkeys(names, "PASSED")
+    assert re.search(
+        r"^smtplab: 2 cases against lab:Inboundmail \(policies no, preferred, required\)", result.stdout.str(), re.M
+    )
+    assert "verdicts: 5 passed, 0 failed, 1 informational" in result.outlines
+
+    cases = junit_cases(pytester.path / "out.xml")
+    assert sorted(cases) == sorted(name.replace("smtplab/", "smtplab.") for name in names)
+    info = properties(cases["smtplab.lab:Inboundmail::3207-4-01[required]"])
+    assert info["verdict"] == "INFORMATIONAL" and info["note"].startswith("INFORMATIONAL: ")
+    assert properties(cases["smtplab.lab:Inboundmail::3207-4-02[no]"])["verdict"] == "OK"
+
+    index = json.loads((pytester.path / "report" / "index.json").read_text())
+    assert [f"{r['case']}[{r['policy']}]" for r in index["runs"]] == [n.split("::")[1] for n in names]
+    assert (pytester.path / "report" / "index.html").stat().st_size > 0
+    assert len(list(ET.parse(pytester.path / "report" / "junit.xml").getroot().iter("testcase"))) == 6
+
+
+def test_deselected_items_are_never_run(run: Run, inproc: Run, pytester: pytest.Pytester) -> None:
+    result = run("--smtplab-select", "3207-4.2", "-k", "required", "--smtplab-report-dir", "report")
+    counts = result.parseoutcomes()
+    assert counts["deselected"] > 0 and counts["passed"] > 0 and result.ret == 0
+    runs = json.loads((pytester.path / "report" / "index.json").read_text())["runs"]
+    assert len(runs) == counts["passed"] and {r["policy"] for r in runs} == {"required"}
+
+    listed = inproc("--smtplab", "--collect-only", "-q", "--smtplab-report-dir", "listed")
+    assert "smtplab/lab:Inboundmail::3207-4-02[required]" in listed.outlines
+    assert not (pytester.path / "listed").exists()
+
+
+def test_broken_target_fails_with_expected_actual_spec_and_transcript(
+    run: Run, pytester: pytest.Pytester, preferred_lab: Served
+) -> None:
+    address = f"{preferred_lab.host}:{preferred_lab.port}"
+    result = run("-v", "-rs", "--smtplab-target", address, "--smtplab-policy", "encrypt",
+                 "--smtplab-select", "3207-4-06,3207-4-07,ATK-STRIP-01", "--junitxml=out.xml")  # fmt: skip
+    assert result.ret == 1
+    result.assert_outcomes(failed=1, passed=1, skipped=1, warnings=1)
+    node = f"smtplab/{address}::"
+    assert outcomes(result) == {
+        node + "3207-4-06[required]": "FAILED",  # MAIL before STARTTLS is served: a MUST of Required broken
+        node + "3207-4-07[required]": "PASSED",  # a SHOULD missed: NON-STRICT passes with a warning
+        node + "ATK-STRIP-01[required]": "SKIPPED",  # needs a middlebox: the lab's own listeners only
+    }
+    out = result.stdout.str()
+    failure = out[out.index("__ 3207-4-06[required] __") :]
+    for needle in ("Verdict: FAILED", "\nExpected: ", "\nActual: no expected alternative matched",
+                   "\nSpec: RFC 3207 4.2 (MUST): ", "\nTranscript ("):  # fmt: skip
+        assert needle in failure, needle
+    assert re.search(r"^  +-> MAIL FROM:<", failure, re.M)  # the plaintext MAIL the target should have refused
+    result.stdout.fnmatch_lines(["*SmtplabShouldWarning: 3207-4-07[[]required[]] against*SHOULD at stake*"])
+    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *.yaml:*: UNIMPLEMENTED: needs a middlebox*(lab targets only)"])
+
+    cases = junit_cases(pytester.path / "out.xml")
+    failed = cases[f"smtplab.{address}::3207-4-06[required]"].find("failure")
+    assert failed is not None and "Spec: RFC 3207 4.2 (MUST)" in (failed.text or failed.get("message", ""))
+    assert cases[f"smtplab.{address}::ATK-STRIP-01[required]"].find("skipped") is not None
+    assert properties(cases[f"smtplab.{address}::3207-4-07[required]"])["note"].startswith("NON-STRICT: ")
+
+
+def _profile(path: Path, name: str, address: str, policy: str, deviations: str = "[]") -> Path:
+    path.write_text(f"name: {name}\naddress: {address}\npolicy: {policy}\ndeviations: {deviations}\n")
+    return path
+
+
+def test_profiles_deviations_and_several_targets(run: Run, pytester: pytest.Pytester, preferred_lab: Served) -> None:
+    address = f"{preferred_lab.host}:{preferred_lab.port}"
+    deviations = (
+        "[{case: 3207-4-06, reason: 'takes MAIL before STARTTLS'}, {case: 3207-4-04, reason: 'said to ignore args'}]"
+    )
+    _profile(pytester.path / "strict.yaml", "declared-required", address, "encrypt", deviations)
+    _profile(pytester.path / "honest.yaml", "declared-preferred", address, "may")
+    result = run("-v", "--smtplab-profile", "strict.yaml", "--smtplab-profile", "honest.yaml",
+                 "--smtplab-select", "3207-4-06,3207-4-04", "--smtplab-report-dir", "report")  # fmt: skip
+    assert outcomes(result) == {
+        "smtplab/declared-required::3207-4-04[required]": "FAILED",  # OK against a declared deviation: XPASS
+        "smtplab/declared-required::3207-4-06[required]": "PASSED",  # failed as declared: XFAIL
+        "smtplab/declared-preferred::3207-4-04[preferred]": "PASSED",
+        "smtplab/declared-preferred::3207-4-06[preferred]": "PASSED",
+    }
+    out = result.stdout.str()
+    assert "Verdict: XPASS" in out and "Declared deviation: said to ignore args" in out
+    assert "XFAIL smtplab/declared-required::3207-4-06[required]: " in out
+
+    index = json.loads((pytester.path / "report" / "index.json").read_text())
+    assert [t["name"] for t in index["targets"]] == ["declared-required", "declared-preferred"]
+    captures = {r["target"] + "/" + r["case"]: r["capture"] for r in index["runs"]}
+    assert captures["declared-preferred/3207-4-06"] == "declared-preferred/captures/3207-4-06-preferred.pcap"
+    assert all((pytester.path / "report" / capture).is_file() for capture in captures.values())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--smtplab-target", "127.0.0.1:2525"], "--smtplab-policy: an external target needs the one policy"),
+        (["--smtplab", "--smtplab-policy", "maybe"], "--smtplab-policy: 'maybe' is not one of"),
+        (["--smtplab-select", "NOPE-99"], "no case id starts with 'NOPE-99'"),
+        (
+            ["--smtplab-target", "192.0.2.1:25", "--smtplab-policy", "no"],
+            "--smtplab-target: 192.0.2.1 is not a loopback address",
+        ),
+        (["--smtplab-profile", "missing.yaml"], "missing.yaml"),
+    ],
+)
+def test_bad_options_are_usage_errors(inproc: Run, args: list[str], message: str) -> None:
+    result = inproc(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_the_conformance_conftest_switches_the_suite_on(run: Run, pytester: pytest.Pytester) -> None:
+    shutil.copy(REPO / "conformance" / "conftest.py", pytester.path / "conftest.py")
+    result = run("-v", "--smtplab-select", "3207-4-02", load=False)  # no --smtplab, no -p: the conftest does both
+    assert result.ret == 0
+    assert sorted(outcomes(result)) == [
+        f"smtplab/lab:Inboundmail::3207-4-02[{p}]" for p in ("no", "preferred", "required")
+    ]
