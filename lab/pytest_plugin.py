@@ -331,7 +331,10 @@ class CaseItem(pytest.Item):
         if run.verdict is Verdict.NON_STRICT:
             path, line, _ = self.reportinfo()
             message = SmtplabShouldWarning(f"{self.name} against {run.target}: {run.reason}")
-            warnings.warn_explicit(message, SmtplabShouldWarning, str(path), (line or 0) + 1)
+            try:
+                warnings.warn_explicit(message, SmtplabShouldWarning, str(path), (line or 0) + 1)
+            except SmtplabShouldWarning:  # -W error::lab.pytest_plugin.SmtplabShouldWarning: a missed SHOULD fails
+                raise CaseFailure(failure_text(run)) from None
 
     def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
         if isinstance(excinfo.value, CaseFailure):

@@ -238,3 +238,12 @@ def test_the_conformance_conftest_switches_the_suite_on(run: Run, pytester: pyte
     assert sorted(outcomes(result)) == [
         f"smtplab/lab:Inboundmail::3207-4-02[{p}]" for p in ("no", "preferred", "required")
     ]
+
+
+def test_warning_filter_error_makes_a_missed_should_fail(run: Run, preferred_lab: Served) -> None:
+    """``-W error::lab.pytest_plugin.SmtplabShouldWarning`` is ``smtplab run --strict``: NON-STRICT fails too."""
+    address = f"{preferred_lab.host}:{preferred_lab.port}"
+    result = run("--smtplab-target", address, "--smtplab-policy", "required", "--smtplab-select", "3207-4-07",
+                 "-W", "error::lab.pytest_plugin.SmtplabShouldWarning")  # fmt: skip
+    result.assert_outcomes(failed=1)
+    assert "Verdict: NON-STRICT" in result.stdout.str() and "Traceback" not in result.stdout.str()
