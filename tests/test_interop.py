@@ -32,7 +32,6 @@ from typing import Any
 import pytest
 
 from lab.appliance.certs import LabCA
-from lab.cli import COMMANDS
 from lab.conformance.profile import load_profile
 from lab.peers import (
     Peer,
@@ -182,14 +181,9 @@ def _env(root: Path) -> dict[str, str]:
     return {**os.environ, "SMTPLAB_STATE": str(root / "lab-state"), "PYTHONPATH": path}
 
 
-#: ``smtplab`` with ``probe`` registered, for as long as lab/cli.py does not list it yet.
-_SHIM = "import sys; from lab import cli; cli.COMMANDS.setdefault('probe', 'probe'); sys.exit(cli.main())"
-
-
 def _smtplab(args: list[str], root: Path, timeout: float, report_dir: Path | None = None) -> Outcome:
     """Run ``smtplab ARGS`` in a child process we start and, on timeout, kill by its PID."""
-    head = [sys.executable, "-m", "lab"] if args[0] in COMMANDS else [sys.executable, "-c", _SHIM]
-    argv = [*head, *args]
+    argv = [sys.executable, "-m", "lab", *args]
     started = time.monotonic()
     proc = subprocess.Popen(
         argv, cwd=root, env=_env(root), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -206,7 +200,7 @@ def _smtplab(args: list[str], root: Path, timeout: float, report_dir: Path | Non
     return Outcome(tuple(argv), proc.returncode, out, err, seconds, result)
 
 
-def _profile(name: str, peer: Peer, ca: LabCA, root: Path) -> Path:
+def _profile(name: str, ca: LabCA, root: Path) -> Path:
     """The checked-in profile (deviations and all), plus this module's trust anchor and the peer's name.
 
     ``--target`` moves it to the peer's address; the CA and server name only exist once the peers do.
@@ -237,7 +231,7 @@ def _jobs(fleet: dict[str, Peer], ca: LabCA, root: Path) -> dict[str, list[str]]
             "--to", RECIPIENT,  # the default, postmaster@ the server name's domain, is not accepted there
         ]  # fmt: skip
     for name, peer in fleet.items():
-        jobs[name] = ["run", "--profile", str(_profile(name, peer, ca, root)), "--target", _address(peer)]
+        jobs[name] = ["run", "--profile", str(_profile(name, ca, root)), "--target", _address(peer)]
     if "postfix-may" in fleet:
         jobs[MAY_AS_REQUIRED] = [
             "run", "--target", _address(fleet["postfix-may"]), "--policy", "required", "--ca", str(ca.ca_path),
