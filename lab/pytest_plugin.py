@@ -145,6 +145,7 @@ class Plan:
 def _policies(text: str | None) -> list[str] | None:
     from lab.conformance.profile import TLS_ALIASES
     from lab.errors import BadInput
+    from lab.policy.modes import TLSMode
 
     if text is None:
         return None
@@ -159,7 +160,8 @@ def _policies(text: str | None) -> list[str] | None:
         chosen.append(str(TLS_ALIASES[word]))
     if not chosen:
         raise BadInput("name at least one policy", field="--smtplab-policy")
-    return list(dict.fromkeys(chosen))
+    order = list(TLS_ALIASES.values())
+    return sorted(set(chosen), key=lambda p: order.index(TLSMode(p)))  # the report order: no, preferred, required
 
 
 def _selectors(values: list[str]) -> list[str]:
