@@ -244,3 +244,23 @@ def test_lookup_walks_dotted_keys() -> None:
     assert lookup(observed, "plaintext_exposure.body") is False
     assert lookup(observed, "replies.RCPT") is lookup(observed, "nothing")  # both MISSING
     assert lookup(observed, "plaintext_exposure.body.deeper") is lookup(observed, "nothing")
+
+
+@pytest.mark.parametrize(
+    ("policy", "plaintext", "verdict"),
+    [
+        ("required", True, Verdict.FAILED),
+        ("required", False, Verdict.OK),
+        ("preferred", True, Verdict.OK),
+        ("no", True, Verdict.OK),
+    ],
+)
+def test_plaintext_delivery_under_required_always_fails(
+    tmp_path: Path, policy: str, plaintext: bool, verdict: Verdict
+) -> None:
+    """Whatever a case's alternatives say, Required taking mail in plaintext is FAILED, and says so."""
+    case = make_case(tmp_path, {"any": [{"verdict": "OK", "label": "anything goes", "when": {}}]}, levels=("SHOULD",))
+    result = evaluate(case, policy, {"delivered_plaintext": plaintext}, external=True)
+    assert result.verdict is verdict
+    if verdict is Verdict.FAILED:
+        assert "plaintext delivery accepted under Required" in result.reason

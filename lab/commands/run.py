@@ -52,6 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     external.add_argument("--from", dest="mail_from", metavar="ADDR", help="envelope sender")
     external.add_argument("--to", dest="rcpt_to", metavar="ADDR", help="envelope recipient")
     external.add_argument("--ca", metavar="FILE", help="trust anchor (PEM) for verifying the target")
+    external.add_argument(
+        "--server-name", metavar="NAME", help="name the target's certificate must carry (default: the target's host)"
+    )
     external.add_argument("--client-cert", metavar="PEM", help="client certificate to present")
     external.add_argument("--client-key", metavar="PEM", help="its private key")
 
@@ -70,7 +73,7 @@ def _external_target(args: argparse.Namespace, policies: list[str]):  # type: ig
     from lab.conformance.targets import target_from_args, target_from_profile
 
     if args.profile:
-        return target_from_profile(args.profile, args.target)
+        return target_from_profile(args.profile, args)
     if args.target:
         if len(policies) != 1 or args.policy is None:
             raise BadInput("an external target needs the one policy it is meant to have", field="--policy")

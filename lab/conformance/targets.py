@@ -40,25 +40,32 @@ def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
         rcpt_to=args.rcpt_to or default_recipient(host),
         trust_pems=(_read_pem(args.ca, "--ca"),) if args.ca else (),
         client_cert=_client_cert(args.client_cert, args.client_key, "--client-cert"),
+        server_name=args.server_name,
     )
 
 
-def target_from_profile(path: str | Path, address: str | None = None) -> ExternalTarget:
-    """A profile's target; ``address`` (``--target``) puts it on another HOST:PORT."""
+def target_from_profile(path: str | Path, args: argparse.Namespace | None = None) -> ExternalTarget:
+    """A profile's target; flags given beside ``--profile`` (``--target``, ``--ca``, ``--name`` ...) win."""
     profile: Profile = load_profile(path)
-    if address:
-        profile = profile.at(address)
+    given = vars(args) if args is not None else {}
+    if given.get("target"):
+        profile = profile.at(given["target"])
+    ca = given.get("ca")
+    trust = (_read_pem(ca, "--ca"),) if ca else ((_read_pem(profile.ca_file, "ca"),) if profile.ca_file else ())
+    cert, key = given.get("client_cert"), given.get("client_key")
     return ExternalTarget(
-        name=profile.name,
+        name=given.get("name") or profile.name,
         host=profile.host,
         port=profile.port,
         policy=profile.policy,
-        ehlo=profile.ehlo,
-        mail_from=profile.mail_from,
-        rcpt_to=profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host),
-        trust_pems=(_read_pem(profile.ca_file, "ca"),) if profile.ca_file else (),
-        client_cert=_client_cert(profile.client_cert, profile.client_key, "client_cert"),
-        server_name=profile.server_name,
+        ehlo=given.get("ehlo") or profile.ehlo,
+        mail_from=given.get("mail_from") or profile.mail_from,
+        rcpt_to=given.get("rcpt_to") or (profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host)),
+        trust_pems=trust,
+        client_cert=_client_cert(cert, key, "--client-cert")
+        if cert or key
+        else _client_cert(profile.client_cert, profile.client_key, "client_cert"),
+        server_name=given.get("server_name") or profile.server_name,
         timeout=profile.timeouts.reply,
         deviations=profile.deviations,
     )

@@ -15,6 +15,7 @@ from lab.scenario.model import Alternative, Case
 from lab.scenario.verdict import Verdict
 
 NO_MATCH = "no expected alternative matched"
+PLAINTEXT_UNDER_REQUIRED = "plaintext delivery accepted under Required: the message was taken without TLS (SPEC.md 2)"
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ def evaluate(case: Case, policy: str, observed: Mapping[str, Any], *, external: 
         return Evaluation(Verdict.SKIPPED, None, f"the case does not run under policy {policy!r}")
     if external and case.requires:
         return Evaluation(Verdict.UNIMPLEMENTED, None, f"{case.lab_only_reason()} (lab targets only)")
+    if policy == "required" and observed.get("delivered_plaintext") is True and case.remote_mta is None:
+        # SPEC.md 2: Required refuses plaintext mail; whatever else a case expects, taking it is broken.
+        return Evaluation(Verdict.FAILED, None, PLAINTEXT_UNDER_REQUIRED)
     alternatives = case.expect.for_policy(policy)
     for alt in alternatives:
         if not alt.unmet(observed):

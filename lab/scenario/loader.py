@@ -202,6 +202,8 @@ class _CaseReader:
             out.add("server-cert")
         if "policy_params" in doc or "policy_behaviour" in doc:
             out.add("policy-config")
+        if "target" in doc:
+            out.add("listener")
         for alternatives in expect.by_policy.values():
             for alt in alternatives:
                 for cond in alt.when:

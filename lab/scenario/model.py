@@ -28,6 +28,7 @@ REQUIREMENTS: dict[str, str] = {
     "spool": "the lab's spool (count of stored messages)",
     "server-log": "the lab's mail log",
     "remote-mta": "the lab's misbehaving receiving MTA",
+    "listener": "a chosen listener of the lab's appliance (not its public one)",
 }
 
 #: The observation keys conditions may name (docs/architecture.md "Observations") and their value type.

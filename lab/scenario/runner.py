@@ -37,7 +37,7 @@ from lab.net.topology import Topology, default_topology
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy
 from lab.scenario.evaluate import Evaluation, evaluate
-from lab.scenario.model import Case
+from lab.scenario.model import Case, ClientSpec
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
@@ -349,8 +349,13 @@ class Runner:
         if case.client.steps is not None:
             return list(case.client.steps)
         target = self.options.target
-        mail_from = (target.mail_from if target and target.mail_from else None) or case.client.mail_from
-        rcpt_to = ((target.rcpt_to,) if target and target.rcpt_to else None) or case.client.rcpt_to
+        defaults = ClientSpec(host="")
+        # A target's envelope replaces the catalogue's defaults; an address a case chose on purpose stays.
+        mail_from, rcpt_to = case.client.mail_from, case.client.rcpt_to
+        if target and target.mail_from and mail_from == defaults.mail_from:
+            mail_from = target.mail_from
+        if target and target.rcpt_to and rcpt_to == defaults.rcpt_to:
+            rcpt_to = (target.rcpt_to,)
         return behaviour_steps(
             case.client.behaviour or "prefer",
             ehlo=(target.ehlo if target and target.ehlo else None) or case.client.ehlo or ehlo,
@@ -383,7 +388,7 @@ class Runner:
             if options.client_cert == "untrusted":
                 cert = LabCA.untrusted(self.state_dir).issue("client-untrusted", ["client.example"], client=True)
             return ClientTLS(
-                server_name=options.server_name or target.server_name,
+                server_name=options.server_name or target.server_name or target.host,
                 verify=options.verify,
                 trust_pems=target.trust_pems,
                 min_version=options.min_version,

@@ -39,7 +39,7 @@ BEHAVIOURS: dict[str, str] = {
 
 #: The fail variants' TLS options; all of them are otherwise ``require`` (or ``require-verify``).
 OLD_TLS = TLSOptions(min_version="1.0", max_version="1.1", ciphers="DEFAULT:@SECLEVEL=0")
-NO_SHARED_CIPHER = TLSOptions(max_version="1.2", ciphers="CAMELLIA:ARIA:@SECLEVEL=0")
+NO_SHARED_CIPHER = TLSOptions(max_version="1.2", ciphers="eNULL:@SECLEVEL=0")  # no real server enables NULL ciphers
 
 
 def behaviour_steps(
