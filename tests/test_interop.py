@@ -7,7 +7,7 @@ Postfix with smtpd_tls_security_level none, may, encrypt, and aiosmtpd without T
 - ``smtplab probe HOST:PORT --json`` must name each peer's policy;
 - ``smtplab run --profile conformance/targets/NAME.yaml --target HOST:PORT`` (the declared policy and the
   declared deviations; the CA and server name of this module's peers added) must give no FAILED, NON-STRICT,
-  XPASS or ERROR verdict, except the suite's own known mistakes listed in ``SUITE_ISSUES``;
+  XPASS or ERROR verdict;
 - ``smtplab run --target ... --policy required --ca ...`` against Postfix ``may`` must exit 1 and fail the cases
   where plaintext mail was accepted.
 
@@ -27,7 +27,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -84,31 +83,6 @@ PEERS = {
     "aiosmtpd-require": Spec("aiosmtpd", "require", "required"),
 }
 REASONS = {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}
-
-#: Verdicts that are the suite's mistake, not the peer's (reported to the lead; the scenarios and the runner
-#: belong to other parts). The runs exclude them, and ``test_suite_issue_still_open`` expects each to fail
-#: (strict xfail): when the suite is fixed it XPASSes, and the entry must go.
-_RCPT = (
-    "the runner replaces the case's recipient carol@foreign.example with the target's postmaster@example.com, "
-    "so the RAT case never offers a foreign recipient to an external target (lab/scenario/runner.py _steps)"
-)
-_CIPHER = (
-    "Postfix's default cipher grade (medium = HIGH:MEDIUM) includes CAMELLIA, so the 'no shared cipher' client "
-    "(CAMELLIA:ARIA) shares one and TLS 1.2 with ECDHE-ECDSA-CAMELLIA256-SHA384 is correct; the behaviour needs "
-    "suites no server enables (e.g. eNULL), lab/smtp/behaviours.py NO_SHARED_CIPHER"
-)
-SUITE_ISSUES: dict[tuple[str, str], str] = {
-    **{(name, "POL-RAT-01"): _RCPT for name in PEERS},
-    ("postfix-may", "5246-7.4.1.3-01"): _CIPHER,
-    ("postfix-encrypt", "5246-7.4.1.3-01"): _CIPHER,
-}
-#: Under a declared Required, cases where Postfix `may` accepted plaintext mail but the verdict is not FAILED:
-#: their scenarios let a plaintext delivery pass under Required (reported to the lead).
-PLAINTEXT_NOT_FAILED: dict[str, str] = {
-    "3207-4-04": "the 'any' alternative '501 syntax error; no TLS' (OK) matches before anyone looks at the delivery",
-    "3207-4-07": "its refs are SHOULD and local-policy only, so an unmatched plaintext delivery is NON-STRICT",
-    "ATK-EXPOSE-01": "the 'any' alternative 'envelope and body in the clear' (INFORMATIONAL) matches under Required",
-}
 
 
 def _require(kind: str) -> None:
@@ -314,9 +288,7 @@ def test_catalogue_under_the_declared_policy_is_clean(
     runs = outcome.runs()
     assert outcome.result is not None and [t.name for t in outcome.result.targets] == [name]
     assert {str(run.policy) for run in runs.values()} == {PEERS[name].policy}
-    unexplained = [
-        _show(run) for case, run in runs.items() if run.verdict in NOT_CLEAN and (name, case) not in SUITE_ISSUES
-    ]
+    unexplained = [_show(run) for run in runs.values() if run.verdict in NOT_CLEAN]
     assert not unexplained, "\n".join(unexplained)
     failing = any(run.verdict.is_failure for run in runs.values())
     assert outcome.returncode == (1 if failing else 0), outcome.stderr[-2000:]
@@ -336,9 +308,7 @@ def test_declared_deviations_are_seen_as_declared(
     for run in xfails.values():
         assert run.deviation, _show(run)
     declared = {deviation.case for deviation in load_profile(TARGETS / f"{name}.yaml").deviations}
-    # POL-RAT-01 only shows once the runner offers the foreign recipient (see SUITE_ISSUES).
-    expected = {case for case in declared if (name, case) not in SUITE_ISSUES}
-    assert set(xfails) == expected
+    assert set(xfails) == declared
 
 
 @pytest.mark.parametrize("name", [n for n, s in PEERS.items() if s.starttls_refusal is not None])
@@ -364,17 +334,15 @@ def test_may_declared_required_fails_on_plaintext_mail(fleet: dict[str, Peer], c
     assert outcome.returncode == 1
     plaintext = {case: run for case, run in runs.items() if run.observed.get("delivered_plaintext")}
     assert "3207-4-01" in plaintext  # the legacy client that never says STARTTLS
-    not_failed = {case for case, run in plaintext.items() if run.verdict is not Verdict.FAILED}
-    assert not_failed <= set(PLAINTEXT_NOT_FAILED), sorted(not_failed - set(PLAINTEXT_NOT_FAILED))
+    not_failed = sorted(case for case, run in plaintext.items() if run.verdict is not Verdict.FAILED)
+    assert not not_failed, not_failed  # every plaintext delivery under a declared Required is FAILED
     for case in ("3207-4-01", "3207-4-05", "3207-4-06"):  # plaintext MAIL got 250 where Required wants 530
         assert runs[case].verdict is Verdict.FAILED, _show(runs[case])
     # The terminal names each failure and the plaintext delivery in its observations; so does index.json.
     for case, run in plaintext.items():
-        if run.verdict is not Verdict.FAILED:
-            continue
         block = outcome.stdout.split(f"FAILED {case}[required]", 1)[1].split("\nFAILED ", 1)[0]
         assert "delivered_plaintext=yes" in block
-        assert "wanted false (observed true)" in run.reason  # delivered: the case wanted no delivery
+        assert "plaintext delivery accepted under Required" in run.reason
         assert any(line.startswith(" -> ") and "SMTPLAB-MARKER" in line for line in run.transcript)
 
 
@@ -387,26 +355,6 @@ def test_no_case_waits_out_a_reply_timeout(fleet: dict[str, Peer], catalogue: di
         if run.timings.wall_ms is not None and run.timings.wall_ms > 10_000
     ]
     assert not slow
-
-
-def _open_issue(name: str, case: str, why: str, label: str) -> Any:
-    return pytest.param(name, case, marks=pytest.mark.xfail(strict=True, reason=why), id=f"{label}-{case}")
-
-
-@pytest.mark.parametrize(
-    ("name", "case"),
-    [_open_issue(n, c, why, n) for (n, c), why in SUITE_ISSUES.items()]
-    + [_open_issue(MAY_AS_REQUIRED, c, why, "may-as-required") for c, why in PLAINTEXT_NOT_FAILED.items()],
-)
-def test_suite_issue_still_open(name: str, case: str, fleet: dict[str, Peer], catalogue: dict[str, Outcome]) -> None:
-    """Each known suite mistake, stated as the right outcome: it fails while the mistake is there."""
-    peer = "postfix-may" if name == MAY_AS_REQUIRED else name
-    _running(fleet, peer)
-    run = catalogue[name].runs()[case]
-    if name == MAY_AS_REQUIRED:
-        assert run.verdict is Verdict.FAILED, _show(run)
-    else:
-        assert run.verdict not in NOT_CLEAN, _show(run)
 
 
 def test_peers_stop_by_pid(fleet: dict[str, Peer]) -> None:

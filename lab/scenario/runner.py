@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import re
 import tempfile
 import time
@@ -95,9 +96,16 @@ class Runner:
         self.options = options
         self.topology = options.topology or default_topology()
         self.state_dir = options.state_dir or default_state_dir()
-        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="smtplab-run-")
+        # Scratch (the per-run spools) goes to tmpfs where there is one: mkdir and fsync on a disk cost more than
+        # the SMTP dialogue, and nothing in it outlives the run.
+        scratch = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+        self._tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="smtplab-run-", dir=scratch)
         self.work_dir = work_dir or Path(self._tmp.name)  # type: ignore[union-attr]
         self._ca = LabCA(self.state_dir)
+        # TLS contexts are built once per runner, not per run; their key-log lines go to the current run's log.
+        self._keylog = _KeylogRelay()
+        self._server_tls: dict[Any, Any] = {}
+        self._client_tls: dict[Any, ClientTLS] = {}
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -182,6 +190,7 @@ class Runner:
         observed: dict[str, Any] = {}
         transcript: list[str] = []
         capture, keylog = Capture(), KeyLog()
+        self._keylog.target = keylog
         virtual = 0.0
         try:
             if external and case.requires:
@@ -288,8 +297,9 @@ class Runner:
             spool=Spool(run_dir / "spool", name_source=MaildirNames(clock.seconds, host=appliance.hostname, pid=1)),
             state_dir=self.state_dir,
             reverse_dns=self.topology.reverse_name,
-            keylog=keylog.callback,
+            keylog=self._keylog.callback,
             session_class=self.options.session_class,
+            tls_cache=self._server_tls,
         )
         if case.remote_mta is not None:
             factory: Any = RemoteMTAFactory(case.remote_mta.hostname, starttls=case.remote_mta.starttls, clock=clock)
@@ -298,13 +308,19 @@ class Runner:
         port = net.listen(server_ip, listener.port, factory, backlog=listener.tcp_queue)
         boxes = self._middleboxes(case, client_ip)
         steps = self._steps(case, client_name)
-        tls_factory = make_tls_factory(
+        make_client_tls = make_tls_factory(
             server_name=appliance.hostname,
             trust_pems=(self._ca.ca_pem,),
             state_dir=self.state_dir,
             client_name=client_name,
-            keylog=keylog.callback,
+            keylog=self._keylog.callback,
         )
+
+        def tls_factory(options: TLSOptions) -> ClientTLS:
+            key = (options, appliance.hostname, client_name)
+            if key not in self._client_tls:
+                self._client_tls[key] = make_client_tls(options)
+            return self._client_tls[key]
 
         def connect(f: ClientFactory) -> Any:
             return net.connect(client_ip, server_ip, listener.port, f, middleboxes=boxes)
@@ -322,7 +338,8 @@ class Runner:
         finally:
             if self.options.carrier == "loopback":
                 net.run_until(port.stopListening(), timeout=10)
-        spooled = 0 if case.remote_mta else len(runtime.spool.for_listener(listener.name).messages())
+        new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
+        spooled = len(list(new.iterdir())) if new.is_dir() else 0
         observed: dict[str, Any] = {
             "spooled": spooled,
             "server_log": [_LOG_PREFIX.sub("", line) for line in maillog.lines],
@@ -430,6 +447,17 @@ class Runner:
             keylog.write(captures / f"{stem}.keys.log")
             keylog_path = f"captures/{stem}.keys.log"
         return f"captures/{stem}.pcap", keylog_path
+
+
+class _KeylogRelay:
+    """A key-log callback for contexts that outlive one run: lines go to the run under way."""
+
+    def __init__(self) -> None:
+        self.target: KeyLog | None = None
+
+    def callback(self, line: bytes) -> None:
+        if self.target is not None:
+            self.target.callback(line)
 
 
 def _exposure(case: Case, capture: Capture) -> dict[str, bool]:

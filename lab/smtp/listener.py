@@ -53,6 +53,7 @@ class ApplianceRuntime:
         keylog: Callable[[bytes], None] | None = None,
         spool_in_threads: bool = False,
         session_class: type[ServerSession] = ServerSession,
+        tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
         self.appliance = appliance
         self.clock = clock
@@ -63,7 +64,7 @@ class ApplianceRuntime:
         self.keylog = keylog
         self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
         self.session_class = session_class  # tests swap in deliberately broken sessions to prove verdicts fail
-        self._tls: dict[str, ServerTLS] = {}
+        self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
 
     @property
@@ -85,10 +86,11 @@ class ApplianceRuntime:
         return demo_certificate()
 
     def server_tls(self, listener: Listener) -> ServerTLS:
-        """One TLS context per listener, built on first use."""
-        if listener.name not in self._tls:
-            verify = any(p.effective(listener.defaults).verify_client for p in listener.policies.values())
-            self._tls[listener.name] = ServerTLS(
+        """One TLS context per listener configuration, built on first use."""
+        verify = any(p.effective(listener.defaults).verify_client for p in listener.policies.values())
+        key = (listener.name, listener.certificate, listener.tls, verify)
+        if key not in self._tls:
+            self._tls[key] = ServerTLS(
                 self.certificate(listener),
                 min_version=listener.tls.min_version,
                 max_version=listener.tls.max_version,
@@ -97,7 +99,7 @@ class ApplianceRuntime:
                 client_ca_pems=(self.ca.ca_pem,) if verify else (),
                 keylog=self.keylog,
             )
-        return self._tls[listener.name]
+        return self._tls[key]
 
     def factory(self, listener: Listener) -> ListenerFactory:
         return ListenerFactory(self, listener, self.appliance.interfaces[listener.interface])
