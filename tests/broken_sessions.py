@@ -8,7 +8,7 @@ and keeps every other behaviour of ``ServerSession``.
 from __future__ import annotations
 
 from lab.policy.modes import ClientCert, TLSMode
-from lab.smtp.session import Action, ServerSession, TLSInfo
+from lab.smtp.session import Action, Send, ServerSession, TLSInfo
 
 
 class InjectionExecutingSession(ServerSession):
@@ -56,3 +56,18 @@ class StateKeepingSession(ServerSession):
         actions = super().tls_started(info, client_cert)
         self.greeting, self._transaction = greeting, transaction
         return actions
+
+
+class StartTLSAdvertisedInsideTLS(ServerSession):
+    """Lists STARTTLS in its EHLO reply inside TLS too.
+
+    Breaks SPEC.md 3 rule 2 (RFC 3207 4.2: EHLO inside TLS never lists STARTTLS).
+    """
+
+    def _cmd_ehlo(self, argument: str) -> list[Action]:
+        actions = super()._cmd_ehlo(argument)
+        if self.tls is None or not actions:
+            return actions
+        first = actions[0]
+        assert isinstance(first, Send)
+        return [Send(first.data.replace(b"250 HELP", b"250-STARTTLS\r\n250 HELP")), *actions[1:]]

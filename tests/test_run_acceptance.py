@@ -27,7 +27,12 @@ from typing import Any
 
 import jsonschema
 import pytest
-from broken_sessions import GateBypassSession, InjectionExecutingSession, StateKeepingSession
+from broken_sessions import (
+    GateBypassSession,
+    InjectionExecutingSession,
+    StartTLSAdvertisedInsideTLS,
+    StateKeepingSession,
+)
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
 
@@ -217,9 +222,14 @@ BREAKAGES = {
         },
         set(),
     ),
-    # Only the EHLO name is caught as FAILED: every case that reuses a plaintext envelope says EHLO again
-    # inside TLS first, which resets the envelope anyway (see the report: a case for RCPT right after TLS).
-    "state-reset": Breakage(StateKeepingSession, {("3207-4.2-06", "preferred")}, {"3207-4.2-04", "3207-4.2-06"}),
+    # The EHLO name (3207-4.2-06) and the envelope, seen by RCPT right after TLS with no EHLO (3207-4.2-07);
+    # under Required the plaintext MAIL got 530, so there is no envelope to keep.
+    "state-reset": Breakage(
+        StateKeepingSession,
+        {("3207-4.2-06", "preferred"), ("3207-4.2-07", "preferred")},
+        {"3207-4.2-04", "3207-4.2-06"},
+    ),
+    "starttls-inside-tls": Breakage(StartTLSAdvertisedInsideTLS, _all("3207-4.2-02", "preferred", "required"), set()),
 }
 
 
