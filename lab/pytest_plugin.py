@@ -182,7 +182,7 @@ def make_plan(config: pytest.Config) -> Plan:
     if profiles:
         if address and len(profiles) > 1:
             raise BadInput("--smtplab-target moves one profile; it cannot place several", field="--smtplab-target")
-        externals = [target_from_profile(path, address) for path in profiles]
+        externals = [target_from_profile(path, _run_flags(address)) for path in profiles]
         for target in externals:
             if policies is not None and policies != [str(target.policy)]:
                 raise BadInput(
@@ -192,10 +192,8 @@ def make_plan(config: pytest.Config) -> Plan:
     elif address:
         if policies is None or len(policies) != 1:
             raise BadInput("an external target needs the one policy it is meant to have", field="--smtplab-policy")
-        fields = ("name", "ehlo", "mail_from", "rcpt_to", "ca", "client_cert", "client_key")
-        args = argparse.Namespace(target=address, **dict.fromkeys(fields))
         try:
-            externals = [target_from_args(args, policies[0])]
+            externals = [target_from_args(_run_flags(address), policies[0])]
         except BadInput as exc:
             exc.field = "--smtplab-target" if exc.field == "--target" else exc.field
             raise
@@ -217,6 +215,16 @@ def make_plan(config: pytest.Config) -> Plan:
         carrier=carrier or "memory",
         report_dir=Path(report_dir) if report_dir else None,
     )
+
+
+def _run_flags(address: str | None) -> argparse.Namespace:
+    """``smtplab run --target ADDRESS`` as its parser reads it, every other flag at its default: what
+    ``lab.conformance.targets`` builds targets from."""
+    from lab.commands.run import add_arguments
+
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser)
+    return parser.parse_args(["--target", address] if address else [])
 
 
 def _load_cases(selectors: list[str]) -> list[Case]:
