@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -26,33 +25,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+from lab.peers import free_port, wait_for_banner
+
 BODY = ("Subject: bench\r\n\r\n" + ("x" * 78 + "\r\n") * 13).encode()[:1024]
 DEADLINE = 300.0  # no phase runs longer than this (seconds of wall time)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_port(host: str, port: int, process: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5) as probe:
-            probe.recv(100)
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"no answer on {host}:{port}")
 
 
 @contextlib.contextmanager
 def started(command: list[str], host: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(host, port, process)
+        wait_for_banner(host, port, timeout=20.0, alive=lambda: process.poll() is None)
         yield process
     finally:
         process.send_signal(signal.SIGTERM)
@@ -214,7 +198,6 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=1000)
     args = parser.parse_args()
     os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from lab.peers import free_port
+
 _next_host = [10]
 
 
@@ -24,12 +26,6 @@ def fresh_loopback() -> str:
     """A distinct 127.0.x.y address per served listener, so tests never share a port space."""
     _next_host[0] += 1
     return f"127.0.{(os.getpid() % 200) + 20}.{_next_host[0]}"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass
