@@ -456,7 +456,8 @@ def failure_text(run: CaseRun) -> str:
 def note_text(run: CaseRun) -> str:
     from lab.report import visible
 
-    return visible(f"{run.verdict}: {run.reason}")
+    declared = f" (declared deviation: {run.deviation})" if run.deviation else ""
+    return visible(f"{run.verdict}: {run.reason}{declared}")
 
 
 # -- the end of the session
@@ -489,7 +490,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     if plan.result is not None:
         notes = [r for r in plan.result.runs if r.verdict in (Verdict.NON_STRICT, Verdict.INFORMATIONAL, Verdict.XFAIL)]
         for run in notes:
-            tr.line(visible(f"{run.verdict} smtplab/{run.target}::{run.name}: {run.reason}"))
+            tr.line(f"{run.verdict} smtplab/{visible(run.target)}::{run.name}: {note_text(run).partition(': ')[2]}")
         tr.line(f"verdicts: {counts_line(plan.result)}")
         if plan.report_dir is not None and plan.error is None:
             tr.line(f"reports: {plan.report_dir / 'index.html'}, {plan.report_dir / 'index.json'}")
