@@ -26,7 +26,8 @@ RULES = {
     1: ["3207-4-04"],  # STARTTLS with a parameter: 501
     2: ["3207-4.2-01", "3207-4.2-02"],  # STARTTLS inside TLS refused; EHLO inside TLS without STARTTLS
     3: ["3207-4.2-03", "ATK-INJECT-01"],  # plaintext behind STARTTLS discarded and logged
-    4: ["3207-4.2-04", "3207-4.2-05", "3207-4.2-06", "3207-4.2-07", "3207-4-06"],  # the handshake resets EHLO name and envelope
+    # the handshake resets the EHLO name and the envelope
+    4: ["3207-4.2-04", "3207-4.2-05", "3207-4.2-06", "3207-4.2-07", "3207-4-06"],
     5: ["3207-4.1-01"],  # a failed handshake is logged, delivers nothing
     6: ["5321-4.5.3.1.4-01", "5321-4.5.3.1.6-01", "5321-2.3.8-01", "5321-2.4-01"],  # lines, bare LF, NUL
     7: ["2920-3.1-01", "2920-3.1-02"],  # STARTTLS last in a pipelined group

@@ -42,7 +42,7 @@ def test_deliver_writes_complete_file_into_new(tmp_path: Path) -> None:
 
 def test_host_name_is_made_safe_for_maildir(tmp_path: Path) -> None:
     source = MaildirNames(clock=lambda: 5.0, host="a/b:c", pid=1)
-    assert source() == r"5.M0P1Q1.a\057b\072c"
+    assert source() == r"5.M000000P1Q1.a\057b\072c"
 
 
 def test_name_collision_takes_the_next_name(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ class MaildirNames:
         self._seq += 1
         now = self._clock()
         seconds, micro = int(now), round((now - int(now)) * 1_000_000) % 1_000_000
-        return f"{seconds}.M{micro}P{self._pid}Q{self._seq}.{self._host}"
+        return f"{seconds}.M{micro:06d}P{self._pid}Q{self._seq}.{self._host}"  # padded: names sort by time
 
 
 class Maildir:
