@@ -167,3 +167,14 @@ def test_parallel_jobs_give_the_serial_record(tmp_path: Path) -> None:
     parallel = [r.to_dict() for r in run(cases, tmp_path / "b", jobs=2).runs]
     assert len(serial) == len(parallel) > 10
     assert parallel == serial
+
+
+def test_an_unreachable_target_is_a_harness_error_not_failed_cases(tmp_path: Path) -> None:
+    """Nothing listens: one error for the whole run (exit 2), not a FAILED verdict per case."""
+    from lab.errors import HarnessError
+
+    target = ExternalTarget("nothing", "127.0.0.1", 9, TLSMode.PREFERRED)
+    with pytest.raises(HarnessError, match=r"cannot reach nothing at 127\.0\.0\.1:9"):
+        run(load_cases(["3207-4-01"]), tmp_path, target=target)
+    done = smtplab_run("--target", "127.0.0.1:9", "--policy", "preferred", "3207-4-01", "--report-dir", str(tmp_path))
+    assert done.returncode == 2 and done.stderr.strip().endswith("cannot reach 127.0.0.1:9: Connection refused")

@@ -12,6 +12,7 @@ import dataclasses
 import multiprocessing
 import os
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -115,6 +116,8 @@ class Runner:
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
         pairs = [(case, policy) for case in cases for policy in self._policies(case, policies)]
+        if self.options.target is not None and any(not case.requires for case, _ in pairs):
+            _check_reachable(self.options.target)
         try:
             runs = self._run_parallel(pairs) if self.options.jobs > 1 and len(pairs) > 1 else self._run_serial(pairs)
         finally:
@@ -447,6 +450,16 @@ class Runner:
             keylog.write(captures / f"{stem}.keys.log")
             keylog_path = f"captures/{stem}.keys.log"
         return f"captures/{stem}.pcap", keylog_path
+
+
+def _check_reachable(target: ExternalTarget) -> None:
+    """A target nobody answers for is the harness's problem to report (exit 2), not a FAILED per case."""
+    try:
+        with socket.create_connection((target.host, target.port), timeout=min(target.timeout, 10.0)):
+            pass
+    except OSError as exc:
+        where = target.address if target.name == target.address else f"{target.name} at {target.address}"
+        raise HarnessError(f"cannot reach {where}: {exc.strerror or exc}") from None
 
 
 class _KeylogRelay:
