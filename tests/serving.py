@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
-from lab.peers import free_port
+from lab.peers import free_port, require_peer
 
 _next_host = [10]
 
@@ -115,10 +113,8 @@ def client_context() -> ssl.SSLContext:
 
 
 def need_tool(name: str) -> str:
-    """A real client binary: missing skips locally, fails in CI (where .ci/run installs it)."""
+    """A real program (swaks, openssl, tshark): missing skips locally, fails in CI (where .ci/run installs it)."""
     path = shutil.which(name)
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{name} is required in CI (.ci/run installs it)")
-        pytest.skip(f"{name} not installed")
+    require_peer(name, path is not None, "not installed (.ci/run installs it with apt-get)")
+    assert path is not None
     return path

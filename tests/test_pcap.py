@@ -6,7 +6,6 @@ import contextlib
 import datetime
 import itertools
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.utils import rdpcap
+from serving import need_tool
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
@@ -177,11 +177,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Capture, KeyLog, Path
 @pytest.fixture(scope="module")
 def tshark(tmp_path_factory: pytest.TempPathFactory):
     """Run tshark on a file with a clean profile; missing tshark is a failure in CI (.ci/run installs it)."""
-    exe = shutil.which("tshark")
-    if exe is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("tshark is not installed but CI=true (.ci/run installs it)")
-        pytest.skip("tshark is not installed")
+    exe = need_tool("tshark")
     home = tmp_path_factory.mktemp("tshark-home")
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LC_ALL": "C"}
 

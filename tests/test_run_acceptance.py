@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -35,6 +34,7 @@ from broken_sessions import (
 )
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
+from serving import need_tool
 
 from lab.report import write_reports
 from lab.scenario.loader import load_cases
@@ -509,17 +509,6 @@ def test_the_loopback_carrier_gives_the_same_verdicts_as_memory(loopback_cli: CL
 # -- the captures, read by tshark -----------------------------------------------------------------------
 
 
-def need(tool: str) -> str:
-    """The path of a Wireshark tool; missing: skip here, fail in CI (.ci/run installs tshark)."""
-    path = shutil.which(tool)
-    if path is None:
-        message = f"{tool} is not installed (apt-get install tshark)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
-
-
 FIELDS = ("frame.number", "smtp.command_line", "smtp.response", "tls.handshake.type", "tls.record.content_type")
 
 
@@ -534,7 +523,7 @@ class Frame:
 
 def tshark(pcap: Path, *, keylog: Path | None = None) -> list[Frame]:
     """The SMTP frames and ClientHellos of one capture, as tshark dissects them."""
-    args = [need("tshark"), "-n", "-r", str(pcap)]
+    args = [need_tool("tshark"), "-n", "-r", str(pcap)]
     if keylog is not None:
         args += ["-o", f"tls.keylog_file:{keylog}"]
     args += ["-Y", "smtp || tls.handshake.type == 1", "-T", "fields", "-E", "separator=|", "-E", "occurrence=a"]
@@ -600,7 +589,7 @@ def test_every_capture_of_the_run_opens(default_cli: CLIRun) -> None:
     index = json.loads((default_cli.report / "index.json").read_text())
     assert {default_cli.report / run["capture"] for run in index["runs"] if run["capture"]} == set(pcaps)
     done = subprocess.run(
-        [need("capinfos"), "-T", "-r", "-c", "-M", *map(str, pcaps)], capture_output=True, text=True, timeout=120
+        [need_tool("capinfos"), "-T", "-r", "-c", "-M", *map(str, pcaps)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     counts = dict(line.rsplit("\t", 1) for line in done.stdout.splitlines() if line.strip())
