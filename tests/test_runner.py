@@ -178,3 +178,56 @@ def test_an_unreachable_target_is_a_harness_error_not_failed_cases(tmp_path: Pat
         run(load_cases(["3207-4-01"]), tmp_path, target=target)
     done = smtplab_run("--target", "127.0.0.1:9", "--policy", "preferred", "3207-4-01", "--report-dir", str(tmp_path))
     assert done.returncode == 2 and done.stderr.strip().endswith("cannot reach 127.0.0.1:9: Connection refused")
+
+
+def test_run_with_a_baseline_fails_only_on_regressions(tmp_path: Path) -> None:
+    """``--baseline``: the same results pass; a listener that drifted from Required to Preferred regresses."""
+    cases = ["3207-4-01", "3207-4-06", "3207-4.2-01"]
+    with serve(tmp_path / "good", "--tls", "required") as good:
+        first = smtplab_run(
+            "--target",
+            f"{good.host}:{good.port}",
+            "--policy",
+            "required",
+            "--report-dir",
+            str(tmp_path / "base"),
+            *cases,
+        )
+        assert first.returncode == 0, first.stdout + first.stderr
+        baseline = str(tmp_path / "base" / "index.json")
+        again = smtplab_run(
+            "--target",
+            f"{good.host}:{good.port}",
+            "--policy",
+            "required",
+            "--name",
+            f"{good.host}:{good.port}",
+            "--baseline",
+            baseline,
+            "--report-dir",
+            str(tmp_path / "again"),
+            *cases,
+        )
+        assert again.returncode == 0, again.stdout + again.stderr
+    with serve(tmp_path / "drifted", "--tls", "preferred") as drifted:
+        worse = smtplab_run(
+            "--target",
+            f"{drifted.host}:{drifted.port}",
+            "--policy",
+            "required",
+            "--name",
+            f"{good.host}:{good.port}",
+            "--baseline",
+            baseline,
+            "--report-dir",
+            str(tmp_path / "worse"),
+            *cases,
+        )
+    assert worse.returncode == 1, worse.stdout + worse.stderr
+    diff = subprocess.run(
+        [sys.executable, "-m", "lab", "diff", baseline, str(tmp_path / "worse" / "index.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert diff.returncode == 1 and "REGRESSED" in diff.stdout and "3207-4-01" in diff.stdout
