@@ -61,5 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except HarnessError as exc:
         print(f"smtplab: harness error: {exc}", file=sys.stderr)
         return EXIT_HARNESS
+    except OSError as exc:  # the machine said no (a directory that cannot be written, a full disk ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"smtplab: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_HARNESS
     except KeyboardInterrupt:
         return 130

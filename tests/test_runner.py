@@ -7,6 +7,7 @@ In-process tests use the memory carrier (virtual time). The loopback carrier and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -231,3 +232,22 @@ def test_run_with_a_baseline_fails_only_on_regressions(tmp_path: Path) -> None:
         timeout=60,
     )
     assert diff.returncode == 1 and "REGRESSED" in diff.stdout and "3207-4-01" in diff.stdout
+
+
+def test_unwritable_places_are_one_line_errors(tmp_path: Path) -> None:
+    """A report dir or state dir the machine refuses: one line naming it, no traceback."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    bad_report = smtplab_run("--report-dir", str(blocker / "report"), "3207-4-01")
+    assert bad_report.returncode == 3 and "Traceback" not in bad_report.stderr
+    assert bad_report.stderr.strip() == (f"smtplab: --report-dir: cannot create {blocker / 'report'}: Not a directory")
+    env = {**os.environ, "SMTPLAB_STATE": str(blocker / "state")}
+    bad_state = subprocess.run(
+        [sys.executable, "-m", "lab", "run", "--report-dir", str(tmp_path / "r"), "3207-4-01"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad_state.returncode == 2 and "Traceback" not in bad_state.stderr
+    assert str(blocker / "state") in bad_state.stderr and len(bad_state.stderr.strip().splitlines()) == 1

@@ -103,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
 
         baseline = load_index(args.baseline)
     report_dir = Path(args.report_dir)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create {report_dir}: {exc.strerror or exc}", field="--report-dir") from None
     total = sum(
         1 for case in cases for p in ([str(target.policy)] if target else policies) if target or p in case.policies
     )
