@@ -41,7 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for everything the lab chooses (default 0)")
     parser.add_argument("--report-dir", default="smtplab-report", metavar="DIR", help="default ./smtplab-report")
     parser.add_argument("--strict", action="store_true", help="NON-STRICT verdicts fail the run too")
-    parser.add_argument("-j", "--jobs", type=int, default=1, metavar="N", help="parallel runs (external targets)")
+    parser.add_argument(
+        "-j",
+        "--jobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="runs at once, in worker processes (default 1, or a profile's concurrency)",
+    )
     parser.add_argument("--no-timestamps", action="store_true", help="leave wall-clock times out of index.json")
     parser.add_argument("--baseline", metavar="INDEX", help="fail only on regressions against this index.json")
     external = parser.add_argument_group("external targets")
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from lab.scenario.verdict import Verdict
 
     policies = _policies(args.policy)
-    if args.jobs < 1:
+    if args.jobs is not None and args.jobs < 1:
         raise BadInput("must be at least 1", field="--jobs")
     target = _external_target(args, policies)
     topology = load_topology(args.topology) if args.topology else default_topology()
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             report_dir=report_dir,
             timestamps=not args.no_timestamps,
             target=target,
-            jobs=args.jobs,
+            jobs=args.jobs or (target.concurrency if target is not None else 1),
             progress=progress.advance,
         )
         result = run_cases(cases, policies, options)

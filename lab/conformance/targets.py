@@ -67,5 +67,6 @@ def target_from_profile(path: str | Path, args: argparse.Namespace | None = None
         else _client_cert(profile.client_cert, profile.client_key, "client_cert"),
         server_name=given.get("server_name") or profile.server_name,
         timeout=profile.timeouts.reply,
+        concurrency=profile.concurrency,
         deviations=profile.deviations,
     )

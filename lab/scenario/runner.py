@@ -69,6 +69,7 @@ class ExternalTarget:
     client_cert: CertKey | None = None
     server_name: str | None = None
     timeout: float = 30.0
+    concurrency: int = 1  # runs at once when ``-j`` is not given (a profile's ``concurrency``)
     deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
 
     @property
