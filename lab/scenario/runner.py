@@ -204,7 +204,7 @@ class Runner:
                 transcript = list(record.transcript)
                 observed = {**record.observed, **extra.pop("observed", {})}
                 transcript.extend(extra.pop("notes", []))
-                observed["plaintext_exposure"] = _exposure(case, capture)
+                observed["plaintext_exposure"] = self._exposure(case, capture)
                 evaluation = evaluate(case, policy, observed, external=external)
         except HarnessError as exc:
             evaluation = Evaluation(Verdict.ERROR, None, f"harness error: {exc}")
@@ -366,17 +366,22 @@ class Runner:
                     )
         return boxes
 
-    def _steps(self, case: Case, ehlo: str) -> list[Any]:
-        if case.client.steps is not None:
-            return list(case.client.steps)
-        target = self.options.target
-        defaults = ClientSpec(host="")
-        # A target's envelope replaces the catalogue's defaults; an address a case chose on purpose stays.
+    def _envelope(self, case: Case) -> tuple[str, tuple[str, ...]]:
+        """The envelope a behaviour client sends: a target's replaces the catalogue's defaults, never an
+        address a case chose on purpose."""
+        target, defaults = self.options.target, ClientSpec(host="")
         mail_from, rcpt_to = case.client.mail_from, case.client.rcpt_to
         if target and target.mail_from and mail_from == defaults.mail_from:
             mail_from = target.mail_from
         if target and target.rcpt_to and rcpt_to == defaults.rcpt_to:
             rcpt_to = (target.rcpt_to,)
+        return mail_from, rcpt_to
+
+    def _steps(self, case: Case, ehlo: str) -> list[Any]:
+        if case.client.steps is not None:
+            return list(case.client.steps)
+        target = self.options.target
+        mail_from, rcpt_to = self._envelope(case)
         return behaviour_steps(
             case.client.behaviour or "prefer",
             ehlo=(target.ehlo if target and target.ehlo else None) or case.client.ehlo or ehlo,
@@ -384,6 +389,17 @@ class Runner:
             rcpt_to=rcpt_to,
             body_marker=case.marker,
         )
+
+    def _exposure(self, case: Case, capture: Capture) -> dict[str, bool]:
+        """Did an envelope address or the body marker cross the wire unencrypted? (SPEC.md 5)"""
+        wire = b"".join(flow.payload(Direction.C2S) for flow in capture.flows)
+        if case.client.steps is None:
+            mail_from, rcpt_to = self._envelope(case)
+            addresses: tuple[str, ...] = (mail_from, *rcpt_to)
+        else:
+            addresses = case.envelope_addresses()
+        envelope = any(f"<{a}>".encode() in wire for a in addresses if a)
+        return {"envelope": envelope, "body": any(marker.encode() in wire for marker in case.markers())}
 
     # -- external targets
 
@@ -472,13 +488,6 @@ class _KeylogRelay:
     def callback(self, line: bytes) -> None:
         if self.target is not None:
             self.target.callback(line)
-
-
-def _exposure(case: Case, capture: Capture) -> dict[str, bool]:
-    """Did an envelope address or the body marker cross the wire unencrypted? (SPEC.md 5)"""
-    wire = b"".join(flow.payload(Direction.C2S) for flow in capture.flows)
-    envelope = any(f"<{a}>".encode() in wire for a in case.envelope_addresses() if a)
-    return {"envelope": envelope, "body": any(marker.encode() in wire for marker in case.markers())}
 
 
 def _expected(evaluation: Evaluation) -> Expected | None:
