@@ -207,7 +207,9 @@ def make_plan(config: pytest.Config) -> Plan:
     if externals:
         targets = [TargetPlan(t.name, t, (str(t.policy),)) for t in externals]
     else:
-        targets = [TargetPlan(_lab_target_name(), None, tuple(policies or POLICIES))]
+        from lab.scenario.runner import lab_target_name
+
+        targets = [TargetPlan(lab_target_name(), None, tuple(policies or POLICIES))]
     report_dir = config.getoption("smtplab_report_dir")
     return Plan(
         cases=_load_cases(_selectors(config.getoption("smtplab_select"))),
@@ -235,16 +237,6 @@ def _load_cases(selectors: list[str]) -> list[Case]:
     if not cases:
         raise BadInput("no case matches " + " ".join(selectors), field="--smtplab-select")
     return cases
-
-
-def _lab_target_name() -> str:
-    """``lab:Inboundmail``: the name the runner gives the built-in topology's public listener."""
-    from lab.net.topology import default_topology
-    from lab.policy.modes import ListenerType
-
-    listeners = default_topology().appliance().listeners
-    public = next((item for item in listeners if item.type is ListenerType.PUBLIC), listeners[0])
-    return f"lab:{public.name}"
 
 
 @pytest.hookimpl(trylast=True)

@@ -184,7 +184,7 @@ class Runner:
         listener = self._listener(None)
         address = self.topology.appliance().interfaces[listener.interface].address
         mapping = self.topology.loopback_map() if self.options.carrier == "loopback" else None
-        return Target(f"lab:{listener.name}", f"{address}:{listener.port}", None, mapping)
+        return Target(lab_target_name(self.topology), f"{address}:{listener.port}", None, mapping)
 
     # -- one case under one policy
 
@@ -245,10 +245,7 @@ class Runner:
                 return appliance.listener(name)
             except KeyError:
                 raise HarnessError(f"the appliance has no listener {name!r}") from None
-        for listener in appliance.listeners:
-            if listener.type is ListenerType.PUBLIC:
-                return listener
-        return appliance.listeners[0]
+        return public_listener(appliance)
 
     def _appliance_for(self, case: Case, policy: str, client_ip: str) -> tuple[Appliance, Listener]:
         """The topology's appliance with the policy under test set on the client's sender-group policy."""
@@ -495,6 +492,16 @@ def _expected(evaluation: Evaluation) -> Expected | None:
     if alt is None:
         return None
     return Expected(alt.verdict, alt.label, alt.to_dict()["conditions"])
+
+
+def public_listener(appliance: Appliance) -> Listener:
+    """The listener cases run against unless they name one: the first public listener."""
+    return next((item for item in appliance.listeners if item.type is ListenerType.PUBLIC), appliance.listeners[0])
+
+
+def lab_target_name(topology: Topology | None = None) -> str:
+    """``lab:Inboundmail``: how records name the lab's own target in a topology (default: the built-in one)."""
+    return f"lab:{public_listener((topology or default_topology()).appliance()).name}"
 
 
 _worker_runner: Runner | None = None
