@@ -34,14 +34,13 @@ from lab.appliance.certs import LabCA
 from lab.conformance.profile import load_profile
 from lab.peers import (
     Peer,
-    aiosmtpd_peer,
     make_peer_workdir,
     next_address,
     pid_running,
-    postfix,
-    require_peer,
+    require_kind,
     start_all,
     stop_all,
+    unavailable_reason,
 )
 from lab.peers.aiosmtpd_peer import AiosmtpdPeer
 from lab.peers.postfix import PostfixPeer
@@ -82,12 +81,6 @@ PEERS = {
     "aiosmtpd-tls": Spec("aiosmtpd", "tls", "preferred"),
     "aiosmtpd-require": Spec("aiosmtpd", "require", "required"),
 }
-REASONS = {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}
-
-
-def _require(kind: str) -> None:
-    reason = REASONS[kind]()
-    require_peer(kind, reason is None, reason or "")
 
 
 # -- the peers
@@ -116,7 +109,9 @@ def _build(name: str, spec: Spec, root: Path, ca: LabCA) -> Peer:
 def fleet(peer_root: Path, lab_ca: LabCA) -> Iterator[dict[str, Peer]]:
     """Every available peer, started together; stopped together (by PID) at the end of the module."""
     peers = {
-        name: _build(name, spec, peer_root, lab_ca) for name, spec in PEERS.items() if REASONS[spec.kind]() is None
+        name: _build(name, spec, peer_root, lab_ca)
+        for name, spec in PEERS.items()
+        if unavailable_reason(spec.kind) is None
     }
     start_all(list(peers.values()))
     yield peers
@@ -124,7 +119,7 @@ def fleet(peer_root: Path, lab_ca: LabCA) -> Iterator[dict[str, Peer]]:
 
 
 def _running(fleet: dict[str, Peer], name: str) -> Peer:
-    _require(PEERS[name].kind)
+    require_kind(PEERS[name].kind)
     peer = fleet[name]
     peer.start()  # a no-op while it runs; restarts it if an earlier test stopped it
     return peer

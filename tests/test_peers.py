@@ -29,9 +29,11 @@ from lab.peers import (
     next_address,
     pid_running,
     postfix,
+    require_kind,
     require_peer,
     start_all,
     stop_all,
+    unavailable_reason,
 )
 from lab.peers.aiosmtpd_peer import AiosmtpdPeer
 from lab.peers.postfix import PostfixPeer
@@ -61,12 +63,6 @@ CASES = {
 TLS_CASES = [name for name, e in CASES.items() if e.starttls == 220]
 PLAIN_CASES = [name for name, e in CASES.items() if e.mail_before_tls == 250]
 POSTFIX_CASES = [name for name, e in CASES.items() if e.kind == "postfix"]
-REASONS = {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}
-
-
-def _require(kind: str) -> None:
-    reason = REASONS[kind]()
-    require_peer(kind, reason is None, reason or "")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +92,7 @@ def fleet(peer_root: Path, lab_ca: LabCA) -> Iterator[dict[str, Peer]]:
     peers = {
         name: _build(name, expect, peer_root, lab_ca)
         for name, expect in CASES.items()
-        if REASONS[expect.kind]() is None
+        if unavailable_reason(expect.kind) is None
     }
     if postfix.available():
         address = next_address()
@@ -114,7 +110,7 @@ def fleet(peer_root: Path, lab_ca: LabCA) -> Iterator[dict[str, Peer]]:
 def case(request: pytest.FixtureRequest, fleet: dict[str, Peer]) -> tuple[Peer, Expect]:
     """One peer, running (restarted if an earlier test stopped it), and what it must do."""
     expect = CASES[request.param]
-    _require(expect.kind)
+    require_kind(expect.kind)
     peer = fleet[request.param]
     peer.start()
     return peer, expect
@@ -239,7 +235,7 @@ def test_postfix_logs_tls_to_its_own_maillog(case: tuple[Peer, Expect], client_t
 
 @pytest.mark.peer
 def test_postfix_instances_run_side_by_side(fleet: dict[str, Peer]) -> None:
-    _require("postfix")
+    require_kind("postfix")
     running = [p for p in fleet.values() if isinstance(p, PostfixPeer)]
     start_all(running)  # no-op for those already running
     assert len(running) >= 3 and all(p.running for p in running)
@@ -256,7 +252,7 @@ def test_postfix_instances_run_side_by_side(fleet: dict[str, Peer]) -> None:
 def test_postfix_verify_client_requires_a_client_certificate(
     fleet: dict[str, Peer], lab_ca: LabCA, client_tls: ssl.SSLContext, peer_root: Path
 ) -> None:
-    _require("postfix")
+    require_kind("postfix")
     peer = fleet["postfix-encrypt-verify"]
     assert isinstance(peer, PostfixPeer)
     peer.start()
@@ -284,7 +280,7 @@ def test_postfix_verify_client_requires_a_client_certificate(
 @pytest.mark.peer
 @pytest.mark.parametrize("kind", ["postfix", "aiosmtpd"])
 def test_port_in_use_is_a_harness_error_and_leaves_nothing(kind: str, peer_root: Path) -> None:
-    _require(kind)
+    require_kind(kind)
     address = next_address()
     with socket.socket() as squatter:
         squatter.bind((address, 0))

@@ -34,6 +34,19 @@ MAX_PROBES = 2000  # hard bound on any probe loop, whatever the clock does
 LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
+def unavailable_reason(kind: str) -> str | None:
+    """Why peer ``kind`` (``postfix`` or ``aiosmtpd``) cannot run here, or ``None`` when it can."""
+    from lab.peers import aiosmtpd_peer, postfix  # the peer modules import this package
+
+    return {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}[kind]()
+
+
+def require_kind(kind: str) -> None:
+    """``require_peer`` for one of the peers this package starts."""
+    reason = unavailable_reason(kind)
+    require_peer(kind, reason is None, reason or "")
+
+
 def require_peer(name: str, available: bool, why: str = "") -> None:
     """Skip a test whose peer is missing, but fail it when ``CI=true``: CI installs every peer, so absence is a bug."""
     if available:
