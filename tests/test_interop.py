@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -34,7 +33,6 @@ from lab.appliance.certs import LabCA
 from lab.conformance.profile import load_profile
 from lab.peers import (
     Peer,
-    make_peer_workdir,
     next_address,
     pid_running,
     require_kind,
@@ -84,18 +82,6 @@ PEERS = {
 
 
 # -- the peers
-
-
-@pytest.fixture(scope="module")
-def peer_root() -> Iterator[Path]:
-    root = make_peer_workdir(prefix="smtplab-interop-")
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def lab_ca(peer_root: Path) -> LabCA:
-    return LabCA(peer_root / "state")
 
 
 def _build(name: str, spec: Spec, root: Path, ca: LabCA) -> Peer:

@@ -12,7 +12,7 @@ import pytest_twisted
 from serving import client_context, free_port, fresh_loopback, serve
 from twisted.internet import defer, protocol, reactor
 
-from lab.appliance.certs import LabCA
+from lab.appliance.certs import CertKey, LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
@@ -100,10 +100,10 @@ def _tls_client(server_host: str, port: int, cert: tuple[Path, Path] | None) -> 
     return client
 
 
-def _write_cert(path: Path, certkey: object) -> tuple[Path, Path]:
+def _write_cert(path: Path, certkey: CertKey) -> tuple[Path, Path]:
     cert, key = path.with_suffix(".pem"), path.with_suffix(".key")
-    cert.write_bytes(certkey.cert_pem)  # type: ignore[attr-defined]
-    key.write_bytes(certkey.key_pem)  # type: ignore[attr-defined]
+    cert.write_bytes(certkey.cert_pem)
+    key.write_bytes(certkey.key_pem)
     return cert, key
 
 

@@ -7,7 +7,6 @@ checks reply codes and what lands on disk; the last tests stop them and check th
 
 from __future__ import annotations
 
-import shutil
 import smtplib
 import socket
 import ssl
@@ -25,7 +24,6 @@ from lab.peers import (
     aiosmtpd_peer,
     check_searchable,
     free_port,
-    make_peer_workdir,
     next_address,
     pid_running,
     postfix,
@@ -63,18 +61,6 @@ CASES = {
 TLS_CASES = [name for name, e in CASES.items() if e.starttls == 220]
 PLAIN_CASES = [name for name, e in CASES.items() if e.mail_before_tls == 250]
 POSTFIX_CASES = [name for name, e in CASES.items() if e.kind == "postfix"]
-
-
-@pytest.fixture(scope="module")
-def peer_root() -> Iterator[Path]:
-    root = make_peer_workdir()
-    yield root
-    shutil.rmtree(root, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def lab_ca(peer_root: Path) -> LabCA:
-    return LabCA(peer_root / "state")
 
 
 def _build(name: str, expect: Expect, root: Path, ca: LabCA) -> Peer:

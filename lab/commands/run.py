@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
     from lab.report import write_reports
     from lab.report.terminal import ProgressReporter, make_console, render
     from lab.scenario.loader import load_cases
-    from lab.scenario.runner import RunOptions, run_cases
+    from lab.scenario.runner import RunOptions, run_cases, run_pairs
     from lab.scenario.verdict import Verdict
 
     policies = _policies(args.policy)
@@ -114,10 +114,7 @@ def run(args: argparse.Namespace) -> int:
         report_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInput(f"cannot create {report_dir}: {exc.strerror or exc}", field="--report-dir") from None
-    total = sum(
-        1 for case in cases for p in ([str(target.policy)] if target else policies) if target or p in case.policies
-    )
-    with ProgressReporter(total) as progress:
+    with ProgressReporter(len(run_pairs(cases, policies, target))) as progress:
         options = RunOptions(
             carrier=args.carrier,
             topology=topology,

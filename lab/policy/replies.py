@@ -25,10 +25,6 @@ class Reply:
             out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
         return "".join(out).encode("utf-8")
 
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
-
 
 MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 LACK_OF_SECURITY = Reply(554, "5.7.0", "Command refused due to lack of security")

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import task
 from twisted.internet.protocol import ClientFactory
@@ -116,7 +116,7 @@ class Runner:
     # -- the whole run
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
-        pairs = [(case, policy) for case in cases for policy in self._policies(case, policies)]
+        pairs = run_pairs(cases, policies, self.options.target)
         if self.options.target is not None and any(not case.requires for case, _ in pairs):
             _check_reachable(self.options.target)
         try:
@@ -169,11 +169,6 @@ class Runner:
                     self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
         return [run for run in runs if run is not None]
 
-    def _policies(self, case: Case, policies: Sequence[str]) -> list[str]:
-        if self.options.target is not None:
-            return [str(self.options.target.policy)]
-        return [p for p in policies if p in case.policies]
-
     def _carrier_name(self) -> str:
         return "tcp" if self.options.target is not None else self.options.carrier
 
@@ -200,10 +195,10 @@ class Runner:
             if external and case.requires:
                 evaluation = evaluate(case, policy, observed, external=True)
             else:
-                record, extra, virtual = (self._external if external else self._lab)(case, policy, capture, keylog)
-                transcript = list(record.transcript)
-                observed = {**record.observed, **extra.pop("observed", {})}
-                transcript.extend(extra.pop("notes", []))
+                outcome = (self._external if external else self._lab)(case, policy, capture)
+                virtual = outcome.seconds
+                transcript = [*outcome.record.transcript, *outcome.notes]
+                observed = {**outcome.record.observed, **outcome.observed}
                 observed["plaintext_exposure"] = self._exposure(case, capture)
                 evaluation = evaluate(case, policy, observed, external=external)
         except HarnessError as exc:
@@ -273,7 +268,7 @@ class Runner:
             raise HarnessError(f"{case.where()}: the topology has no host {case.client.host!r}") from None
         return host.address, (host.dns_names[0] if host.dns_names else host.name)
 
-    def _lab(self, case: Case, policy: str, capture: Capture, keylog: KeyLog) -> tuple[ClientRecord, dict, float]:
+    def _lab(self, case: Case, policy: str, capture: Capture) -> _Outcome:
         client_ip, client_name = self._client_host(case)
         appliance, listener = self._appliance_for(case, policy, client_ip)
         server_ip = appliance.interfaces[listener.interface].address
@@ -346,7 +341,7 @@ class Runner:
             "server_log": [_LOG_PREFIX.sub("", line) for line in maillog.lines],
         }
         notes = [f"=== middlebox: {note}" for box in boxes for note in box.notes]
-        return record, {"observed": observed, "notes": notes}, clock.seconds() - begin
+        return _Outcome(record, observed, notes, clock.seconds() - begin)
 
     def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
         boxes = []
@@ -400,7 +395,7 @@ class Runner:
 
     # -- external targets
 
-    def _external(self, case: Case, policy: str, capture: Capture, keylog: KeyLog) -> tuple[ClientRecord, dict, float]:
+    def _external(self, case: Case, policy: str, capture: Capture) -> _Outcome:
         from twisted.internet import reactor
 
         from lab.net.loopback import LoopbackNetwork
@@ -429,7 +424,7 @@ class Runner:
                 max_version=options.max_version,
                 ciphers=options.ciphers,
                 client_cert=cert,
-                keylog=keylog.callback,
+                keylog=self._keylog.callback,
             )
 
         def connect(f: ClientFactory) -> Any:
@@ -447,7 +442,7 @@ class Runner:
         )
         begin = time.monotonic()
         record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
-        return record, {}, time.monotonic() - begin
+        return _Outcome(record, {}, [], time.monotonic() - begin)
 
     # -- captures
 
@@ -474,6 +469,22 @@ def _check_reachable(target: ExternalTarget) -> None:
     except OSError as exc:
         where = target.address if target.name == target.address else f"{target.name} at {target.address}"
         raise HarnessError(f"cannot reach {where}: {exc.strerror or exc}") from None
+
+
+def run_pairs(cases: Sequence[Case], policies: Sequence[str], target: ExternalTarget | None) -> list[tuple[Case, str]]:
+    """The runs a selection makes: each case under each policy it lists, or under the target's declared one."""
+    if target is not None:
+        return [(case, str(target.policy)) for case in cases]
+    return [(case, policy) for case in cases for policy in policies if policy in case.policies]
+
+
+class _Outcome(NamedTuple):
+    """What one carried-out run gives the record: the client's view, the lab's own facts, notes, duration."""
+
+    record: ClientRecord
+    observed: dict[str, Any]  # facts only the lab knows (spooled, server_log), added to the client's
+    notes: list[str]  # transcript lines from the link (middlebox notes)
+    seconds: float  # virtual seconds on the memory carrier, wall seconds otherwise
 
 
 class _KeylogRelay:
