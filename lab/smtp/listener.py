@@ -15,7 +15,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -30,6 +30,10 @@ from lab.policy import replies
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
+
+#: After the 421 of a clean stop, how long a TLS connection waits for the client's close_notify before it is
+#: aborted (a TLS close waits for the peer's; one that does not read would otherwise hold the stop up).
+TLS_CLOSE_WAIT = 1.0
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -116,6 +120,7 @@ class ListenerFactory(ServerFactory):
         self.active = 0
         self.per_ip: Counter[str] = Counter()
         self.live: set[ListenerProtocol] = set()  # open connections, for a clean stop (``shutdown``)
+        self._lingering: dict[ListenerProtocol, IDelayedCall] = {}  # told 421 inside TLS: abort timers
 
     def buildProtocol(self, addr: Any) -> ListenerProtocol:
         protocol = ListenerProtocol(self)
@@ -151,7 +156,14 @@ class ListenerFactory(ServerFactory):
     def forget(self, protocol: ListenerProtocol) -> None:
         """A connection is closed (its last log line written)."""
         self.live.discard(protocol)
+        timer = self._lingering.pop(protocol, None)
+        if timer is not None and timer.active():
+            timer.cancel()
         self._check_stopped()
+
+    def linger(self, protocol: ListenerProtocol, seconds: float) -> None:
+        """Abort ``protocol``'s connection if it is still open ``seconds`` from now."""
+        self._lingering[protocol] = self.runtime.clock.callLater(seconds, protocol.transport.abortConnection)
 
     def _check_stopped(self) -> None:
         if self._stopped is not None and not self.live and not self._stopped.called:
@@ -356,7 +368,10 @@ class ListenerProtocol(Protocol, TimeoutMixin):
         if self.session is None:  # turned away before a session began: its 421 and close are under way
             self.transport.loseConnection()
             return
-        self._apply(self.session.shutdown())
+        actions = self.session.shutdown()
+        self._apply(actions)
+        if actions and self._tls_done:
+            self.owner.linger(self, TLS_CLOSE_WAIT)  # the 421 is flushed by then; close_notify may never come
 
 
 def _reason_text(reason: Failure | None) -> str:
