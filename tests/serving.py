@@ -155,11 +155,13 @@ async def mail_load(
     per_session: int = 3,
     trigger_after: int = 100,
     trigger: Callable[[], None] | None = None,
+    total: int | None = None,
     deadline: float = 60.0,
 ) -> LoadResult:
     """``clients`` concurrent SMTP clients sending ``per_session`` messages per session, reconnecting until the
-    server stops answering; ``trigger`` runs once ``trigger_after`` messages are acknowledged. Bounded by
-    ``deadline`` seconds of wall time and by every client stopping at its first connection that is not served."""
+    server stops answering (or ``total`` messages are acknowledged); ``trigger`` runs once ``trigger_after`` are.
+    Bounded by ``deadline`` seconds of wall time and by every client stopping at its first connection that is
+    not served."""
     result = LoadResult()
     end = time.monotonic() + deadline
 
@@ -226,7 +228,7 @@ async def mail_load(
                     result.refused.add(load_id)
             await command(reader, writer, b"QUIT", b"221")
             result.completed += 1
-            return time.monotonic() < end
+            return time.monotonic() < end and (total is None or len(result.acked) < total)
         except _SessionEnded as ended:
             if str(ended) != "421":
                 result.cut += 1
