@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -11,8 +13,8 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lab.peers import free_port, require_peer
@@ -118,3 +120,143 @@ def need_tool(name: str) -> str:
     require_peer(name, path is not None, "not installed (.ci/run installs it with apt-get)")
     assert path is not None
     return path
+
+
+# --- mail under load, for the stop and crash tests (and benchmarks/bench_crash.py) --------------------------
+
+LOAD_ID = re.compile(rb"^X-Load-Id: (\S+)\r?$", re.MULTILINE)
+SHUTTING_DOWN = b"Service shutting down"
+
+
+@dataclass
+class LoadResult:
+    """What the clients of ``mail_load`` saw, message by message (each body carries a unique ``X-Load-Id``)."""
+
+    acked: set[str] = field(default_factory=set)  # the final reply to DATA was 250
+    refused: set[str] = field(default_factory=set)  # the final reply to DATA was something else (421, 451 ...)
+    unanswered: set[str] = field(default_factory=set)  # the data was sent; the connection ended before a reply
+    sessions: int = 0  # sessions that got a 220 banner
+    completed: int = 0  # sessions that ended with our QUIT
+    shutting_down: int = 0  # sessions ended by the server's 421 4.3.2 ... Service shutting down
+    cut: int = 0  # sessions that ended by EOF or reset without a 421
+    not_served: int = 0  # connection attempts refused, or closed before a banner
+    triggered_at: int | None = None  # len(acked) when ``trigger`` ran
+
+
+class _SessionEnded(Exception):
+    pass
+
+
+async def mail_load(
+    host: str,
+    port: int,
+    *,
+    clients: int = 50,
+    per_session: int = 3,
+    trigger_after: int = 100,
+    trigger: Callable[[], None] | None = None,
+    total: int | None = None,
+    deadline: float = 60.0,
+) -> LoadResult:
+    """``clients`` concurrent SMTP clients sending ``per_session`` messages per session, reconnecting until the
+    server stops answering (or ``total`` messages are acknowledged); ``trigger`` runs once ``trigger_after`` are.
+    Bounded by ``deadline`` seconds of wall time and by every client stopping at its first connection that is
+    not served."""
+    result = LoadResult()
+    end = time.monotonic() + deadline
+
+    def acked(load_id: str) -> None:
+        result.acked.add(load_id)
+        if trigger is not None and result.triggered_at is None and len(result.acked) >= trigger_after:
+            result.triggered_at = len(result.acked)
+            trigger()
+
+    async def reply(reader: asyncio.StreamReader) -> bytes:
+        lines = b""
+        while True:
+            line = await asyncio.wait_for(reader.readline(), timeout=max(0.1, end - time.monotonic()))
+            if not line.endswith(b"\n"):
+                raise _SessionEnded
+            lines += line
+            if line[3:4] != b"-":
+                if line.startswith(b"421") and SHUTTING_DOWN in line:
+                    result.shutting_down += 1
+                    raise _SessionEnded("421")
+                return lines
+
+    async def command(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, line: bytes, code: bytes) -> None:
+        writer.write(line + b"\r\n")
+        answer = await reply(reader)
+        if not answer.startswith(code):
+            raise AssertionError(f"{line!r} got {answer!r}")
+
+    async def session(number: int, sequence: list[int]) -> bool:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout=5)
+        except (OSError, TimeoutError):
+            result.not_served += 1
+            return False
+        in_flight: str | None = None
+        try:
+            try:
+                if not (await reply(reader)).startswith(b"220"):
+                    raise _SessionEnded
+            except (_SessionEnded, ConnectionError, TimeoutError):
+                result.not_served += 1
+                return False
+            result.sessions += 1
+            await command(reader, writer, b"EHLO load.example", b"250")
+            for _ in range(per_session):
+                sequence[0] += 1
+                load_id = f"c{number}-{sequence[0]}"
+                await command(reader, writer, b"MAIL FROM:<load@client.example>", b"250")
+                await command(reader, writer, b"RCPT TO:<bob@example.com>", b"250")
+                await command(reader, writer, b"DATA", b"354")
+                in_flight = load_id
+                writer.write(f"Subject: load\r\nX-Load-Id: {load_id}\r\n\r\n".encode() + b"x" * 512 + b"\r\n.\r\n")
+                try:
+                    answer = await reply(reader)
+                except _SessionEnded as ended:
+                    if str(ended) == "421":
+                        result.refused.add(load_id)
+                        in_flight = None
+                    raise
+                in_flight = None
+                if answer.startswith(b"250"):
+                    acked(load_id)
+                else:
+                    result.refused.add(load_id)
+            await command(reader, writer, b"QUIT", b"221")
+            result.completed += 1
+            return time.monotonic() < end and (total is None or len(result.acked) < total)
+        except _SessionEnded as ended:
+            if str(ended) != "421":
+                result.cut += 1
+            return False
+        except (ConnectionError, TimeoutError):
+            result.cut += 1
+            return False
+        finally:
+            if in_flight is not None:
+                result.unanswered.add(in_flight)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    async def client(number: int) -> None:
+        sequence = [0]
+        while await session(number, sequence):
+            pass
+
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return result
+
+
+def load_ids(paths: list[Path]) -> set[str]:
+    """The ``X-Load-Id`` of each stored message."""
+    found = set()
+    for path in paths:
+        match = LOAD_ID.search(path.read_bytes())
+        if match:
+            found.add(match.group(1).decode())
+    return found

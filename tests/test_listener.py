@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import smtplib
 import ssl
 from pathlib import Path
@@ -134,9 +135,9 @@ def test_verify_client_certificate_on_real_sockets(tmp_path: Path, mode: str) ->
 
 def test_spool_failure_answers_451_and_keeps_serving(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    (run / "spool").mkdir(parents=True)
-    (run / "spool" / "Inboundmail").write_text("a file where the Maildir should be")
-    with serve(run, "--tls", "no") as server:
+    with serve(run, "--tls", "no") as server:  # the spool is checked at start; it breaks while serving
+        shutil.rmtree(server.spool / "Inboundmail")
+        (server.spool / "Inboundmail").write_text("a file where the Maildir should be")
         with smtplib.SMTP(server.host, server.port, local_hostname="c.example", timeout=10) as client:
             with pytest.raises(smtplib.SMTPDataError) as refused:
                 client.sendmail("a@sender.example", ["bob@example.com"], MESSAGE)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lab.appliance.maillog import GRAMMAR, MailLog, format_timestamp, parse_line
+from lab.appliance.maillog import GRAMMAR, TAIL_LINES, MailLog, format_timestamp, parse_line
 from lab.errors import BadInput
 from lab.policy.modes import Behaviour, ClientCert
 
@@ -79,7 +79,27 @@ def test_stream_sink_and_echo() -> None:
     log = fixed_log(sink=stream, echo=echoed.append)
     line = log.close(3, by="server")
     assert line == f"{STAMP} Info: ICID 3 close by server"
-    assert stream.getvalue() == line + "\n" and echoed == [line] and log.lines == [line]
+    assert stream.getvalue() == line + "\n" and echoed == [line] and list(log.lines) == [line]
+
+
+def test_memory_is_bounded_while_the_file_grows(tmp_path: Path) -> None:
+    """A long-running ``smtplab serve`` writes every line through; the object keeps only a fixed tail."""
+    path = tmp_path / "mail.log"
+    with fixed_log(sink=path, tail=50) as log:
+        for icid in range(1, 5001):
+            log.close(icid)
+        assert len(log.lines) == 50 and log.lines[-1].endswith("ICID 5000 close")
+        assert log.lines[0].endswith("ICID 4951 close")
+    assert len(path.read_text().splitlines()) == 5000
+
+
+def test_default_tail_is_bounded_and_echo_sees_every_line() -> None:
+    seen: list[str] = []
+    log = fixed_log(echo=seen.append)
+    assert log.lines.maxlen == TAIL_LINES
+    for icid in range(TAIL_LINES + 10):
+        log.close(icid)
+    assert len(log.lines) == TAIL_LINES and len(seen) == TAIL_LINES + 10
 
 
 def test_clock_is_read_per_line() -> None:
@@ -164,6 +184,15 @@ CASES = [
     ),
     (lambda log: log.mid_deferred(2, "TLS required"), {"event": "mid_deferred", "reason": "TLS required"}),
     (lambda log: log.mid_bounced(2, "5.7.10"), {"event": "mid_bounced", "reason": "5.7.10"}),
+    (
+        lambda log: log.spool_leftover(Path("/spool/In (1)/tmp/1.M0P1Q1.esa"), 1234, delivered=False),
+        {"event": "spool_leftover", "path": "/spool/In (1)/tmp/1.M0P1Q1.esa", "nbytes": 1234}
+        | {"state": "incomplete", "level": "Warning"},
+    ),
+    (
+        lambda log: log.spool_leftover("tmp/x", 0, delivered=True),
+        {"event": "spool_leftover", "path": "tmp/x", "nbytes": 0, "state": "delivered"},
+    ),
     (
         lambda log: log.dcid_new(8, "192.168.2.1", "203.0.113.5", 25),
         {"event": "dcid_new", "dcid": 8, "interface_addr": "192.168.2.1", "peer_ip": "203.0.113.5", "port": 25},

@@ -102,6 +102,61 @@ def test_partial_write_never_appears_in_new(tmp_path: Path) -> None:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
+WHOLE = b"Subject: whole\r\n\r\n" + b"x" * 1000
+
+
+@pytest.mark.parametrize(
+    ("point", "in_new", "state"),
+    [("half_written", False, False), ("before_link", False, False), ("after_link", True, True)],
+)
+def test_a_crash_anywhere_in_deliver_never_leaves_half_a_message_in_new(
+    tmp_path: Path, point: str, in_new: bool, state: bool
+) -> None:
+    """The process dies (os._exit, like kill -9) at each step of tmp, fsync, link, fsync dir; then recover()."""
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from lab.appliance import spool
+        box = spool.Maildir({str(tmp_path)!r}, name_source=lambda: "m1")
+        real_write = os.write
+        if {point!r} == "half_written":
+            os.write = lambda fd, data: (real_write(fd, bytes(data)[:10]), os._exit(9))
+        elif {point!r} == "before_link":
+            os.link = lambda *args: os._exit(9)
+        else:
+            spool._fsync_dir = lambda *args: os._exit(9)
+        box.deliver({WHOLE!r})
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 9, done.stderr
+    assert [p.name for p in (tmp_path / "tmp").iterdir()] == ["m1"]  # the crash left its tmp/ file
+
+    leftovers = Maildir(tmp_path).recover()
+    assert [(item.path.name, item.delivered) for item in leftovers] == [("m1", state)]
+    assert list((tmp_path / "tmp").iterdir()) == []
+    messages = [p.read_bytes() for p in (tmp_path / "new").iterdir()]
+    assert messages == ([WHOLE] if in_new else [])
+
+
+def test_recover_on_a_clean_maildir_finds_nothing(tmp_path: Path) -> None:
+    box = Maildir(tmp_path, name_source=names("one"))
+    box.deliver(b"a")
+    assert box.recover() == []
+    assert [p.name for p in box.messages()] == ["one"]
+
+
+def test_check_writable_proves_tmp_takes_files(tmp_path: Path) -> None:
+    box = Maildir(tmp_path)
+    box.check_writable()
+    assert list((tmp_path / "tmp").iterdir()) == []  # the probe is gone
+    shutil.rmtree(tmp_path / "tmp")
+    (tmp_path / "tmp").write_bytes(b"")  # a file where the directory should be: fails even for root
+    with pytest.raises(SpoolError, match="cannot write in"):
+        box.check_writable()
+
+
 def test_spool_has_one_maildir_per_listener(tmp_path: Path) -> None:
     spool = Spool(tmp_path, name_source=(f"n{i}" for i in chain(range(10), repeat(99))).__next__)
     inbound = spool.for_listener("Inboundmail")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import calendar
 import re
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from enum import Enum
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any, TextIO
 from lab.errors import BadInput
 
 PREVIEW_BYTES = 64  # how much of discarded injected bytes the log shows
+TAIL_LINES = 1000  # the most recent lines a MailLog keeps in memory (``lines``); everything goes to the sink
 
 _INT_FIELDS = {"icid", "mid", "dcid", "rid", "nbytes", "port"}
 
@@ -59,6 +61,9 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "mid_spooled": _rx(r"MID (?P<mid>\d+) spooled (?P<path>.+)"),
     "mid_deferred": _rx(r"MID (?P<mid>\d+) deferred: (?P<reason>.*)"),
     "mid_bounced": _rx(r"MID (?P<mid>\d+) bounced: (?P<reason>.*)"),
+    "spool_leftover": _rx(
+        r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
+    ),
     "dcid_new": _rx(
         r"New SMTP DCID (?P<dcid>\d+) interface (?P<interface_addr>\S+) address (?P<peer_ip>\S+) port (?P<port>\d+)"
     ),
@@ -131,15 +136,20 @@ def _rids(rids: Iterable[int]) -> str:
 
 
 class MailLog:
-    """Appliance-wide log and ID counters; keeps every line in ``lines`` and writes each through at once."""
+    """Appliance-wide log and ID counters; writes each line through to its sink at once.
+
+    Memory stays bounded however long ``smtplab serve`` runs: only the last ``tail`` lines stay in ``lines``.
+    Whoever needs every line of a bounded stretch (the runner, one run) collects them through ``echo``.
+    """
 
     def __init__(
         self,
         sink: TextIO | Path | None = None,
         clock: Callable[[], float] = time.time,
         echo: Callable[[str], None] | None = None,
+        tail: int = TAIL_LINES,
     ) -> None:
-        self.lines: list[str] = []
+        self.lines: deque[str] = deque(maxlen=tail)
         self._clock = clock
         self._echo = echo
         self._owned: TextIO | None = None
@@ -264,6 +274,16 @@ class MailLog:
 
     def mid_bounced(self, mid: int, reason: str) -> str:
         return self.write(f"MID {mid} bounced: {_text(reason)}")
+
+    # -- the spool ----------------------------------------------------------------------------------------------
+    def spool_leftover(self, path: str | Path, nbytes: int, delivered: bool) -> str:
+        """At start: a file an interrupted delivery left in a Maildir's ``tmp/`` was removed.
+
+        ``delivered``: the crash came after the link into ``new/`` (the message is there); otherwise it never
+        reached ``new/`` and was never acknowledged, so its client retries.
+        """
+        state = "delivered" if delivered else "incomplete"
+        return self.write(f"Spool recovery: removed {_text(path)} ({int(nbytes)} bytes, {state})", level="Warning")
 
     # -- outgoing deliveries (DCID) -----------------------------------------------------------------------------
     def dcid_new(self, dcid: int, interface_addr: str, peer_ip: str, port: int) -> str:

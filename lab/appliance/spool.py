@@ -2,7 +2,8 @@
 
 Maildir delivery is the classic crash-safe recipe: write to ``tmp/``, fsync, link into ``new/``, fsync the
 directory. A reader (the runner, a student with ``ls``) only ever sees complete messages in ``new/``. Every
-failure is a ``SpoolError`` so the listener can answer 451 and leave nothing behind.
+failure is a ``SpoolError`` so the listener can answer 451 and leave nothing behind. A crash (kill -9, power)
+can leave a file in ``tmp/``; it was never acknowledged, and ``Maildir.recover`` removes it at the next start.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from lab.appliance.tlsctx import TLSFacts
@@ -44,6 +46,15 @@ class MaildirNames:
         return f"{seconds}.M{micro:06d}P{self._pid}Q{self._seq}.{self._host}"  # padded: names sort by time
 
 
+@dataclass(frozen=True)
+class Leftover:
+    """A file an interrupted delivery left in ``tmp/``; ``delivered``: its link in ``new/`` was already made."""
+
+    path: Path
+    size: int
+    delivered: bool
+
+
 class Maildir:
     """One Maildir (``tmp/``, ``new/``, ``cur/``); ``deliver`` is atomic and durable."""
 
@@ -51,8 +62,12 @@ class Maildir:
         self.path = Path(path)
         self._names = name_source or MaildirNames()
         try:
+            created = not (self.path / "new").is_dir()
             for sub in ("tmp", "new", "cur"):
                 (self.path / sub).mkdir(parents=True, exist_ok=True)
+            if created:  # the new directories' names must survive a crash too, before a message is in them
+                _fsync_dir(self.path)
+                _fsync_dir(self.path.parent)
         except OSError as exc:
             raise SpoolError(f"cannot create Maildir {self.path}: {exc.strerror or exc}") from exc
 
@@ -104,6 +119,32 @@ class Maildir:
         """The delivered messages in ``new/``, oldest name first."""
         return sorted((self.path / "new").iterdir())
 
+    def check_writable(self) -> None:
+        """Prove a file can be created in ``tmp/`` now, rather than answering 451 to every message later."""
+        try:
+            probe_dir(self.path / "tmp")
+        except OSError as exc:
+            raise SpoolError(f"cannot write in {self.path / 'tmp'}: {exc.strerror or exc}") from exc
+
+    def recover(self) -> list[Leftover]:
+        """Remove what a crash left in ``tmp/`` (call before serving). Nothing there was ever acknowledged.
+
+        A delivery writes, fsyncs and links its ``tmp/`` file into ``new/`` before the 250, so a ``tmp/`` file
+        is either an incomplete message whose client got no 250 (it retries), or (``delivered``) one whose link
+        in ``new/`` was made and only the ``tmp/`` name was left. Either way the ``tmp/`` name goes.
+        """
+        leftovers = []
+        try:
+            for path in sorted((self.path / "tmp").iterdir()):
+                facts = path.lstat()
+                path.unlink()
+                leftovers.append(Leftover(path, facts.st_size, facts.st_nlink > 1))
+            if leftovers:
+                _fsync_dir(self.path / "tmp")
+        except OSError as exc:
+            raise SpoolError(f"cannot clean {self.path / 'tmp'}: {exc.strerror or exc}") from exc
+        return leftovers
+
 
 class Spool:
     """One Maildir per listener under ``root``."""
@@ -119,6 +160,14 @@ class Spool:
         if name not in self._dirs:
             self._dirs[name] = Maildir(self.root / name, name_source=self._names)
         return self._dirs[name]
+
+
+def probe_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and prove a file can be created and removed in it; OSError if not."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".smtplab-probe-{os.getpid()}"
+    os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    probe.unlink()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,6 +4,11 @@ Quick mode (``--listen HOST:PORT --tls MODE``) serves one public listener; full 
 serves every listener of an appliance file, each mapped onto a loopback address with ``--bind``.
 Virtual addresses (192.168.2.1 ...) never reach a socket: a listener whose interface is not a loopback
 address must be bound explicitly.
+
+Start and stop are where mail gets lost, so both are checked: ``--spool``, ``--state`` and ``--log`` are created
+and written to before the first connection (exit 3 with one line if not), a crash's leftovers in the spool's
+``tmp/`` are logged and removed, and SIGTERM/SIGINT stop cleanly: no new connections, spool writes in flight
+get their 250, every other open session ``421 4.3.2``, exit 0.
 """
 
 from __future__ import annotations
@@ -12,17 +17,20 @@ import argparse
 import dataclasses
 import ipaddress
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from lab.appliance.certs import default_state_dir, load_pem
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
-from lab.appliance.spool import Spool
+from lab.appliance.spool import Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLSMode
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
+SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,27 +133,69 @@ def _full(args: argparse.Namespace) -> tuple[Appliance, dict[str, tuple[str, int
     return appliance, binds
 
 
+def _unusable(flag: str, path: Path, problem: str) -> BadInput:
+    return BadInput(problem, field=f"{flag} {path}")
+
+
+def _os_problem(action: str, path: Path, exc: OSError) -> str:
+    """``cannot create: Not a directory``, naming the file at fault when it is not ``path`` itself."""
+    culprit = f"{exc.filename}: " if exc.filename and str(exc.filename) != str(path) else ""
+    reason = "exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or str(exc)
+    return f"{action}: {culprit}{reason}"
+
+
+def _open_log(path: Path | None, clock: Callable[[], float]) -> MailLog:
+    if path is None:
+        return MailLog(sys.stdout, clock=clock)
+    try:
+        return MailLog(path, clock=clock)
+    except OSError as exc:
+        raise _unusable("--log", path, _os_problem("cannot open for appending", path, exc)) from None
+
+
+def _prepare_spool(spool: Spool, appliance: Appliance, flag: str, maillog: MailLog) -> None:
+    """Each listener's Maildir exists and takes files; what a crash left in its tmp/ is logged and removed."""
+    for item in appliance.listeners:
+        try:
+            maildir = spool.for_listener(item.name)
+            maildir.check_writable()
+            leftovers = maildir.recover()
+        except SpoolError as exc:
+            raise _unusable(flag, spool.root, str(exc)) from None
+        for leftover in leftovers:
+            maillog.spool_leftover(leftover.path, leftover.size, leftover.delivered)
+
+
 def run(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
+    from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
 
-    from lab.smtp.listener import ApplianceRuntime
+    from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
     appliance, binds = _quick(args) if args.listen else _full(args)
     state_dir = Path(args.state) if args.state else default_state_dir()
     spool_root = Path(args.spool) if args.spool else state_dir / "spool"
-    log_sink = Path(args.log) if args.log else sys.stdout
-    maillog = MailLog(log_sink, clock=reactor.seconds)
+    if args.state or not args.spool:
+        try:
+            probe_dir(state_dir)
+        except OSError as exc:
+            raise _unusable("--state", state_dir, _os_problem("cannot create or write", state_dir, exc)) from None
+    maillog = _open_log(Path(args.log) if args.log else None, reactor.seconds)
+    spool = Spool(spool_root)
+    _prepare_spool(spool, appliance, "--spool" if args.spool else "--state", maillog)
     runtime = ApplianceRuntime(
-        appliance, clock=reactor, maillog=maillog, spool=Spool(spool_root), state_dir=state_dir, spool_in_threads=True
+        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, spool_in_threads=True
     )
     reactor.suggestThreadPoolSize(32)  # spool writes wait on fsync; let concurrent sessions overlap them
 
+    ports: list[Any] = []
+    factories: list[ListenerFactory] = []
     for item in appliance.listeners:
         host, port = binds[item.name]
         print(listener_summary(appliance, item))
+        factories.append(runtime.factory(item))
         try:
-            reactor.listenTCP(port, runtime.factory(item), backlog=item.tcp_queue, interface=host)
+            ports.append(reactor.listenTCP(port, factories[-1], backlog=item.tcp_queue, interface=host))
         except CannotListenError as exc:
             raise HarnessError(f"cannot listen on {host}:{port} for {item.name}: {exc.socketError}") from None
         if runtime.certificate(item).insecure_demo and _may_start_tls(item):
@@ -156,7 +206,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"Listening: {item.name} on {host}:{port} (TCP queue {item.tcp_queue}), spool {spool_root / item.name}")
         print()
     sys.stdout.flush()
-    reactor.run()  # SIGINT and SIGTERM stop the reactor
+
+    def stop_cleanly() -> defer.Deferred[Any]:
+        """Before the reactor stops (SIGINT, SIGTERM): stop accepting, then let every open session end."""
+        waits = [defer.maybeDeferred(port.stopListening) for port in ports]
+        waits += [factory.shutdown(SHUTDOWN_GRACE) for factory in factories]
+        return defer.DeferredList(waits)
+
+    reactor.addSystemEventTrigger("before", "shutdown", stop_cleanly)  # the reactor waits for its Deferred
+    reactor.run()  # SIGINT and SIGTERM stop the reactor; the thread pool (spool writes) is joined after
+    maillog.close_file()
     print("smtplab serve: stopped")
     return 0
 

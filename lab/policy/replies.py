@@ -42,3 +42,4 @@ OK = Reply(250, "2.0.0", "OK")
 BYE = Reply(221, "2.0.0", "Bye")
 TOO_MANY_CONNECTIONS = Reply(421, "4.3.2", "Too many concurrent connections, try again later")
 TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")  # RFC 5321 3.8; the session puts its host name first

@@ -284,7 +284,8 @@ class Runner:
 
             clock = task.Clock()
             net = MemoryNetwork(clock, capture)
-        maillog = MailLog(None, clock=clock.seconds)
+        run_log: list[str] = []  # this run's lines, every one (the MailLog itself keeps only a bounded tail)
+        maillog = MailLog(None, clock=clock.seconds, echo=run_log.append)
         run_dir = self.work_dir / f"{case.id}-{policy}"
         runtime = ApplianceRuntime(
             appliance,
@@ -338,7 +339,7 @@ class Runner:
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
         observed: dict[str, Any] = {
             "spooled": spooled,
-            "server_log": [_LOG_PREFIX.sub("", line) for line in maillog.lines],
+            "server_log": [_LOG_PREFIX.sub("", line) for line in run_log],
         }
         notes = [f"=== middlebox: {note}" for box in boxes for note in box.notes]
         return _Outcome(record, observed, notes, clock.seconds() - begin)

@@ -14,7 +14,8 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet import threads
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -29,6 +30,10 @@ from lab.policy import replies
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
+
+#: After the 421 of a clean stop, how long a TLS connection waits for the client's close_notify before it is
+#: aborted (a TLS close waits for the peer's; one that does not read would otherwise hold the stop up).
+TLS_CLOSE_WAIT = 1.0
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -114,11 +119,59 @@ class ListenerFactory(ServerFactory):
         self.interface = interface
         self.active = 0
         self.per_ip: Counter[str] = Counter()
+        self.live: set[ListenerProtocol] = set()  # open connections, for a clean stop (``shutdown``)
+        self._lingering: dict[ListenerProtocol, IDelayedCall] = {}  # told 421 inside TLS: abort timers
 
     def buildProtocol(self, addr: Any) -> ListenerProtocol:
         protocol = ListenerProtocol(self)
         protocol.factory = self
+        self.live.add(protocol)
         return protocol
+
+    # -- stopping cleanly (smtplab serve on SIGTERM/SIGINT)
+
+    _stopped: Deferred[None] | None = None
+
+    def shutdown(self, grace: float) -> Deferred[None]:
+        """421 and close every open session (``ListenerProtocol.shutdown``); fires once all are closed.
+
+        Call once the port has stopped listening. A session whose message is being spooled gets its 250
+        first; whatever is still open ``grace`` seconds later is aborted.
+        """
+        stopped: Deferred[None] = Deferred()
+        self._stopped = stopped
+        timer = self.runtime.clock.callLater(grace, self._abort_open)
+
+        def cancel_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        stopped.addBoth(cancel_timer)
+        for protocol in list(self.live):
+            protocol.shutdown()
+        self._check_stopped()
+        return stopped
+
+    def forget(self, protocol: ListenerProtocol) -> None:
+        """A connection is closed (its last log line written)."""
+        self.live.discard(protocol)
+        timer = self._lingering.pop(protocol, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._check_stopped()
+
+    def linger(self, protocol: ListenerProtocol, seconds: float) -> None:
+        """Abort ``protocol``'s connection if it is still open ``seconds`` from now."""
+        self._lingering[protocol] = self.runtime.clock.callLater(seconds, protocol.transport.abortConnection)
+
+    def _check_stopped(self) -> None:
+        if self._stopped is not None and not self.live and not self._stopped.called:
+            self._stopped.callback(None)
+
+    def _abort_open(self) -> None:
+        for protocol in list(self.live):
+            protocol.transport.abortConnection()
 
 
 @implementer(IHandshakeListener)
@@ -208,6 +261,7 @@ class ListenerProtocol(Protocol, TimeoutMixin):
                 self.session.tls_failed(_reason_text(reason))
             self.session.connection_lost()
         self.log.close(self.icid, "peer" if self.session is None or not self.session.closed else "listener")
+        self.owner.forget(self)
 
     # -- carrying out the session's actions
 
@@ -267,6 +321,8 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             self.log.mid_spooled(message.mid, path)
         assert self.session is not None
         self._apply(self.session.delivered(error))
+        if self._stopping:
+            self.shutdown()  # the 250 is out: now the 421
 
     # -- SessionHooks
 
@@ -301,6 +357,21 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             log.message_refused(icid, f"MID {fields['mid']}: {fields['reason']}")
         else:
             raise ValueError(f"unknown session event {name!r}")
+
+    # -- stopping cleanly (see ListenerFactory.shutdown)
+
+    _stopping = False
+
+    def shutdown(self) -> None:
+        """The server is stopping: the session's 421 and close, after the 250 of a message being spooled."""
+        self._stopping = True
+        if self.session is None:  # turned away before a session began: its 421 and close are under way
+            self.transport.loseConnection()
+            return
+        actions = self.session.shutdown()
+        self._apply(actions)
+        if actions and self._tls_done:
+            self.owner.linger(self, TLS_CLOSE_WAIT)  # the 421 is flushed by then; close_notify may never come
 
 
 def _reason_text(reason: Failure | None) -> str:

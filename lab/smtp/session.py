@@ -440,6 +440,24 @@ class ServerSession:
         self.closed = True
         return [Close(abort=abort)]
 
+    def shutdown(self) -> list[Action]:
+        """The server is stopping (RFC 5321 3.8): ``421 4.3.2 <host> Service shutting down`` and close.
+
+        A message being spooled keeps its turn: this returns nothing until ``delivered`` has sent its 250 (the
+        listener asks again then). A TLS handshake in progress is aborted: there is no channel to answer on.
+        """
+        if self.closed or self._delivering is not None:
+            return []
+        if self.tls_pending:
+            return self._close(abort=True)
+        if self._transaction is not None:
+            self.hooks.event("message_refused", mid=self._transaction.mid, reason="server shutting down")
+        self._transaction = None
+        self._data = None
+        reply = replies.SHUTTING_DOWN
+        text = f"{self.config.hostname} {reply.text}"
+        return [Send(Reply(reply.code, reply.enhanced, text).render()), *self._close()]
+
 
 def _parse_path(argument: str, keyword: str) -> tuple[str, str] | None:
     """``FROM:<a@b> SIZE=10`` -> (``a@b``, ``SIZE=10``); ``None`` on a syntax error."""
