@@ -440,6 +440,20 @@ class ServerSession:
         self.closed = True
         return [Close(abort=abort)]
 
+    # -- what the listener's deadlines need (lab.policy.deadlines)
+
+    @property
+    def in_data(self) -> bool:
+        """Between the 354 and the final dot: the listener bounds this phase as a whole."""
+        return self._data is not None
+
+    def deadline_expired(self, what: str, reply: Reply) -> list[Action]:
+        """A deadline passed: log which, send ``reply`` (a 421, RFC 5321 4.5.3.2) and close."""
+        if self.closed:
+            return []
+        self.hooks.event("protocol_error", what=what)
+        return [Send(reply.render()), *self._close()]
+
 
 def _parse_path(argument: str, keyword: str) -> tuple[str, str] | None:
     """``FROM:<a@b> SIZE=10`` -> (``a@b``, ``SIZE=10``); ``None`` on a syntax error."""
