@@ -117,10 +117,10 @@ class Watch:
             candidates.append((self.phase_since + t.tls_handshake, HANDSHAKE))
         if self.phase is Phase.DATA:
             candidates.append((self.phase_since + t.data, DATA))
-        if self.phase in (Phase.COMMAND, Phase.DATA):
-            candidates.append((self.record_since + t.command, COMMAND))
         if self.phase is not Phase.DELIVERY:
             candidates.append((self.last_input + t.idle, IDLE))
+        if self.phase in (Phase.COMMAND, Phase.DATA):
+            candidates.append((self.record_since + t.command, COMMAND))
         candidates.append((self.connected + t.session, SESSION))
         at, what = min(candidates, key=lambda item: item[0])
         return Expiry(at, what, graceful=self.phase is not Phase.HANDSHAKE)
