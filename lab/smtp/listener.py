@@ -245,6 +245,8 @@ class ListenerProtocol(Protocol):
 
     def pauseProducing(self) -> None:
         """The transport's unsent output is over its bound: stop reading until it drains."""
+        if self._tls_pending and not self._tls_done:
+            return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
         self._output_full = True
         self._update_reading()
 
