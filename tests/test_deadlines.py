@@ -319,3 +319,63 @@ def test_pipelined_commands_and_a_normal_session_meet_no_deadline(tmp_path: Path
     assert client.replies[-1].startswith(b"221")
     assert len(list(lab.spool_new.iterdir())) == 1
     assert not lab.logged("protocol error")
+
+
+# --- the appliance file ------------------------------------------------------------------------------------
+
+APPLIANCE = """\
+hostname: esa.test.example
+interfaces: [{name: PublicNet, address: 127.0.0.1}]
+listeners:
+  - name: Inboundmail
+    type: public
+    interface: PublicNet
+    rat: ALL
+%s
+"""
+
+
+def _appliance(tmp_path: Path, listener_lines: str) -> Path:
+    path = tmp_path / "appliance.yaml"
+    path.write_text(APPLIANCE % listener_lines)
+    return path
+
+
+def test_timeouts_load_with_defaults_for_what_is_left_out(tmp_path: Path) -> None:
+    from lab.appliance.config import load_appliance
+
+    path = _appliance(tmp_path, "    timeouts: {command: 20, tls_handshake: 5.5}\n    idle_timeout: 45")
+    timeouts = load_appliance(path).listener("Inboundmail").timeouts
+    assert timeouts == dataclasses.replace(Timeouts(), idle=45, command=20, tls_handshake=5.5)
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("    timeouts: {tls_handshake: .nan}", "listeners[0].timeouts.tls_handshake"),
+        ("    timeouts: {command: .inf}", "listeners[0].timeouts.command"),
+        ("    timeouts: {data: -1}", "listeners[0].timeouts.data"),
+        ("    timeouts: {session: 0}", "listeners[0].timeouts.session"),
+        ("    timeouts: {idle: 1e300}", "listeners[0].timeouts.idle"),
+        ("    timeouts: {idle: 1.0e300}", "listeners[0].timeouts.idle"),
+        ("    idle_timeout: .nan", "listeners[0].idle_timeout"),
+        ("    timeouts: {close_grace: true}", "listeners[0].timeouts.close_grace"),
+        ("    timeouts: {handshake: 5}", "listeners[0].timeouts"),
+        ("    idle_timeout: 5\n    timeouts: {idle: 5}", "listeners[0].idle_timeout"),
+    ],
+)
+def test_unusable_timeouts_are_refused_at_their_line(tmp_path: Path, text: str, field: str) -> None:
+    import subprocess
+    import sys
+
+    path = _appliance(tmp_path, text)
+    result = subprocess.run(
+        [sys.executable, "-m", "lab", "serve", "--config", str(path), "--state", str(tmp_path / "st")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith(f"smtplab: {path}:8: {field}: "), lines[0]  # line 8: the timeout's own line
