@@ -260,7 +260,7 @@ def test_listener_tls_versions_and_numbers(tmp_path: Path) -> None:
     )
     listener = load_appliance(path).listener("Inboundmail")
     assert (listener.tls.min_version, listener.tls.max_version, listener.tls.ciphers) == ("1.0", "1.2", "HIGH:!aNULL")
-    assert (listener.port, listener.max_concurrency, listener.tcp_queue, listener.idle_timeout) == (2525, 20, 5, 30.0)
+    assert (listener.port, listener.max_concurrency, listener.tcp_queue, listener.timeouts.idle) == (2525, 20, 5, 30.0)
     assert listener.rat == ("ALL",)
     assert listener.accepts_recipient("x@anything.example", Behaviour.ACCEPT)
 

@@ -17,6 +17,7 @@ from lab.appliance.certs import CertKey, LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
+from lab.policy.deadlines import Timeouts
 from lab.policy.modes import Behaviour, TLSMode
 from lab.smtp.listener import ApplianceRuntime
 
@@ -60,7 +61,7 @@ def _runtime(tmp_path: Path, tls: TLSMode, **listener_changes: object) -> tuple[
 
 @pytest_twisted.inlineCallbacks
 def test_idle_timeout_on_the_real_reactor(tmp_path: Path) -> None:
-    runtime, host, port = _runtime(tmp_path, TLSMode.PREFERRED, idle_timeout=0.3)
+    runtime, host, port = _runtime(tmp_path, TLSMode.PREFERRED, timeouts=Timeouts(idle=0.3))
     listening = reactor.listenTCP(port, runtime.factory(runtime.appliance.listeners[0]), interface=host)
     try:
         client = Collect(b"EHLO idle.example\r\n")

@@ -283,10 +283,11 @@ def test_verify_client_certificate(mode: TLSMode, cert: ClientCert, mail: int) -
     assert talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "QUIT") == [250 if mail == 250 else 554, mail, 221]
 
 
-def test_timeout() -> None:
-    s, _ = session()
-    actions = s.timeout()
+def test_deadline_expired_answers_421_and_closes() -> None:
+    s, hooks = session()
+    actions = s.deadline_expired("idle timeout", replies.TIMEOUT)
     assert codes(actions) == [421] and isinstance(actions[-1], Close)
+    assert s.deadline_expired("idle timeout", replies.TIMEOUT) == []  # once closed, nothing more
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,6 +17,7 @@ from typing import Any
 
 from lab.appliance.model import Appliance, Certificate, Interface, Listener, TLSSettings
 from lab.errors import BadInput
+from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
@@ -284,8 +285,21 @@ class _Builder:
             policies=policies,
             defaults=defaults,
             tls=TLSSettings(tls.get("min_version", "1.2"), tls.get("max_version"), tls.get("ciphers")),
-            idle_timeout=float(item.get("idle_timeout", 300.0)),
+            timeouts=self.timeouts(item, path),
         )
+
+    def timeouts(self, item: Any, path: FieldPath) -> Timeouts:
+        """``timeouts``; the older ``idle_timeout`` is ``timeouts.idle``. NaN passes the schema's bounds."""
+        given = {key: (value, [*path, "timeouts", key]) for key, value in (item.get("timeouts") or {}).items()}
+        if "idle_timeout" in item:
+            if "idle" in given:
+                problem = "idle_timeout and timeouts.idle are the same setting: give one"
+                raise self.fail(problem, [*path, "idle_timeout"])
+            given["idle"] = (item["idle_timeout"], [*path, "idle_timeout"])
+        timeouts = Timeouts(**{key: value for key, (value, _) in given.items()})
+        for key, problem in timeouts.problems():
+            raise self.fail(problem, given[key][1])
+        return timeouts
 
     def rat_entry(self, entry: str, path: FieldPath) -> str:
         text = entry.strip()

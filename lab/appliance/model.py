@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HatMatch, HostAccessTable, Peer
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import EffectiveParams, MailFlowPolicy, PolicyParams
@@ -73,7 +74,7 @@ class Listener:
     policies: dict[str, MailFlowPolicy] = field(default_factory=dict)
     defaults: PolicyParams = field(default_factory=PolicyParams)
     tls: TLSSettings = field(default_factory=TLSSettings)
-    idle_timeout: float = 300.0
+    timeouts: Timeouts = field(default_factory=Timeouts)  # every wait of a connection is bounded
 
     def behaviours(self) -> dict[str, Behaviour]:
         return {name: policy.behaviour for name, policy in self.policies.items()}

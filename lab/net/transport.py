@@ -12,6 +12,13 @@ stays with the protocol (it already has it); only later chunks go to TLS. ``hand
 protocols that provide ``IHandshakeListener``; a failed handshake ends in ``connectionLost`` with the
 ``OpenSSL.SSL.Error``. ``loseConnection`` inside TLS sends close_notify first; before the handshake is done it
 aborts (Twisted does the same).
+
+Flow control is Twisted's producer/consumer contract, as on a TCP transport: the application registers itself
+as a streaming producer (told to pause when the pipe cannot take more output), and calls ``pauseProducing`` /
+``resumeProducing`` on this transport to stop and start reading. A paused transport hands nothing up: it asks
+the pipe to stop reading (a TCP transport does) and keeps what a pipe that cannot stop still delivers (the
+memory wire) until ``resumeProducing``. ``startTLS`` moves a registered producer under the TLS layer, as
+``_newtls`` does, so output the TLS layer holds back pauses the application too.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import (
+    IConsumer,
     IHandshakeListener,
     IProtocol,
     IPushProducer,
@@ -107,7 +115,7 @@ class _BelowTLS:
         return getattr(self.session.pipe, name)
 
 
-@implementer(ITCPTransport, ITLSTransport)
+@implementer(ITCPTransport, ITLSTransport, IConsumer, IPushProducer)
 class SessionTransport(Protocol):
     """Transport for one application protocol over a raw pipe; the pipe sees this object as its protocol.
 
@@ -140,6 +148,9 @@ class SessionTransport(Protocol):
         self.disconnecting = False
         self._tls: TLSMemoryBIOProtocol | None = None
         self._lost = False
+        self._producer: tuple[Any, bool] | None = None  # the application's (producer, streaming)
+        self._paused = False  # the application asked us to stop reading
+        self._unread: list[bytes] = []  # raw chunks the pipe delivered while paused
 
     # -- the pipe's side (this object is the pipe's protocol)
 
@@ -151,6 +162,12 @@ class SessionTransport(Protocol):
         if self._lost:
             return
         self._record(other(self.outbound), data)
+        if self._paused:
+            self._unread.append(data)
+            return
+        self._up(data)
+
+    def _up(self, data: bytes) -> None:
         if self._tls is not None:
             self._tls.dataReceived(data)
         else:
@@ -159,6 +176,9 @@ class SessionTransport(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         if self._lost:
             return
+        unread, self._unread = self._unread, []
+        for chunk in unread:  # what arrived before the end is the application's to see (it may be paused)
+            self._up(chunk)
         self._lost = True
         self.connected = False
         self._closed_by(other(self.outbound))  # no-op when this side already closed
@@ -226,21 +246,55 @@ class SessionTransport(Protocol):
         is_client = self.is_client if normal else not self.is_client
         factory = TLSMemoryBIOFactory(creator, is_client, None, clock=self.clock)  # type: ignore[arg-type]
         tls = factory.protocol(factory, _AppSide(self.protocol))
+        producer = self._producer
+        if producer is not None:  # hooked up under TLS below, as _newtls does
+            self.unregisterProducer()
         self._tls = tls
         alsoProvides(self, ISSLTransport)
         tls.makeConnection(_BelowTLS(self))  # a client's ClientHello goes out here
+        if producer is not None:
+            self.registerProducer(*producer)
+
+    # -- flow control (IConsumer towards the application, IPushProducer for its reading)
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         if self._tls is not None:
             self._tls.registerProducer(producer, streaming)
         else:
             self._pipe_call("registerProducer", producer, streaming)
+        self._producer = (producer, streaming)
 
     def unregisterProducer(self) -> None:
+        if self._producer is None:
+            return
+        self._producer = None
         if self._tls is not None:
             self._tls.unregisterProducer()
         else:
             self._pipe_call("unregisterProducer")
+
+    def pauseProducing(self) -> None:
+        """Stop handing received bytes up (and ask the pipe to stop reading, where it can)."""
+        if self._paused or self._lost:
+            return
+        self._paused = True
+        pause = getattr(self.pipe, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+    def resumeProducing(self) -> None:
+        """Hand up what was kept while paused, then read again."""
+        if not self._paused or self._lost:
+            return
+        self._paused = False
+        while self._unread and not self._paused and not self._lost:
+            self._up(self._unread.pop(0))
+        resume = getattr(self.pipe, "resumeProducing", None)
+        if resume is not None and not self._paused and not self._lost:
+            resume()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
 
     def setTcpNoDelay(self, enabled: bool) -> None:
         pass

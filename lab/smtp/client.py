@@ -51,6 +51,9 @@ Connect = Callable[[ClientFactory], Deferred[Any]]
 MAX_REPLY_LINE = 2048
 #: Most lines in one multi-line reply.
 MAX_REPLY_LINES = 100
+#: Replies received but not yet consumed by a step: past this the connection is not read (a flooding server
+#: cannot grow the client); reading resumes as the steps consume them.
+MAX_QUEUED_REPLIES = 1000
 #: Body lines shown in the transcript before the rest is summarised.
 BODY_LINES_SHOWN = 20
 _REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)(.*)$", re.DOTALL)
@@ -122,6 +125,7 @@ class _Conn:
         self.client_closing = False
         self.lost: Failure | None = None
         self.is_lost = False
+        self.reading_paused = False
 
     @property
     def transport(self) -> Any:
@@ -258,7 +262,19 @@ class ScriptedClient:
             conn.transport.abortConnection()
         if conn.tls and conn.sent_in_tls == 0 and conn.replies:
             self._injection_executed(conn)
+        self._flow(conn)
         self._poke()
+
+    def _flow(self, conn: _Conn) -> None:
+        """Stop reading while too many replies wait for a step; read again once they are consumed."""
+        pause = len(conn.replies) >= MAX_QUEUED_REPLIES
+        if pause == conn.reading_paused or conn.is_lost:
+            return
+        conn.reading_paused = pause
+        if pause:
+            conn.transport.pauseProducing()
+        else:
+            conn.transport.resumeProducing()
 
     def _handshake_done(self, protocol: _ClientProtocol) -> None:
         conn = protocol.conn
@@ -341,7 +357,9 @@ class ScriptedClient:
         conn = self._need()
         await self._until(lambda: bool(conn.replies) or conn.is_lost or conn.error is not None, self.reply_timeout)
         if conn.replies:
-            return conn.replies.popleft()
+            reply = conn.replies.popleft()
+            self._flow(conn)
+            return reply
         if conn.error is not None:
             raise _End
         if conn.is_lost:
@@ -578,6 +596,7 @@ class ScriptedClient:
             conn.replies.clear()
             conn.buffer.clear()
             conn.pending, conn.pending_size = [], 0
+            self._flow(conn)
         self.observed["response_injection_discarded"] = bool(
             leftover or self.observed.get("response_injection_discarded")
         )

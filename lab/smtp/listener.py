@@ -3,6 +3,15 @@
 The same protocol runs over real TCP (``smtplab serve``), the in-memory network and the loopback network;
 only the transport differs (docs/architecture.md, "Transport contract"). This module decides nothing about
 SMTP: it resolves the peer through the HAT, counts connections, and carries out the session's actions.
+
+Two things bound what one connection can cost, whatever the client does:
+
+- deadlines (``lab.policy.deadlines``): one timer per connection, armed for the earliest deadline of its phase;
+  on expiry a 421 and a graceful close, or an abort mid-handshake or when a graceful close does not complete
+  within the close grace. The slot (Max Concurrency, per-IP count) is freed when the connection is gone.
+- backpressure: the protocol is a streaming producer of its transport. While the transport's unsent output is
+  over its buffer size (or a message is being spooled) the connection is not read, and the session is fed at
+  most ``FEED_SLICE`` bytes at a time, so a client that pipelines and never reads cannot grow the server.
 """
 
 from __future__ import annotations
@@ -15,9 +24,8 @@ from typing import Any
 from OpenSSL import SSL
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -27,6 +35,7 @@ from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
 from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
 from lab.policy import replies
+from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
@@ -34,6 +43,9 @@ from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSessio
 #: After the 421 of a clean stop, how long a TLS connection waits for the client's close_notify before it is
 #: aborted (a TLS close waits for the peer's; one that does not read would otherwise hold the stop up).
 TLS_CLOSE_WAIT = 1.0
+
+#: At most this much input is given to the session at once: bounds the replies one read can produce.
+FEED_SLICE = 4096
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -163,7 +175,7 @@ class ListenerFactory(ServerFactory):
 
     def linger(self, protocol: ListenerProtocol, seconds: float) -> None:
         """Abort ``protocol``'s connection if it is still open ``seconds`` from now."""
-        self._lingering[protocol] = self.runtime.clock.callLater(seconds, protocol.transport.abortConnection)
+        self._lingering[protocol] = self.runtime.clock.callLater(seconds, protocol.abort)
 
     def _check_stopped(self) -> None:
         if self._stopped is not None and not self.live and not self._stopped.called:
@@ -171,11 +183,11 @@ class ListenerFactory(ServerFactory):
 
     def _abort_open(self) -> None:
         for protocol in list(self.live):
-            protocol.transport.abortConnection()
+            protocol.abort()
 
 
-@implementer(IHandshakeListener)
-class ListenerProtocol(Protocol, TimeoutMixin):
+@implementer(IHandshakeListener, IPushProducer)
+class ListenerProtocol(Protocol):
     """One SMTP connection to a listener."""
 
     def __init__(self, factory: ListenerFactory) -> None:
@@ -183,6 +195,7 @@ class ListenerProtocol(Protocol, TimeoutMixin):
         self.runtime = factory.runtime
         self.listener = factory.listener
         self.log = factory.runtime.maillog
+        self.clock = factory.runtime.clock
         self.session: ServerSession | None = None
         self.icid = 0
         self.peer_ip = ""
@@ -190,12 +203,25 @@ class ListenerProtocol(Protocol, TimeoutMixin):
         self._counted_ip = False
         self._tls_pending = False
         self._tls_done = False
-        self.callLater = self.runtime.clock.callLater  # TimeoutMixin uses this: virtual time in the lab
+        # deadlines
+        self.watch: Watch | None = None
+        self._timer: IDelayedCall | None = None
+        # flow control
+        self._held = b""  # read but not yet given to the session
+        self._output_full = False  # the transport asked us to pause: its unsent output is over its bound
+        self._delivering = False
+        self._reading = True
+        self._feeding = False
+        self._closing = False
+        self._aborted = False
+        self._lost = False
 
     # -- connection
 
     def connectionMade(self) -> None:
         self.owner.active += 1
+        self.watch = Watch.start(self.listener.timeouts, self.clock.seconds())
+        self.transport.registerProducer(self, True)
         self.icid = self.log.next_icid()
         self.peer_ip = self.transport.getPeer().host
         name, verified = self.runtime.reverse_dns(self.peer_ip)
@@ -225,43 +251,142 @@ class ListenerProtocol(Protocol, TimeoutMixin):
             accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
         )
         self.session = self.runtime.session_class(config, self)
-        self.setTimeout(self.listener.idle_timeout)
         self._apply(self.session.start())
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        if self.session is None:
+        if self.session is None or self._closing:
             return
-        self.resetTimeout()
-        self._apply(self.session.receive(data))
-
-    def timeoutConnection(self) -> None:
-        if self.session is not None:
-            self._apply(self.session.timeout())
+        assert self.watch is not None
+        self.watch = self.watch.received(self.clock.seconds(), completes_record=b"\n" in data)
+        self._held += data
+        self._feed()
 
     def handshakeCompleted(self) -> None:
         self._tls_done = True
         self._tls_pending = False
-        assert self.session is not None
+        if self.session is None or self._closing:
+            return
         connection = self.transport.getHandle()
         facts = tls_facts(connection)
         state = ClientCert.NONE
         if self.session.config.params.verify_client:
             state = self.runtime.server_tls(self.listener).client_cert_state(connection)
         self._apply(self.session.tls_started(facts, state))
+        self._feed()  # application data that came with the end of the handshake
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
+        self._lost = True
+        self._cancel_timer()
         self.owner.active -= 1
         if self._counted_ip:
             self.owner.per_ip[self.peer_ip] -= 1
             if self.owner.per_ip[self.peer_ip] <= 0:
                 del self.owner.per_ip[self.peer_ip]
-        if self.session is not None:
+        session = self.session
+        if session is not None:
             if self._tls_pending and not self._tls_done:
-                self.session.tls_failed(_reason_text(reason))
-            self.session.connection_lost()
-        self.log.close(self.icid, "peer" if self.session is None or not self.session.closed else "listener")
+                session.tls_failed(_reason_text(reason))
+            session.connection_lost()
+        self.log.close(self.icid, "peer" if session is None or not session.closed else "listener")
+        # release what this connection held: the session (and its buffers), held input, the clock's timer
+        self.session = None
+        self._held = b""
+        self.watch = None
         self.owner.forget(self)
+
+    # -- flow control: IPushProducer, driven by the transport
+
+    def pauseProducing(self) -> None:
+        """The transport's unsent output is over its bound: stop reading until it drains."""
+        if self._tls_pending and not self._tls_done:
+            return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
+        self._output_full = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        self._update_reading()
+        self._feed()
+
+    def stopProducing(self) -> None:
+        """The transport is going away; ``connectionLost`` follows and releases everything."""
+
+    def _update_reading(self) -> None:
+        """Read from the transport only while output can drain and no message is being spooled."""
+        want = not (self._output_full or self._delivering or self._closing or self._lost)
+        if want == self._reading:
+            return
+        self._reading = want
+        if self._closing or self._lost:
+            return  # closing stops reading by itself
+        if want:
+            self.transport.resumeProducing()
+        else:
+            self.transport.pauseProducing()
+
+    def _feed(self) -> None:
+        """Give held input to the session, a slice at a time, while it may take more."""
+        if self._feeding:
+            return
+        self._feeding = True
+        try:
+            while self._held and self._reading and self.session is not None and not self._closing:
+                piece, self._held = self._held[:FEED_SLICE], self._held[FEED_SLICE:]
+                self._apply(self.session.receive(piece))
+        finally:
+            self._feeding = False
+        self._arm()
+
+    # -- deadlines
+
+    def _phase(self) -> Phase:
+        if self._closing:
+            return Phase.CLOSING
+        if self._tls_pending and not self._tls_done:
+            return Phase.HANDSHAKE
+        if self._delivering:
+            return Phase.DELIVERY
+        if self.session is not None and self.session.in_data:
+            return Phase.DATA
+        return Phase.COMMAND
+
+    def _arm(self) -> None:
+        """Keep one timer armed no later than the next expiry (a later one is re-armed when it fires)."""
+        if self.watch is None or self._aborted or self._lost:
+            return
+        now = self.clock.seconds()
+        self.watch = self.watch.enter(self._phase(), now)
+        at = self.watch.expiry().at
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= at:
+                return
+            self._timer.cancel()
+        self._timer = self.clock.callLater(max(0.0, at - now), self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if self.watch is None or self._aborted or self._lost:
+            return
+        self.watch = self.watch.enter(self._phase(), self.clock.seconds())
+        expiry = self.watch.due(self.clock.seconds())
+        if expiry is not None:
+            self._expire(expiry)
+        self._arm()
+
+    def _expire(self, expiry: Expiry) -> None:
+        """421 and a graceful close where one can complete; else log and abort."""
+        if expiry.graceful and self.session is not None and not self.session.closed:
+            self._apply(self.session.deadline_expired(expiry.what, expiry.reply))
+            if self._closing:
+                return
+        self.log.protocol_error(self.icid, f"{expiry.what}, connection aborted")
+        self._close(abort=True)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
 
     # -- carrying out the session's actions
 
@@ -276,13 +401,25 @@ class ListenerProtocol(Protocol, TimeoutMixin):
                 self._tls_pending = True
                 self.transport.startTLS(server_tls)
             elif isinstance(action, Deliver):
+                self._delivering = True
+                self._update_reading()
                 self._deliver(action.message)
             elif isinstance(action, Close):
-                self.setTimeout(None)
-                if action.abort:
-                    self.transport.abortConnection()
-                else:
-                    self.transport.loseConnection()
+                self._close(action.abort)
+
+    def _close(self, abort: bool) -> None:
+        """Graceful: the close deadline (close grace) bounds it; abort: at once. Input is no longer read."""
+        self._held = b""
+        if not self._closing:
+            self._closing = True
+            self.transport.unregisterProducer()  # a registered producer would hold a graceful close open
+        if abort and not self._aborted:
+            self._aborted = True
+            self._cancel_timer()
+            self.transport.abortConnection()
+        elif not abort:
+            self.transport.loseConnection()
+        self._arm()
 
     # -- delivery: the 250 goes out only once the message is durable
 
@@ -319,8 +456,12 @@ class ListenerProtocol(Protocol, TimeoutMixin):
     def _delivered(self, message: Message, path: str | None, error: str | None) -> None:
         if path is not None:
             self.log.mid_spooled(message.mid, path)
-        assert self.session is not None
+        self._delivering = False
+        if self.session is None:  # the connection ended while the spool wrote: nothing left to answer
+            return
         self._apply(self.session.delivered(error))
+        self._update_reading()
+        self._feed()
         if self._stopping:
             self.shutdown()  # the 250 is out: now the 421
 
@@ -362,11 +503,15 @@ class ListenerProtocol(Protocol, TimeoutMixin):
 
     _stopping = False
 
+    def abort(self) -> None:
+        """Drop the connection now (a clean stop's grace is over)."""
+        self._close(abort=True)
+
     def shutdown(self) -> None:
         """The server is stopping: the session's 421 and close, after the 250 of a message being spooled."""
         self._stopping = True
         if self.session is None:  # turned away before a session began: its 421 and close are under way
-            self.transport.loseConnection()
+            self._close(abort=False)
             return
         actions = self.session.shutdown()
         self._apply(actions)

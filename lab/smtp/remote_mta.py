@@ -112,27 +112,30 @@ class RemoteMTAProtocol(LineReceiver, TimeoutMixin):
         self.transport.write(text.encode("ascii") + b"\r\n")
 
     def connectionMade(self) -> None:
+        # LineReceiver is a push producer: paused (its transport's output full) it stops reading, so a client
+        # that pipelines and never reads cannot grow this MTA
+        self.transport.registerProducer(self, True)
         if self.owner.clock is not None:
             self.setTimeout(self.owner.idle_timeout)
         self.reply(f"220 {self.owner.hostname} ESMTP smtplab remote MTA")
 
     def timeoutConnection(self) -> None:
         self.reply("421 4.4.2 Idle timeout")
-        self.transport.loseConnection()
+        self._close()
 
     def dataReceived(self, data: bytes) -> None:
         if self.owner.clock is not None:
             self.resetTimeout()
-        if self.after_220 is not None:
+        if self.after_220 is not None and data:  # (resumeProducing re-enters with b"")
             self.transport.write(self.after_220)  # the ClientHello is answered with something that is not TLS
             self.after_220 = None
-            self.transport.loseConnection()
+            self._close()
             return
         super().dataReceived(data)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.reply("500 5.5.2 Line too long")
-        self.transport.loseConnection()
+        self._close()
 
     def lineReceived(self, raw: bytes) -> None:
         line = raw[:-1] if raw.endswith(b"\r") else raw
@@ -235,6 +238,15 @@ class RemoteMTAProtocol(LineReceiver, TimeoutMixin):
 
     def smtp_QUIT(self, argument: str) -> None:
         self.reply("221 2.0.0 Bye")
+        self._close()
+
+    def pauseProducing(self) -> None:
+        if self.tls_pending and not self.tls:
+            return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
+        super().pauseProducing()
+
+    def _close(self) -> None:
+        self.transport.unregisterProducer()  # a registered producer would hold the close open
         self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]

@@ -195,12 +195,6 @@ class ServerSession:
         self.hooks.event("tls_failed", reason=reason)
         return self._close(abort=True)
 
-    def timeout(self) -> list[Action]:
-        if self.closed:
-            return []
-        self.hooks.event("protocol_error", what="idle timeout")
-        return [Send(replies.TIMEOUT.render()), *self._close()]
-
     def connection_lost(self) -> None:
         if self._data is not None or self._transaction is not None:
             mid = self._transaction.mid if self._transaction else None
@@ -457,6 +451,20 @@ class ServerSession:
         reply = replies.SHUTTING_DOWN
         text = f"{self.config.hostname} {reply.text}"
         return [Send(Reply(reply.code, reply.enhanced, text).render()), *self._close()]
+
+    # -- what the listener's deadlines need (lab.policy.deadlines)
+
+    @property
+    def in_data(self) -> bool:
+        """Between the 354 and the final dot: the listener bounds this phase as a whole."""
+        return self._data is not None
+
+    def deadline_expired(self, what: str, reply: Reply) -> list[Action]:
+        """A deadline passed: log which, send ``reply`` (a 421, RFC 5321 4.5.3.2) and close."""
+        if self.closed:
+            return []
+        self.hooks.event("protocol_error", what=what)
+        return [Send(reply.render()), *self._close()]
 
 
 def _parse_path(argument: str, keyword: str) -> tuple[str, str] | None:
