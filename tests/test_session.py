@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from lab.policy import replies
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.policy.params import EffectiveParams
 from lab.smtp.session import Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
@@ -284,7 +285,7 @@ def test_verify_client_certificate(mode: TLSMode, cert: ClientCert, mail: int) -
 
 
 def test_deadline_expired_answers_421_and_closes() -> None:
-    s, hooks = session()
+    s, _ = session()
     actions = s.deadline_expired("idle timeout", replies.TIMEOUT)
     assert codes(actions) == [421] and isinstance(actions[-1], Close)
     assert s.deadline_expired("idle timeout", replies.TIMEOUT) == []  # once closed, nothing more

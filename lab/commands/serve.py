@@ -166,6 +166,25 @@ def _prepare_spool(spool: Spool, appliance: Appliance, flag: str, maillog: MailL
             maillog.spool_leftover(leftover.path, leftover.size, leftover.delivered)
 
 
+def _report_errors_to_stderr() -> None:
+    """Twisted's warnings and errors (an exception in a protocol, an unhandled Deferred failure) go to stderr.
+
+    Without an observer Twisted keeps them to itself, and a bug that a hostile client triggers would pass
+    unseen; the soak test reads stderr for tracebacks.
+    """
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.warn)
+    observer = FilteringLogObserver(textFileLogObserver(sys.stderr), [predicate])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+
+
 def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
@@ -214,6 +233,7 @@ def run(args: argparse.Namespace) -> int:
         return defer.DeferredList(waits)
 
     reactor.addSystemEventTrigger("before", "shutdown", stop_cleanly)  # the reactor waits for its Deferred
+    _report_errors_to_stderr()
     reactor.run()  # SIGINT and SIGTERM stop the reactor; the thread pool (spool writes) is joined after
     maillog.close_file()
     print("smtplab serve: stopped")
