@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lab.errors import BadInput
-from lab.scenario.model import POLICIES
+from lab.scenario.model import POLICIES, parse_policies
 
 HELP = "run scenarios and write verdict reports (terminal, index.json, junit.xml, index.html, pcaps)"
 
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         metavar="LIST",
-        help="policies to run under, comma-separated from no,preferred,required (default: all); "
+        help="policies to run under, comma-separated from no,preferred,required (Postfix: none,may,encrypt; "
+        "default: all); "
         "with --target: the one policy the target is meant to have",
     )
     parser.add_argument(
@@ -67,13 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _policies(text: str | None) -> list[str]:
-    if text is None:
-        return list(POLICIES)
-    chosen = [p.strip().lower() for p in text.split(",") if p.strip()]
-    for policy in chosen:
-        if policy not in POLICIES:
-            raise BadInput(f"{policy!r} is not one of {', '.join(POLICIES)}", field="--policy")
-    return chosen
+    return list(POLICIES) if text is None else parse_policies(text, "--policy")
 
 
 def _external_target(args: argparse.Namespace, policies: list[str]):  # type: ignore[no-untyped-def]

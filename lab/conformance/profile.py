@@ -18,7 +18,7 @@ from typing import Any
 
 from lab.conformance.deviations import Deviation
 from lab.errors import BadInput
-from lab.policy.modes import TLSMode
+from lab.policy.modes import TLSMode, parse_tls_mode
 from lab.scenario.result import Target
 from lab.smtp.steps import DEFAULT_EHLO
 from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
@@ -26,16 +26,6 @@ from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 SCHEMA = "profile.schema.json"
 DEFAULT_FROM = "probe@smtplab.invalid"
 DEFAULT_DOMAIN = "example.com"
-
-#: Use TLS spellings; Postfix's smtpd_tls_security_level names are aliases (as in the appliance file).
-TLS_ALIASES = {
-    "no": TLSMode.NO,
-    "none": TLSMode.NO,
-    "preferred": TLSMode.PREFERRED,
-    "may": TLSMode.PREFERRED,
-    "required": TLSMode.REQUIRED,
-    "encrypt": TLSMode.REQUIRED,
-}
 
 
 @dataclass(frozen=True)
@@ -135,7 +125,9 @@ def default_recipient(host: str) -> str:
 
 
 def _mode(value: str) -> TLSMode:
-    return TLS_ALIASES[value.lower()]
+    mode = parse_tls_mode(value)
+    assert mode is not None, value  # the schema allows only the names parse_tls_mode knows
+    return mode
 
 
 def _forgive_policy(mapping: Any) -> None:
@@ -145,8 +137,8 @@ def _forgive_policy(mapping: Any) -> None:
     value = mapping["policy"]
     if value is False:
         mapping["policy"] = "no"
-    elif isinstance(value, str) and value.lower() in TLS_ALIASES:
-        mapping["policy"] = value.lower()
+    elif isinstance(value, str) and parse_tls_mode(value) is not None:
+        mapping["policy"] = value.strip().lower()
 
 
 def _read(path: Path) -> Any:
