@@ -65,6 +65,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     external.add_argument("--client-cert", metavar="PEM", help="client certificate to present")
     external.add_argument("--client-key", metavar="PEM", help="its private key")
+    external.add_argument(
+        "--verify-client", action="store_true", help="the target verifies client certificates (with --client-cert)"
+    )
+    facts = parser.add_argument_group("declared target facts (docs/conformance.md: a case that needs one runs with it)")
+    facts.add_argument("--accepted-domain", metavar="DOMAIN", help="a recipient domain the target accepts")
+    facts.add_argument("--refused-domain", metavar="DOMAIN", help="a recipient domain the target must refuse")
+    facts.add_argument("--max-message-size", type=int, metavar="BYTES", help="the target's maximum message size")
+    facts.add_argument("--max-recipients", type=int, metavar="N", help="the target's maximum recipients per message")
+    facts.add_argument(
+        "--tls-mandatory-sender", metavar="ADDR", help="a sender for whom the target makes TLS mandatory (Preferred)"
+    )
 
 
 def _policies(text: str | None) -> list[str]:

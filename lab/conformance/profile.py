@@ -56,6 +56,7 @@ class Profile:
     timeouts: Timeouts = field(default_factory=Timeouts)
     concurrency: int = 1
     deviations: tuple[Deviation, ...] = ()
+    facts: dict[str, Any] = field(default_factory=dict)  # the profile's ``facts`` mapping, as written
     file: str | None = None
 
     @property
@@ -179,6 +180,11 @@ class _Builder:
         policy = _mode(item["policy"]) if "policy" in item else None
         return Deviation(item["case"], item["reason"], policy, pattern, line_of(self.doc, where))
 
+    def default_recipient(self, host: str) -> str:
+        """Without ``envelope.to``: postmaster@ the declared accepted domain, else of the server name or host."""
+        domain = self.doc.get("facts", {}).get("accepted_domain")
+        return f"postmaster@{domain}" if domain else default_recipient(self.doc.get("server_name") or host)
+
     def build(self) -> Profile:
         doc = self.doc
         allow_remote = bool(doc.get("allow_remote", False))
@@ -218,10 +224,11 @@ class _Builder:
             client_cert=cert,
             client_key=key,
             mail_from=mail_from,
-            rcpt_to=rcpt_to or (default_recipient(doc.get("server_name") or host),),
+            rcpt_to=rcpt_to or (self.default_recipient(host),),
             timeouts=timeouts,
             concurrency=int(doc.get("concurrency", 1)),
             deviations=deviations,
+            facts=dict(doc.get("facts", {})),
             file=self.file,
         )
 
