@@ -53,6 +53,22 @@ def _recipient(explicit: str | None, facts: dict[str, Any], fallback: str) -> st
     return f"postmaster@{facts['accepted_domain']}" if "accepted_domain" in facts else fallback
 
 
+def check_deviation_cases(profile: Profile) -> None:
+    """A deviation that covers no case of the catalogue is a typo or a renamed case: bad input, never ignored."""
+    from lab.conformance.deviations import unknown_deviations
+    from lab.scenario.loader import load_cases
+
+    unknown = unknown_deviations(profile.deviations, (case.id for case in load_cases(None)))
+    if unknown:
+        first = unknown[0]
+        raise BadInput(
+            f"{first.case!r} names no case of the catalogue (smtplab list shows them)",
+            file=profile.file,
+            line=first.line,
+            field="deviations.case",
+        )
+
+
 def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
     """``--target HOST:PORT --policy X [--name] [--ehlo] [--from --to] [--ca] [--client-cert --client-key]``
     and the target facts (``--accepted-domain``, ``--max-message-size`` ...)."""
@@ -78,6 +94,7 @@ def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
 def target_from_profile(path: str | Path, args: argparse.Namespace | None = None) -> ExternalTarget:
     """A profile's target; flags given beside ``--profile`` (``--target``, ``--ca``, ``--name`` ...) win."""
     profile: Profile = load_profile(path)
+    check_deviation_cases(profile)
     given = vars(args) if args is not None else {}
     if given.get("target"):
         profile = profile.at(given["target"])

@@ -20,6 +20,7 @@ NO_MATCH = "no expected alternative matched"
 PLAINTEXT_UNDER_REQUIRED = "plaintext delivery accepted under Required: the message was taken without TLS (SPEC.md 2)"
 
 
+STARTTLS_GATE = 530  # "Must issue a STARTTLS command first": the Required gate, which cases test, not a side issue
 INCONCLUSIVE = "inconclusive: the target refused the transaction for a reason this case does not test"
 _TRANSACTION = re.compile(r"^(?:[^.]+\.)?(MAIL|RCPT|DATA|DOT)(?:/tls)?(?:#\d+)?$")
 
@@ -32,7 +33,9 @@ def unrelated_refusal(alternatives: Sequence[Alternative], observed: Mapping[str
         return None
     named = {c.key.removeprefix("replies.") for alt in alternatives for c in alt.when if c.key.startswith("replies.")}
     for label, code in replies.items():
-        if isinstance(code, int) and code >= 400 and _TRANSACTION.match(label) and label not in named:
+        if not isinstance(code, int) or code < 400 or code == STARTTLS_GATE or label in named:
+            continue
+        if _TRANSACTION.match(label):
             return f"{label}: {code}"
     return None
 
