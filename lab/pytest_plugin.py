@@ -143,25 +143,9 @@ class Plan:
 
 
 def _policies(text: str | None) -> list[str] | None:
-    from lab.conformance.profile import TLS_ALIASES
-    from lab.errors import BadInput
-    from lab.policy.modes import TLSMode
+    from lab.scenario.model import parse_policies
 
-    if text is None:
-        return None
-    chosen: list[str] = []
-    for word in (w.strip().lower() for w in text.split(",")):
-        if not word:
-            continue
-        if word not in TLS_ALIASES:
-            raise BadInput(
-                f"{word!r} is not one of no, preferred, required (none, may, encrypt)", field="--smtplab-policy"
-            )
-        chosen.append(str(TLS_ALIASES[word]))
-    if not chosen:
-        raise BadInput("name at least one policy", field="--smtplab-policy")
-    order = list(TLS_ALIASES.values())
-    return sorted(set(chosen), key=lambda p: order.index(TLSMode(p)))  # the report order: no, preferred, required
+    return None if text is None else parse_policies(text, "--smtplab-policy")
 
 
 def _selectors(values: list[str]) -> list[str]:

@@ -26,13 +26,20 @@ def make_case(tmp_path: Path, expect: dict[str, Any], *, levels: tuple[str, ...]
         "expect": expect,
         **extra,
     }
+    for alternatives in expect.values():  # cite the ref of the level a FAILED / NON-STRICT outcome breaks
+        for alt in alternatives:
+            level = {"FAILED": "MUST", "NON-STRICT": "SHOULD"}.get(alt["verdict"])
+            if level in levels and "ref" not in alt:
+                alt["ref"] = f"RFC 3207 4 ({level})"
     path = tmp_path / "case.yaml"
     path.write_text(json.dumps(doc), encoding="utf-8")
     return load_case_file(path)
 
 
 def judge(tmp_path: Path, when: dict[str, Any], observed: dict[str, Any]) -> Verdict:
-    case = make_case(tmp_path, {"any": [{"verdict": "OK", "label": "it holds", "when": when}]})
+    # The second alternative names the refused RCPT#2, so a miss is the MUST fallback, not an inconclusive run.
+    named = {"verdict": "OK", "label": "never", "when": {"replies.RCPT#2": 599, "connected": False}}
+    case = make_case(tmp_path, {"any": [{"verdict": "OK", "label": "it holds", "when": when}, named]})
     return evaluate(case, "preferred", observed, external=False).verdict
 
 
@@ -126,6 +133,7 @@ def test_first_matching_alternative_decides(tmp_path: Path) -> None:
                 {"verdict": "FAILED", "label": "anything else", "when": {}},
             ]
         },
+        levels=("MUST", "SHOULD"),
         policies=["no"],
     )
     assert evaluate(case, "no", {"starttls_reply": 502}, external=False).verdict is Verdict.OK
@@ -264,3 +272,27 @@ def test_plaintext_delivery_under_required_always_fails(
     assert result.verdict is verdict
     if verdict is Verdict.FAILED:
         assert "plaintext delivery accepted under Required" in result.reason
+
+
+def test_a_refusal_the_case_does_not_test_is_inconclusive(tmp_path: Path) -> None:
+    """A 451 after the dot (a deferring queue) shows nothing about the case's MUST: ERROR naming it, not FAILED."""
+    case = make_case(tmp_path, {"any": [{"verdict": "OK", "label": "delivered", "when": {"delivered": True}}]})
+    observed = {"delivered": False, "replies": {"MAIL": 250, "RCPT": 250, "DATA": 354, "DOT/tls": 451}}
+    evaluation = evaluate(case, "preferred", observed, external=True)
+    assert evaluation.verdict is Verdict.ERROR
+    assert "inconclusive" in evaluation.reason and "DOT/tls: 451" in evaluation.reason
+    gate = {"delivered": False, "replies": {"MAIL": 530}}  # the Required gate is what cases test: still judged
+    assert evaluate(case, "preferred", gate, external=True).verdict is Verdict.FAILED
+
+
+def test_a_failed_alternative_must_cite_a_must_ref(tmp_path: Path) -> None:
+    from lab.errors import BadInput
+
+    bad = {"any": [{"verdict": "FAILED", "label": "bad", "when": {"tls": True}}]}
+    with pytest.raises(BadInput, match="must cite a MUST ref"):
+        make_case(tmp_path, bad, levels=("SHOULD",))  # no MUST among the refs to cite
+    cited = {"any": [{"verdict": "FAILED", "ref": "RFC 3207 4 (SHOULD)", "label": "bad", "when": {"tls": True}}]}
+    with pytest.raises(BadInput, match="must cite a MUST ref"):
+        make_case(tmp_path, cited, levels=("SHOULD",))
+    good = {"any": [{"verdict": "FAILED", "ref": "RFC 3207 4 (MUST)", "label": "bad", "when": {"tls": True}}]}
+    assert make_case(tmp_path, good, levels=("MUST",)).expect.for_policy("no")[0].ref == "RFC 3207 4 (MUST)"

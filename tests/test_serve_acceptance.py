@@ -357,7 +357,7 @@ def test_bad_flags_and_config_exit_3(tmp_path: Path) -> None:
     for args, needle in [
         (["serve", "--listen", "192.168.2.1:25"], "not a loopback address"),
         (["serve", "--listen", "127.0.0.1:notaport"], "is not HOST:PORT"),
-        (["serve", "--listen", "127.0.0.1:2525", "--tls", "sometimes"], "invalid choice"),
+        (["serve", "--listen", "127.0.0.1:2525", "--tls", "sometimes"], "--tls: 'sometimes' is not one of"),
         (["serve", "--listen", "127.0.0.1:2525", "--cert", str(tmp_path / "missing.pem"), "--key", "x"], "missing.pem"),
     ]:
         result = smtplab(*args)

@@ -19,7 +19,7 @@ from lab.appliance.model import Appliance, Certificate, Interface, Listener, TLS
 from lab.errors import BadInput
 from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
-from lab.policy.modes import Behaviour, ListenerType, TLSMode
+from lab.policy.modes import Behaviour, ListenerType, TLSMode, parse_tls_mode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
 from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
@@ -27,15 +27,6 @@ SCHEMA = "appliance.schema.json"
 DEMO = "demo"
 DEMO_LABEL = "demo (INSECURE built-in demo certificate)"
 
-#: Use TLS spellings -> the canonical value; Postfix's smtpd_tls_security_level names are aliases.
-_TLS_ALIASES = {
-    "no": "no",
-    "none": "no",
-    "preferred": "preferred",
-    "may": "preferred",
-    "required": "required",
-    "encrypt": "required",
-}
 _SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 _DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 FieldPath = list[str | int]
@@ -70,7 +61,8 @@ def _tls_value(value: Any) -> Any:
     if value is False:  # YAML 1.1 reads an unquoted No / no / off as false
         return "no"
     if isinstance(value, str):
-        return _TLS_ALIASES.get(value.strip().lower(), value)
+        mode = parse_tls_mode(value)
+        return value if mode is None else str(mode)
     return value
 
 

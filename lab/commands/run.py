@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from lab.errors import BadInput
-from lab.scenario.model import POLICIES
+from lab.scenario.model import POLICIES, parse_policies
 
 HELP = "run scenarios and write verdict reports (terminal, index.json, junit.xml, index.html, pcaps)"
 
@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--policy",
         default=None,
         metavar="LIST",
-        help="policies to run under, comma-separated from no,preferred,required (default: all); "
+        help="policies to run under, comma-separated from no,preferred,required (Postfix: none,may,encrypt; "
+        "default: all); "
         "with --target: the one policy the target is meant to have",
     )
     parser.add_argument(
@@ -64,16 +65,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     external.add_argument("--client-cert", metavar="PEM", help="client certificate to present")
     external.add_argument("--client-key", metavar="PEM", help="its private key")
+    external.add_argument(
+        "--verify-client", action="store_true", help="the target verifies client certificates (with --client-cert)"
+    )
+    facts = parser.add_argument_group("declared target facts (docs/conformance.md: a case that needs one runs with it)")
+    facts.add_argument("--accepted-domain", metavar="DOMAIN", help="a recipient domain the target accepts")
+    facts.add_argument("--refused-domain", metavar="DOMAIN", help="a recipient domain the target must refuse")
+    facts.add_argument("--max-message-size", type=int, metavar="BYTES", help="the target's maximum message size")
+    facts.add_argument("--max-recipients", type=int, metavar="N", help="the target's maximum recipients per message")
+    facts.add_argument(
+        "--tls-mandatory-sender", metavar="ADDR", help="a sender for whom the target makes TLS mandatory (Preferred)"
+    )
 
 
 def _policies(text: str | None) -> list[str]:
-    if text is None:
-        return list(POLICIES)
-    chosen = [p.strip().lower() for p in text.split(",") if p.strip()]
-    for policy in chosen:
-        if policy not in POLICIES:
-            raise BadInput(f"{policy!r} is not one of {', '.join(POLICIES)}", field="--policy")
-    return chosen
+    return list(POLICIES) if text is None else parse_policies(text, "--policy")
 
 
 def _external_target(args: argparse.Namespace, policies: list[str]):  # type: ignore[no-untyped-def]

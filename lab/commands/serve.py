@@ -27,7 +27,7 @@ from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
 from lab.appliance.spool import Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
-from lab.policy.modes import TLSMode
+from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
@@ -39,9 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mode.add_argument("--config", metavar="FILE", help="full mode: every listener of an appliance file")
     parser.add_argument(
         "--tls",
-        choices=["no", "preferred", "required"],
         default="preferred",
-        help="quick mode: the Use TLS setting of the policy ALL maps to (default: preferred)",
+        metavar="MODE",
+        help="quick mode: the Use TLS setting of the policy ALL maps to, no|preferred|required "
+        "(Postfix: none|may|encrypt; default: preferred)",
     )
     parser.add_argument("--verify-client", action="store_true", help="quick mode: verify client certificates")
     parser.add_argument("--cert", metavar="PEM", help="quick mode: certificate to present (default: demo)")
@@ -91,7 +92,7 @@ def _quick(args: argparse.Namespace) -> tuple[Appliance, dict[str, tuple[str, in
         certificate = Certificate("imported", "pem", cert_file=args.cert, key_file=args.key)
     if args.max_concurrency < 1:
         raise BadInput("must be at least 1", field="--max-concurrency")
-    appliance = quick_appliance(host, port, TLSMode(args.tls), args.verify_client, certificate)
+    appliance = quick_appliance(host, port, _tls_mode(args.tls), args.verify_client, certificate)
     listeners = tuple(_with_concurrency(item, args.max_concurrency) for item in appliance.listeners)
     appliance = dataclasses.replace(appliance, listeners=listeners)
     return appliance, {item.name: (host, port) for item in appliance.listeners}
@@ -242,3 +243,10 @@ def run(args: argparse.Namespace) -> int:
 
 def _may_start_tls(listener: Listener) -> bool:
     return any(p.effective(listener.defaults).tls is not TLSMode.NO for p in listener.policies.values())
+
+
+def _tls_mode(text: str) -> TLSMode:
+    mode = parse_tls_mode(text)
+    if mode is None:
+        raise BadInput(f"{text!r} is not one of {TLS_MODE_SPELLINGS}", field="--tls")
+    return mode

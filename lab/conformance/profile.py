@@ -18,7 +18,7 @@ from typing import Any
 
 from lab.conformance.deviations import Deviation
 from lab.errors import BadInput
-from lab.policy.modes import TLSMode
+from lab.policy.modes import TLSMode, parse_tls_mode
 from lab.scenario.result import Target
 from lab.smtp.steps import DEFAULT_EHLO
 from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
@@ -26,16 +26,6 @@ from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 SCHEMA = "profile.schema.json"
 DEFAULT_FROM = "probe@smtplab.invalid"
 DEFAULT_DOMAIN = "example.com"
-
-#: Use TLS spellings; Postfix's smtpd_tls_security_level names are aliases (as in the appliance file).
-TLS_ALIASES = {
-    "no": TLSMode.NO,
-    "none": TLSMode.NO,
-    "preferred": TLSMode.PREFERRED,
-    "may": TLSMode.PREFERRED,
-    "required": TLSMode.REQUIRED,
-    "encrypt": TLSMode.REQUIRED,
-}
 
 
 @dataclass(frozen=True)
@@ -66,6 +56,7 @@ class Profile:
     timeouts: Timeouts = field(default_factory=Timeouts)
     concurrency: int = 1
     deviations: tuple[Deviation, ...] = ()
+    facts: dict[str, Any] = field(default_factory=dict)  # the profile's ``facts`` mapping, as written
     file: str | None = None
 
     @property
@@ -135,7 +126,9 @@ def default_recipient(host: str) -> str:
 
 
 def _mode(value: str) -> TLSMode:
-    return TLS_ALIASES[value.lower()]
+    mode = parse_tls_mode(value)
+    assert mode is not None, value  # the schema allows only the names parse_tls_mode knows
+    return mode
 
 
 def _forgive_policy(mapping: Any) -> None:
@@ -145,8 +138,8 @@ def _forgive_policy(mapping: Any) -> None:
     value = mapping["policy"]
     if value is False:
         mapping["policy"] = "no"
-    elif isinstance(value, str) and value.lower() in TLS_ALIASES:
-        mapping["policy"] = value.lower()
+    elif isinstance(value, str) and parse_tls_mode(value) is not None:
+        mapping["policy"] = value.strip().lower()
 
 
 def _read(path: Path) -> Any:
@@ -187,6 +180,11 @@ class _Builder:
         policy = _mode(item["policy"]) if "policy" in item else None
         return Deviation(item["case"], item["reason"], policy, pattern, line_of(self.doc, where))
 
+    def default_recipient(self, host: str) -> str:
+        """Without ``envelope.to``: postmaster@ the declared accepted domain, else of the server name or host."""
+        domain = self.doc.get("facts", {}).get("accepted_domain")
+        return f"postmaster@{domain}" if domain else default_recipient(self.doc.get("server_name") or host)
+
     def build(self) -> Profile:
         doc = self.doc
         allow_remote = bool(doc.get("allow_remote", False))
@@ -226,10 +224,11 @@ class _Builder:
             client_cert=cert,
             client_key=key,
             mail_from=mail_from,
-            rcpt_to=rcpt_to or (default_recipient(doc.get("server_name") or host),),
+            rcpt_to=rcpt_to or (self.default_recipient(host),),
             timeouts=timeouts,
             concurrency=int(doc.get("concurrency", 1)),
             deviations=deviations,
+            facts=dict(doc.get("facts", {})),
             file=self.file,
         )
 

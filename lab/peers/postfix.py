@@ -143,6 +143,7 @@ class PostfixPeer(Peer):
         accept_domain: str = "example.com",
         verify_client: bool = False,
         client_ca_pem: bytes | None = None,
+        relay_for_mynetworks: bool = False,
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         super().__init__(workdir, address, port, start_timeout)
@@ -164,6 +165,7 @@ class PostfixPeer(Peer):
         self.accept_domain = _check_name(accept_domain, "accept_domain")
         self.verify_client = verify_client
         self.client_ca_pem = client_ca_pem
+        self.relay_for_mynetworks = relay_for_mynetworks
         self._children: list[int] = []
 
     # -- layout -------------------------------------------------------------------------------------------------
@@ -202,6 +204,9 @@ class PostfixPeer(Peer):
         """The instance's main.cf: isolated directories, loopback only, deliver locally or refuse, never relay."""
         conf, mail_uid, mail_gid = self.config_dir, *_delivery_ids()
         mydomain = self.hostname.partition(".")[2] or self.hostname
+        relay_rule = "reject_unauth_destination"
+        if self.relay_for_mynetworks:
+            relay_rule = "permit_mynetworks, defer_unauth_destination"
         lines = [
             "# Written by smtplab (lab.peers.postfix): a throwaway Postfix peer for interop tests.",
             "compatibility_level = 3.6",
@@ -217,7 +222,9 @@ class PostfixPeer(Peer):
             "# smtpd binds the address in master.cf; inet_interfaces only has to name a local address.",
             "inet_interfaces = 127.0.0.1",
             "inet_protocols = ipv4",
-            "mynetworks = 127.0.0.1/32",
+            # relay_for_mynetworks: Debian's stock mynetworks and relay rule, so loopback clients may relay (the
+            # relay transport still refuses to deliver anywhere: the mail bounces, it never leaves the machine).
+            f"mynetworks = {'127.0.0.0/8' if self.relay_for_mynetworks else '127.0.0.1/32'}",
             "relayhost =",
             "relay_domains =",
             "default_transport = error:5.7.1 this smtplab peer relays nothing",
@@ -230,7 +237,7 @@ class PostfixPeer(Peer):
             "biff = no",
             "append_dot_mydomain = no",
             "smtpd_peername_lookup = no",
-            "smtpd_relay_restrictions = reject_unauth_destination",
+            f"smtpd_relay_restrictions = {relay_rule}",
             "smtpd_recipient_restrictions =",
             f"smtpd_banner = $myhostname ESMTP Postfix (smtplab peer, smtpd_tls_security_level={self.tls_level})",
             f"virtual_mailbox_domains = {self.accept_domain}",

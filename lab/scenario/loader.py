@@ -8,6 +8,7 @@ nothing selects the whole catalogue, which ships inside the package (``lab/catal
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib
@@ -22,6 +23,7 @@ import jsonschema
 from referencing import Registry, Resource
 
 from lab.errors import BadInput
+from lab.scenario.facts import substitute
 from lab.scenario.model import (
     CODE_PATTERN,
     LAB_ONLY_KEYS,
@@ -98,9 +100,11 @@ def behaviour_names() -> frozenset[str] | None:
 class _CaseReader:
     """Checks one parsed document and builds its ``Case``; ``fail`` names file, line and field."""
 
-    def __init__(self, doc: Any, file: str) -> None:
+    def __init__(self, doc: Any, file: str, facts: Mapping[str, Any] | None = None) -> None:
+        self.source = copy.deepcopy(doc)
         self.doc = doc
         self.file = file
+        self.facts = facts  # a target's declared facts; None: the lab's own (the file's ``facts:`` values)
 
     def fail(self, problem: str, path: Path_) -> BadInput:
         return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path) or None)
@@ -122,10 +126,25 @@ class _CaseReader:
         if isinstance(remote, dict) and isinstance(remote.get("starttls"), int):
             remote["starttls"] = str(remote["starttls"])  # 454 written bare
 
+    def fill_facts(self) -> None:
+        """Put the facts' values (the lab's, or a target's) where the file writes ``${name}``."""
+        lab = self.doc.get("facts")
+        values = dict(lab) if isinstance(lab, Mapping) else {}
+        if self.facts is not None:
+            values.update({k: v for k, v in self.facts.items() if k in values})
+        for key in [k for k in self.doc if k not in ("facts", "id")]:
+            try:
+                self.doc[key] = substitute(self.doc[key], values)
+            except KeyError as exc:
+                raise self.fail(f"${{{exc.args[0]}}} names no fact of this case's facts", [key]) from None
+            except TypeError as exc:
+                raise self.fail(f"a placeholder does not fit its fact's value: {exc}", [key]) from None
+
     def validate(self) -> None:
         if not isinstance(self.doc, Mapping):
             raise BadInput("a scenario file is a mapping (id, title, refs, ...)", file=self.file, line=1)
         self.normalise()
+        self.fill_facts()
         errors = list(_validator().iter_errors(self.doc))
         if not errors:
             return
@@ -166,6 +185,7 @@ class _CaseReader:
             raise self.fail("a case runs against a listener (target) or the remote MTA, not both", ["remote_mta"])
         requires = set(doc.get("requires", ()))
         requires |= self.derived_requirements(expect)
+        self.check_alternative_refs(refs, expect)
         return Case(
             id=case_id,
             title=doc["title"],
@@ -184,6 +204,8 @@ class _CaseReader:
             server_cert=doc.get("server_cert"),
             policy_behaviour=doc.get("policy_behaviour"),
             policy_params=dict(doc.get("policy_params", {})),
+            facts=dict(doc.get("facts", {})),
+            source=self.source,
             file=self.file,
             line=getattr(doc, "key_lines", {}).get("id"),
         )
@@ -196,11 +218,13 @@ class _CaseReader:
             out.add("middlebox")
         if "remote_mta" in doc:
             out.add("remote-mta")
-        if doc.get("verify_client"):
+        facts = doc.get("facts", {})
+        if doc.get("verify_client") and "client_cert" not in facts:
             out.add("client-cert-ca")
         if "server_cert" in doc:
             out.add("server-cert")
-        if "policy_params" in doc or "policy_behaviour" in doc:
+        # Facts stand for the policy parameters the lab sets: a target declares its own values instead.
+        if ("policy_params" in doc and not facts) or "policy_behaviour" in doc:
             out.add("policy-config")
         if "target" in doc:
             out.add("listener")
@@ -254,7 +278,24 @@ class _CaseReader:
     def alternative(self, data: Mapping[str, Any], path: Path_) -> Alternative:
         when = data.get("when") or {}
         conditions = tuple(self.condition(str(k), v, [*path, "when", str(k)]) for k, v in when.items())
-        return Alternative(Verdict(data["verdict"]), data["label"], conditions)
+        return Alternative(Verdict(data["verdict"]), data["label"], conditions, data.get("ref"))
+
+    def check_alternative_refs(self, refs: tuple[SpecRef, ...], expect: Expectation) -> None:
+        """The verdict of an alternative is the level of the rule it breaks: FAILED cites a MUST of the case's
+        refs, NON-STRICT a SHOULD; any ``ref`` names one of the case's refs."""
+        wanted = {Verdict.FAILED: Level.MUST, Verdict.NON_STRICT: Level.SHOULD}
+        for policy, alternatives in expect.by_policy.items():
+            for i, alt in enumerate(alternatives):
+                where: Path_ = ["expect", policy, i, "ref"]
+                levels = {r.level for r in refs if r.ref == alt.ref}
+                if alt.ref is not None and not levels:
+                    names = ", ".join(dict.fromkeys(r.ref for r in refs))
+                    raise self.fail(f"{alt.ref!r} is not one of the case's refs ({names})", where)
+                level = wanted.get(alt.verdict)
+                if level is not None and level not in levels:
+                    raise self.fail(
+                        f"a {alt.verdict} alternative must cite a {level} ref of the case (ref: ...)", where[:-1]
+                    )
 
     def condition(self, key: str, value: Any, path: Path_) -> Condition:
         top, _, sub = key.partition(".")
@@ -370,6 +411,13 @@ def load_case_file(path: str | Path) -> Case:
             "empty file: a scenario needs id, title, refs, description, expectation, client, expect", file=shown
         )
     return _CaseReader(doc, shown).build()
+
+
+def with_facts(case: Case, facts: Mapping[str, Any]) -> Case:
+    """The case rebuilt with a target's declared facts in place of the lab's values."""
+    if not case.facts or case.source is None:
+        return case
+    return _CaseReader(copy.deepcopy(case.source), case.file or case.id, facts).build()
 
 
 def _files_under(directory: Path) -> list[Path]:

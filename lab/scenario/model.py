@@ -12,10 +12,28 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from lab.errors import BadInput
+from lab.policy.modes import TLS_MODE_SPELLINGS, parse_tls_mode
 from lab.scenario.verdict import Verdict
 
 #: The policy axis, in report order (TLSMode values).
 POLICIES: tuple[str, ...] = ("no", "preferred", "required")
+
+def parse_policies(text: str, field: str) -> list[str]:
+    """A comma-separated policy list as a user writes it (``may,encrypt``, ``No``) -> canonical names in report
+    order; an unknown word or an empty list is ``BadInput`` naming ``field``."""
+    chosen: set[str] = set()
+    for word in (w.strip() for w in text.split(",")):
+        if not word:
+            continue
+        mode = parse_tls_mode(word)
+        if mode is None:
+            raise BadInput(f"{word!r} is not one of {TLS_MODE_SPELLINGS}", field=field)
+        chosen.add(str(mode))
+    if not chosen:
+        raise BadInput("name at least one policy", field=field)
+    return [policy for policy in POLICIES if policy in chosen]
+
 
 #: What a case may need that only the lab's own target gives; against an external target such a case is
 #: UNIMPLEMENTED with these words as the reason.
@@ -288,13 +306,17 @@ class Alternative:
     verdict: Verdict
     label: str
     when: tuple[Condition, ...] = ()
+    ref: str | None = None  # the case ref whose rule this outcome breaks (FAILED: a MUST, NON-STRICT: a SHOULD)
 
     def unmet(self, observed: Mapping[str, Any]) -> list[str]:
         return [u for c in self.when if (u := c.unmet(observed)) is not None]
 
     def to_dict(self) -> dict[str, Any]:
         """The form result records and reports show (``conditions`` as written in the file)."""
-        return {"verdict": str(self.verdict), "label": self.label, "conditions": {c.key: c.source for c in self.when}}
+        out = {"verdict": str(self.verdict), "label": self.label, "conditions": {c.key: c.source for c in self.when}}
+        if self.ref is not None:
+            out["ref"] = self.ref
+        return out
 
 
 @dataclass(frozen=True)
@@ -360,8 +382,14 @@ class Case:
     server_cert: str | None = None  # "demo" | "lab": the certificate the listener presents
     policy_behaviour: str | None = None  # overrides the behaviour of the client's sender-group policy
     policy_params: Mapping[str, Any] = field(default_factory=dict)  # extra PolicyParams for that policy
+    facts: Mapping[str, Any] = field(default_factory=dict)  # target facts it needs, with the lab's own values
+    source: Any = field(default=None, compare=False, repr=False)  # the file's document before facts were filled in
     file: str | None = None
     line: int | None = None
+
+    def missing_facts(self, declared: Mapping[str, Any]) -> list[str]:
+        """The facts this case needs that a target did not declare."""
+        return [name for name in self.facts if declared.get(name) is None]
 
     @property
     def strongest_level(self) -> Level:

@@ -15,7 +15,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +39,7 @@ from lab.net.topology import Topology, default_topology
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy
 from lab.scenario.evaluate import Evaluation, evaluate
+from lab.scenario.loader import with_facts
 from lab.scenario.model import Case, ClientSpec
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
 from lab.scenario.verdict import Verdict
@@ -71,6 +72,7 @@ class ExternalTarget:
     timeout: float = 30.0
     concurrency: int = 1  # runs at once when ``-j`` is not given (a profile's ``concurrency``)
     deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
+    facts: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # declared facts (lab.scenario.facts)
 
     @property
     def address(self) -> str:
@@ -117,7 +119,8 @@ class Runner:
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
         pairs = run_pairs(cases, policies, self.options.target)
-        if self.options.target is not None and any(not case.requires for case, _ in pairs):
+        target = self.options.target
+        if target is not None and any(not case.requires and not case.missing_facts(target.facts) for case, _ in pairs):
             _check_reachable(self.options.target)
         try:
             runs = self._run_parallel(pairs) if self.options.jobs > 1 and len(pairs) > 1 else self._run_serial(pairs)
@@ -191,10 +194,13 @@ class Runner:
         capture, keylog = Capture(), KeyLog()
         self._keylog.target = keylog
         virtual = 0.0
+        missing = case.missing_facts(self.options.target.facts) if self.options.target is not None else []
         try:
-            if external and case.requires:
-                evaluation = evaluate(case, policy, observed, external=True)
+            if external and (case.requires or missing):
+                evaluation = evaluate(case, policy, observed, external=True, missing_facts=missing)
             else:
+                if external and case.facts:
+                    case = with_facts(case, self.options.target.facts)  # type: ignore[union-attr]
                 outcome = (self._external if external else self._lab)(case, policy, capture)
                 virtual = outcome.seconds
                 transcript = [*outcome.record.transcript, *outcome.notes]
