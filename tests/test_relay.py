@@ -258,7 +258,7 @@ def test_a_side_that_does_not_drain_stops_the_reading_of_the_other(stalled: str)
                 blocked += 1
                 yield task.deferLater(reactor, 0.005)
             assert buffered(far.transport) <= far.transport.bufferSize + 65_536 + MAX_HELD
-            if blocked >= 20 and near.paused or sent > FLOOD_CAP:
+            if (blocked >= 20 and near.paused) or sent > FLOOD_CAP:
                 break
         assert near.paused and far.buffer.full, (sent, blocked)
         assert sent < FLOOD_CAP

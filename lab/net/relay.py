@@ -14,6 +14,7 @@ answers) and reads again once it drained; a side that does not read stalls its c
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +52,8 @@ class _WriteBuffer:
 
 class _End(Protocol):
     """One TCP end of a relayed connection: the client's (accepted) or the target's (opened by the relay)."""
+
+    transport: Any  # a TCP transport: a consumer of our writes, and a producer we pause and resume
 
     def __init__(self, splice: _Splice, direction: Direction) -> None:
         self.splice = splice
@@ -154,10 +157,8 @@ class _Splice:
 
     def _stop_connecting(self) -> None:
         if self.server is None and self.connector is not None:
-            try:
+            with contextlib.suppress(error.NotConnectingError):
                 self.connector.stopConnecting()
-            except error.NotConnectingError:
-                pass
 
 
 class _TargetSide(ClientFactory):

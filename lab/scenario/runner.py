@@ -445,7 +445,7 @@ class Runner:
             record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
         finally:
             net.run_until(relay.stop(), timeout=10)
-        notes = [f"=== middlebox: {note}" for box in [*boxes, relay] for note in box.notes]
+        notes = [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *relay.notes]]
         return _Outcome(record, {}, notes, time.monotonic() - begin)
 
     # -- captures
