@@ -15,6 +15,7 @@ answers) and reads again once it drained; a side that does not read stalls its c
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -103,7 +104,7 @@ class _Splice:
                 self.relay.target_port,
                 _TargetSide(self),
                 timeout=self.relay.connect_timeout,
-                bindAddress=(self.relay.address, 0),
+                bindAddress=self.relay.source,
             )
         self.balance()
 
@@ -211,6 +212,8 @@ class MiddleboxRelay:
         self.middleboxes = list(middleboxes)
         self.address = address or (RELAY_ADDRESS if target_host != RELAY_ADDRESS else RELAY_SPARE)
         self.connect_timeout = connect_timeout
+        # A loopback target sees the relay's own address; a remote one (allow_remote) whatever route reaches it.
+        self.source = (self.address, 0) if _is_loopback(target_host) else None
         self.notes: list[str] = []
         self.splices: set[_Splice] = set()
         self._port: Any = None
@@ -231,3 +234,10 @@ class MiddleboxRelay:
         self.splices.clear()
         port, self._port = self._port, None
         return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
