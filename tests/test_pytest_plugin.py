@@ -155,13 +155,13 @@ def test_broken_target_fails_with_expected_actual_spec_and_transcript(
 ) -> None:
     address = f"{preferred_lab.host}:{preferred_lab.port}"
     result = run("-v", "-rs", "--smtplab-target", address, "--smtplab-policy", "encrypt",
-                 "--smtplab-select", "3207-4-06,ATK-STRIP-01", "--junitxml=out.xml")  # fmt: skip
+                 "--smtplab-select", "3207-4-06,ATK-INJECT-01", "--junitxml=out.xml")  # fmt: skip
     assert result.ret == 1
     result.assert_outcomes(failed=1, skipped=1)
     node = f"smtplab/{address}::"
     assert outcomes(result) == {
         node + "3207-4-06[required]": "FAILED",  # MAIL before STARTTLS is served: a MUST of Required broken
-        node + "ATK-STRIP-01[required]": "SKIPPED",  # needs a middlebox: the lab's own listeners only
+        node + "ATK-INJECT-01[required]": "SKIPPED",  # needs the mail log: the lab's own listeners only
     }
     out = result.stdout.str()
     failure = out[out.index("__ 3207-4-06[required] __") :]
@@ -169,13 +169,14 @@ def test_broken_target_fails_with_expected_actual_spec_and_transcript(
                    "\nSpec: RFC 3207 4.2 (MUST): ", "\nTranscript ("):  # fmt: skip
         assert needle in failure, needle
     assert re.search(r"^  +-> MAIL FROM:<", failure, re.M)  # the plaintext MAIL the target should have refused
-    result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *.yaml:*: UNIMPLEMENTED: needs a middlebox*(lab targets only)"])
+    skip = "SKIPPED [[]1[]] *.yaml:*: UNIMPLEMENTED: needs the lab's mail log *(lab targets only)"
+    result.stdout.fnmatch_lines([skip])
 
     cases = junit_cases(pytester.path / "out.xml")
     failed = cases[f"smtplab.{address}::3207-4-06[required]"].find("failure")
     assert failed is not None and "Spec: RFC 3207 4.2 (MUST)" in (failed.text or "")
     assert properties(cases[f"smtplab.{address}::3207-4-06[required]"])["verdict"] == "FAILED"
-    assert cases[f"smtplab.{address}::ATK-STRIP-01[required]"].find("skipped") is not None
+    assert cases[f"smtplab.{address}::ATK-INJECT-01[required]"].find("skipped") is not None
 
 
 def _profile(path: Path, name: str, address: str, policy: str, deviations: str = "[]") -> Path:

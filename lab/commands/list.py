@@ -11,6 +11,7 @@ import argparse
 from lab.errors import EXIT_OK
 from lab.scenario.loader import load_cases
 from lab.scenario.model import Case
+from lab.scenario.runner import relayed
 
 HELP = "list the scenario cases (id, title, spec refs with level, policies) without running them"
 
@@ -36,8 +37,11 @@ def describe(case: Case) -> list[str]:
         facts.append(f"target: {case.target}")
     if case.verify_client:
         facts.append("verify client certificate")
-    if case.requires:
-        facts.append(f"lab only: {', '.join(case.requires)}")
+    if case.middlebox is not None:
+        facts.append("middlebox on the link")
+    lab_only = relayed(case).requires  # a middlebox runs against an external target too (in a relay)
+    if lab_only:
+        facts.append(f"lab only: {', '.join(lab_only)}")
     return [f"{case.id}  {case.title}", f"    {refs}", f"    {'   '.join(facts)}"]
 
 

@@ -1,10 +1,12 @@
 """Middleboxes on a link: byte rewriters between a client and a server (SPEC.md 5, STARTTLS stripping).
 
 A middlebox is sans-IO: per connection it is handed the bytes travelling each way and returns what to forward
-and what to answer itself (``Relay``). ``MiddleboxPipe`` runs a chain of them on any carrier, sitting directly
-below the client's ``SessionTransport``; so the capture, recorded there, holds the bytes as the CLIENT's wire
-shows them (after the rewrite: what the client was tricked into seeing). The server's view is the bytes that
-left the chain; a tap on the server side would show the original ``250-STARTTLS``.
+and what to answer itself (``Relay``). ``MiddleboxChain`` runs the boxes of one connection in a row; two shells
+drive it. ``MiddleboxPipe`` runs it on the lab's own carriers, sitting directly below the client's
+``SessionTransport``; so the capture, recorded there, holds the bytes as the CLIENT's wire shows them (after the
+rewrite: what the client was tricked into seeing). ``lab.net.relay.MiddleboxRelay`` runs it in a TCP relay in
+front of an external target. The server's view is the bytes that left the chain; a tap on the server side would
+show the original ``250-STARTTLS``.
 
 A middlebox object is configuration plus a log: ``open()`` gives the state for one connection, ``notes``
 collects what it did over all connections (the runner prints them as ``=== middlebox ...`` lines).
@@ -168,6 +170,11 @@ class MiddleboxChain:
     def __init__(self, sessions: Sequence[MiddleboxSession]) -> None:
         self.sessions = list(sessions)
 
+    @classmethod
+    def open(cls, middleboxes: Sequence[Middlebox]) -> MiddleboxChain:
+        """A chain with fresh per-connection state of each box (index 0 next to the client)."""
+        return cls([box.open() for box in middleboxes])
+
     def from_client(self, data: bytes) -> tuple[bytes, bytes]:
         """(bytes for the server, bytes back to the client)."""
         return self._run([(0, Direction.C2S, data)])
@@ -226,7 +233,7 @@ class MiddleboxPipe(TwistedProtocol):
 
     def __init__(self, upper: Any, middleboxes: Sequence[Middlebox], clock: IReactorTime) -> None:
         self.upper = upper
-        self.chain = MiddleboxChain([box.open() for box in middleboxes])
+        self.chain = MiddleboxChain.open(middleboxes)
         self.clock = clock
         self.lower: Any = None
         self._closing = False

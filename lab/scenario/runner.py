@@ -35,6 +35,7 @@ from lab.net.capture import Capture, Direction
 from lab.net.keylog import KeyLog
 from lab.net.middlebox import StartTLSStripper
 from lab.net.pcap import write_pcap
+from lab.net.relay import MiddleboxRelay
 from lab.net.topology import Topology, default_topology
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy
@@ -351,11 +352,7 @@ class Runner:
         return _Outcome(record, observed, notes, clock.seconds() - begin)
 
     def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
-        boxes = []
-        if case.middlebox is not None:
-            boxes.append(
-                StartTLSStripper(rewrite=case.middlebox.rewrite, answer_starttls=case.middlebox.answer_starttls)
-            )
+        boxes = case_middleboxes(case)
         host = self.topology.host_by_address(client_ip)
         if host is not None:
             for box in self.topology.middleboxes_between(host.name, self.topology.appliance_host().name):
@@ -410,9 +407,12 @@ class Runner:
         target = self.options.target
         assert target is not None
         source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
-        net = LoopbackNetwork(
-            {source: source, target.host: target.host},
-            port_map={target.port: target.port},
+        boxes = case_middleboxes(case)  # run by a relay in front of the target, on the client's path to it
+        relay = MiddleboxRelay(target.host, target.port, boxes, reactor=reactor, connect_timeout=target.timeout)
+        host, port = relay.start() if boxes else (target.host, target.port)
+        net = LoopbackNetwork(  # the client's view stays "connected to the target", as behind a transparent firewall
+            {source: source, target.host: host},
+            port_map={target.port: port},
             capture=capture,
             reactor=reactor,
             allow_localhost=True,
@@ -448,8 +448,12 @@ class Runner:
             settle=0.5,
         )
         begin = time.monotonic()
-        record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
-        return _Outcome(record, {}, [], time.monotonic() - begin)
+        try:
+            record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
+        finally:
+            net.run_until(relay.stop(), timeout=10)
+        notes = [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *relay.notes]]
+        return _Outcome(record, {}, notes, time.monotonic() - begin)
 
     # -- captures
 
@@ -481,8 +485,26 @@ def _check_reachable(target: ExternalTarget) -> None:
 def run_pairs(cases: Sequence[Case], policies: Sequence[str], target: ExternalTarget | None) -> list[tuple[Case, str]]:
     """The runs a selection makes: each case under each policy it lists, or under the target's declared one."""
     if target is not None:
-        return [(case, str(target.policy)) for case in cases]
+        return [(relayed(case), str(target.policy)) for case in cases]
     return [(case, policy) for case in cases for policy in policies if policy in case.policies]
+
+
+#: Lab-only needs that an external run meets all the same: a relay (lab/net/relay.py) on the client's path to
+#: the target runs the case's middlebox.
+RELAYED = frozenset({"middlebox"})
+
+
+def relayed(case: Case) -> Case:
+    """``case`` as run against an external target: what the relay provides is no longer a lab-only need."""
+    left = tuple(need for need in case.requires if need not in RELAYED)
+    return case if left == case.requires else dataclasses.replace(case, requires=left)
+
+
+def case_middleboxes(case: Case) -> list[StartTLSStripper]:
+    """The middlebox a case puts on the link (none, or one stripper)."""
+    if case.middlebox is None:
+        return []
+    return [StartTLSStripper(rewrite=case.middlebox.rewrite, answer_starttls=case.middlebox.answer_starttls)]
 
 
 class _Outcome(NamedTuple):
