@@ -275,25 +275,24 @@ class ServerSession:
                 self._discarding_long_line = True
                 self._reader.drop_partial()
             return False
-        if self._discarding_long_line or len(line) > COMMAND_LINE_LIMIT:
-            self._discarding_long_line = False
-            self.hooks.event("protocol_error", what="command line too long")
-            actions.append(Send(replies.LINE_TOO_LONG.render()))
-            return True
-        if not line.endswith(b"\r\n"):
-            self.hooks.event("protocol_error", what="bare LF in command")
-            actions.append(Send(replies.BARE_LF.render()))
-            return True
-        if b"\r" in line[:-2]:
-            self.hooks.event("protocol_error", what="bare CR in command")
-            actions.append(Send(replies.BARE_CR.render()))
-            return True
-        if b"\x00" in line:
-            self.hooks.event("protocol_error", what="NUL byte in command")
-            actions.append(Send(replies.NUL_BYTE.render()))
-            return True
-        actions.extend(self._command(line[:-2].decode("utf-8", errors="replace")))
+        overlong, self._discarding_long_line = self._discarding_long_line, False
+        actions.extend(self._command_line(line, overlong))
         return True
+
+    def _command_line(self, line: bytes, overlong: bool = False) -> list[Action]:
+        """Check one command line (with its line end) and execute it; ``overlong``: its head was discarded."""
+        if overlong or len(line) > COMMAND_LINE_LIMIT:
+            what, refusal = "command line too long", replies.LINE_TOO_LONG
+        elif not line.endswith(b"\r\n"):
+            what, refusal = "bare LF in command", replies.BARE_LF
+        elif b"\r" in line[:-2]:
+            what, refusal = "bare CR in command", replies.BARE_CR
+        elif b"\x00" in line:
+            what, refusal = "NUL byte in command", replies.NUL_BYTE
+        else:
+            return self._command(line[:-2].decode("utf-8", errors="replace"))
+        self.hooks.event("protocol_error", what=what)
+        return [Send(refusal.render())]
 
     def _take_data_line(self, actions: list[Action]) -> bool:
         """One line of message text; only <CRLF>.<CRLF> ends the data (RFC 5321 4.1.1.4, 2.3.8).
