@@ -19,15 +19,16 @@ class InjectionExecutingSession(ServerSession):
     """
 
     def _cmd_starttls(self, _argument: str) -> list[Action]:
-        kept = self._buffer
-        actions = super()._cmd_starttls(_argument)
-        self._buffer = kept
+        kept = self._reader.take()
+        self._reader.feed(kept)
+        actions = super()._cmd_starttls(_argument)  # logs and discards ...
+        self._reader.feed(kept)  # ... but keeps them after all
         return actions
 
     def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
-        kept = self._buffer
+        kept = self._reader.take()
         actions = super().tls_started(info, client_cert)
-        self._buffer = kept
+        self._reader.feed(kept)
         return [*actions, *self.receive(b"")]
 
 
@@ -71,3 +72,17 @@ class StartTLSAdvertisedInsideTLS(ServerSession):
         first = actions[0]
         assert isinstance(first, Send)
         return [Send(first.data.replace(b"250 HELP", b"250-STARTTLS\r\n250 HELP")), *actions[1:]]
+
+
+class BareLFEndOfDataSession(ServerSession):
+    """Takes ``<LF>.<CR><LF>`` for the end of data: in the message text, any LF ends a line.
+
+    Breaks SPEC.md 3 rule 9 as Postfix before smtpd_forbid_bare_newline, Sendmail before 8.18 and Exim before
+    4.97.1 did (SMTP smuggling, CVE-2023-51764, -51765, -51766): the forged transaction behind the false end is
+    executed.
+    """
+
+    def _take_data_line(self, actions: list[Action]) -> bool:
+        if self._data is not None:
+            self._data.after_crlf = True
+        return super()._take_data_line(actions)

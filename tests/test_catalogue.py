@@ -18,6 +18,7 @@ from lab.scenario.model import POLICIES, Case
 from lab.scenario.runner import RunOptions, run_cases
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import BEHAVIOURS
+from lab.smtp.steps import Raw
 
 FOLDERS = {"starttls", "policy", "clients", "attacks", "limits"}
 
@@ -32,6 +33,7 @@ RULES = {
     6: ["5321-4.5.3.1.4-01", "5321-4.5.3.1.6-01", "5321-2.3.8-01", "5321-2.4-01"],  # lines, bare LF, NUL
     7: ["2920-3.1-01", "2920-3.1-02"],  # STARTTLS last in a pipelined group
     8: ["3207-4-01"],  # Required on a public MX: INFORMATIONAL
+    9: [f"ATK-SMUGGLE-{n:02d}" for n in range(1, 13)],  # only <CRLF>.<CRLF> ends the data (SMTP smuggling)
 }
 
 #: SPEC.md 5: each attack and its cases.
@@ -41,6 +43,7 @@ ATTACKS = {
     "command injection": ["ATK-INJECT-01", "3207-4.2-03"],
     "response injection": ["ATK-RESP-01"],
     "plaintext exposure": ["ATK-EXPOSE-01", "ATK-EXPOSE-02"],
+    "SMTP smuggling": RULES[9],
 }
 
 #: The runs whose declared verdict on the lab is INFORMATIONAL (local policy, or exposure by design).
@@ -110,6 +113,21 @@ def test_the_rules_and_attacks_of_the_spec_are_covered(catalogue: list[Case]) ->
         assert all(i in cases for i in ids), attack
     assert any(c.verify_client for c in catalogue)
     assert {c.middlebox.answer_starttls for c in catalogue if c.middlebox} == {None, 454}
+
+
+def test_smuggling_cases_are_judged_from_replies_alone(catalogue: list[Case]) -> None:
+    """Each SMTP smuggling variant runs against any target: no lab-only need, a MUST behind its FAILED."""
+    cases = by_id(catalogue)
+    sequences = set()
+    for case_id in RULES[9]:
+        case = cases[case_id]
+        assert case.requires == (), (case_id, case.requires)
+        assert case.strongest_level.verdict is Verdict.FAILED
+        assert case.client.steps is not None
+        raws = [step for step in case.client.steps if isinstance(step, Raw)]
+        assert len(raws) == 1 and raws[0].settle and raws[0].replies == 1
+        sequences.add(raws[0].chunks[1])
+    assert len(sequences) == len(RULES[9])
 
 
 def test_every_run_has_a_passing_alternative(catalogue: list[Case]) -> None:

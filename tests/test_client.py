@@ -288,6 +288,22 @@ def test_raw_pipelined_chunks_get_one_labelled_reply_per_line(tmp_path: Path) ->
     assert b"N\x00OP\r\n" in net.capture.flows[0].payload(Direction.C2S)
 
 
+def test_raw_settle_records_the_replies_beyond_the_expected_ones(tmp_path: Path) -> None:
+    """``settle``: more replies than expected are recorded (LABEL#2 ...), not left for the next step to take."""
+    script = r"""
+    - ehlo: c.example
+    - {raw: {data: "NOOP\r\nNOOP\r\nRSET\r\n", replies: 1, settle: 1}, as: BLOCK}
+    - {raw: {data: "NOOP\r\n", settle: 2}, as: ONE}
+    - quit
+    """
+    record, _ = run(script, mta(), tmp_path)
+    replies = record.observed["replies"]
+    assert replies == {"EHLO": 250, "BLOCK": 250, "BLOCK#2": 250, "BLOCK#3": 250, "ONE": 250, "QUIT": 221}
+    assert "=== 2 more reply(ies) than the 1 expected" in record.transcript
+    with pytest.raises(BadInput, match=r"steps\[0\]\.raw"):
+        steps_from_data(parse_yaml("- {raw: {data: x, settle: 0}}", "s.yaml"), file="s.yaml")
+
+
 def test_mail_transaction_records_each_reply_and_delivers(tmp_path: Path) -> None:
     factory = mta()
     script = "[{ehlo: c.example}, {mail: {from: a@example.net, to: [b@example.com, c@example.com], marker: M-1}}]"

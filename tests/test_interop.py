@@ -196,11 +196,18 @@ RELAY_PEER = "postfix-may-relay"
 _OLD_TLS = "RFC 8996 5: Postfix's default smtpd_tls_protocols (>=TLSv1) negotiates TLS 1.0/1.1 (docs/peers.md)"
 #: The only FAILED verdicts a bare run may give: real MUST violations, each shown in docs/peers.md with its
 #: transcript. Anything else FAILED is a false verdict and fails the build.
+_SMUGGLED = (
+    "RFC 5321 4.1.1.4: Postfix 3.7 with smtpd_forbid_bare_newline = no (its default) takes a false end of data"
+    " and executes the commands behind it (docs/peers.md)"
+)
+#: The smuggling variants Postfix's defaults fall for (the other seven are kept as one message).
+_POSTFIX_SMUGGLING = {case: _SMUGGLED for case in ("ATK-SMUGGLE-01", "ATK-SMUGGLE-02", "ATK-SMUGGLE-03",
+                                                   "ATK-SMUGGLE-11", "ATK-SMUGGLE-12")}  # fmt: skip
 TRUE_MUST_VIOLATIONS: dict[str, dict[str, str]] = {
-    "postfix-none": {},
-    "postfix-may": {"8996-5-01": _OLD_TLS},
-    "postfix-encrypt": {"8996-5-01": _OLD_TLS},
-    "postfix-may-relay": {"8996-5-01": _OLD_TLS},
+    "postfix-none": {**_POSTFIX_SMUGGLING},
+    "postfix-may": {"8996-5-01": _OLD_TLS, **_POSTFIX_SMUGGLING},
+    "postfix-encrypt": {"8996-5-01": _OLD_TLS, **_POSTFIX_SMUGGLING},
+    "postfix-may-relay": {"8996-5-01": _OLD_TLS, **_POSTFIX_SMUGGLING},
     "aiosmtpd-plain": {},
     "aiosmtpd-tls": {},
     "aiosmtpd-require": {},

@@ -255,7 +255,7 @@ class Broken(ServerSession):
         return super()._cmd_mail(argument)
 
     def _cmd_starttls(self, argument: str) -> list[Action]:
-        behind, self._buffer = self._buffer, b""
+        behind = self._reader.take()
         actions = super()._cmd_starttls(argument)
         if "starttls-injection" in self.faults:
             self.stash = behind  # executed once TLS is up: CVE-2011-0411
@@ -277,16 +277,12 @@ class Broken(ServerSession):
             actions += self.receive(stash)
         return actions
 
-    def _take_command_line(self, actions: list[Action]) -> bool:
-        end = self._buffer.find(b"\n")
-        line = self._buffer[: end + 1]
+    def _command_line(self, line: bytes, overlong: bool = False) -> list[Action]:
         too_long = len(line) > 512 and "long-command-line" in self.faults
         nul = b"\x00" in line and "nul-in-command" in self.faults
-        if end >= 0 and (too_long or nul):
-            self._buffer = self._buffer[end + 1 :]
-            actions.extend(self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", "replace")))
-            return True
-        return super()._take_command_line(actions)
+        if too_long or nul:
+            return self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", "replace"))
+        return super()._command_line(line, overlong)
 
 
 class BrokenProtocol(ListenerProtocol):

@@ -27,6 +27,7 @@ from typing import Any
 import jsonschema
 import pytest
 from broken_sessions import (
+    BareLFEndOfDataSession,
     GateBypassSession,
     InjectionExecutingSession,
     StartTLSAdvertisedInsideTLS,
@@ -230,6 +231,7 @@ BREAKAGES = {
         {"3207-4.2-04", "3207-4.2-06"},
     ),
     "starttls-inside-tls": Breakage(StartTLSAdvertisedInsideTLS, _all("3207-4.2-02", "preferred", "required"), set()),
+    "smuggling": Breakage(BareLFEndOfDataSession, _all("ATK-SMUGGLE-02", "no", "preferred", "required"), set()),
 }
 
 

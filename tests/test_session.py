@@ -312,3 +312,93 @@ def test_chunking_does_not_change_the_outcome(split: int) -> None:
     out = b"".join(wire(feed(s, stream[i : i + split])) for i in range(0, len(stream), split))
     assert codes([Send(out)]) == [250, 250, 250, 354, 250, 221]
     assert hooks.delivered[0].data == b"body\r\n"
+
+
+#: The malformed end-of-data sequences of the SMTP smuggling research (SEC Consult 2023; CVE-2023-51764,
+#: -51765, -51766), each put between "first" and a smuggled transaction.
+SMUGGLING_SEQUENCES = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\n.\r",
+    b"\r.\n",
+    b"\r.\r",
+    b"\r.\r\n",
+    b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+    b"\r\n.\x00\r\n",
+    b"\r\n.\r\r\n",
+    b"\r\r\n.\r\r\n",
+]
+SMUGGLED = b"MAIL FROM:<mallory@evil.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\nforged\r\n.\r\n"
+
+
+def _in_data(mode: TLSMode) -> tuple[ServerSession, Recorder]:
+    s, hooks = session(mode)
+    if mode is not TLSMode.NO:
+        talk(s, "EHLO x", "STARTTLS")
+        s.tls_started(FakeTLS())
+    assert talk(s, "EHLO x", "MAIL FROM:<a@b.example>", "RCPT TO:<c@example.com>", "DATA") == [250, 250, 250, 354]
+    return s, hooks
+
+
+@pytest.mark.parametrize("mode", list(TLSMode))
+@pytest.mark.parametrize("sequence", SMUGGLING_SEQUENCES, ids=repr)
+def test_a_malformed_end_of_data_is_message_text(mode: TLSMode, sequence: bytes) -> None:
+    """Rule 9: only <CRLF>.<CRLF> ends the data; what follows a false dot is never executed, in TLS or not."""
+    s, hooks = _in_data(mode)
+    reply = wire(feed(s, b"Subject: x\r\n\r\nfirst" + sequence + SMUGGLED))
+    assert reply.startswith(b"550 5.6.0 Message refused: ")  # one reply, at the real end
+    assert codes([Send(reply)]) == [550]
+    assert not hooks.delivered
+    assert not any(f.get("address") == "mallory@evil.example" for _, f in hooks.events)
+    assert any("malformed end of data" in str(f.get("what")) for _, f in hooks.events)
+    assert talk(s, "NOOP") == [250]  # back in command mode, nothing pending
+
+
+@pytest.mark.parametrize("sequence", SMUGGLING_SEQUENCES, ids=repr)
+def test_a_malformed_end_of_data_byte_by_byte(sequence: bytes) -> None:
+    s, hooks = _in_data(TLSMode.NO)
+    out = b"".join(wire(feed(s, bytes([b]))) for b in b"first" + sequence + SMUGGLED)
+    assert codes([Send(out)]) == [550] and not hooks.delivered
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "data"),
+    [
+        (b".\r\n", 250, b""),  # the DATA command's CRLF counts: an empty message
+        (b"a\r\n.\r\n", 250, b"a\r\n"),
+        (b"..\r\n.\r\n", 250, b".\r\n"),  # dot-stuffed, not an end
+        (b"a\r\n. \r\n.\r\n", 250, b"a\r\n \r\n"),  # a dot and a space is text (unstuffed)
+        (b"bare\rcr\r\n.\r\n", 550, None),
+        (b"trailing cr\r\r\n.\r\n", 550, None),
+    ],
+)
+def test_end_of_data_and_bare_cr(body: bytes, code: int, data: bytes | None) -> None:
+    s, hooks = _in_data(TLSMode.NO)
+    assert codes(feed(s, body)) == [code]
+    assert [m.data for m in hooks.delivered] == ([data] if data is not None else [])
+
+
+def test_an_overlong_line_ending_in_cr_keeps_its_crlf() -> None:
+    """The CR of an overlong line's CRLF may arrive in the discarded part; the dot behind it still ends the data."""
+    s, _ = _in_data(TLSMode.NO)
+    assert feed(s, b"x" * 1500 + b"\r") == []
+    assert codes(feed(s, b"\n.\r\n")) == [500]
+
+
+def test_bare_cr_in_a_command_is_refused() -> None:
+    s, hooks = session(TLSMode.NO)
+    assert wire(feed(s, b"NOOP\rRSET\r\n")) == b"500 5.5.2 Bare CR not allowed\r\n"
+    assert wire(feed(s, b"EHLO x\r\r\n")) == b"500 5.5.2 Bare CR not allowed\r\n"
+    assert ("protocol_error", {"what": "bare CR in command"}) in hooks.events
+    assert s.greeting is None
+
+
+def test_a_large_pipelined_input_is_framed_in_linear_time() -> None:
+    """20 MB of message lines in one read: linear framing takes a moment, re-copying the buffer per line hours."""
+    s, hooks = session(TLSMode.NO, max_message_size=30_000_000)
+    line = b"x" * 98 + b"\r\n"
+    head = b"EHLO x\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
+    assert codes(feed(s, head + line * 200_000 + b".\r\nQUIT\r\n")) == [250, 250, 250, 354, 250, 221]
+    assert len(hooks.delivered[0].data) == 200_000 * len(line)

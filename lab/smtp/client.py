@@ -550,6 +550,22 @@ class ScriptedClient:
             reply = await self._reply(f"raw line {i + 1}")
             self._note_reply(verbs[i] if i < len(verbs) else "RAW", step, reply)
             await self._check(step, reply.code)
+        if step.settle is not None:
+            await self._settle_raw(step, verbs)
+
+    async def _settle_raw(self, step: Raw, verbs: list[str]) -> None:
+        """Listen ``step.settle`` seconds more: replies beyond the expected ones are recorded, not left queued."""
+        conn = self.conn
+        if conn is None:
+            return
+        await self._until(lambda: conn.is_lost or conn.error is not None, step.settle or 0.0)
+        extra = 0
+        while conn.replies:
+            i = step.expected_replies + extra
+            self._note_reply(verbs[i] if i < len(verbs) else "RAW", step, conn.replies.popleft())
+            extra += 1
+        if extra:
+            self.transcript.note(f"{extra} more reply(ies) than the {step.expected_replies} expected")
 
     async def _starttls(self, step: StartTLS) -> None:
         conn = self._need()

@@ -25,6 +25,7 @@ TEXT_LINE_LIMIT = 1000  # octets including CRLF (RFC 5321 4.5.3.1.6)
 INJECTION_PREVIEW = 60
 
 _PATH = re.compile(r"^\s*<([^<>\s]*)>(?:\s+(.*))?$")
+_LINE_BREAK = re.compile(rb"[\r\n]")
 
 
 # --- actions -------------------------------------------------------------------------------------------
@@ -105,8 +106,63 @@ class _DataState:
     size: int = 0
     too_long: bool = False
     bare_lf: bool = False
+    bare_cr: bool = False
     nul: bool = False
     oversize: bool = False
+    after_crlf: bool = True  # the previous line ended in CRLF (the DATA command's counts for the first line)
+    smuggling: bool = False  # a dot line that is not <CRLF>.<CRLF> was seen (and kept as data)
+
+
+class _LineReader:
+    """Received bytes read line by line (up to LF) in linear time: an offset moves, the buffer is not re-copied.
+
+    ``compact`` drops what was read, once per ``receive``; ``_scan`` remembers how far a partial line was already
+    searched for LF, so a line arriving a byte at a time is not searched again from its start.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._pos = 0
+        self._scan = 0
+
+    def __len__(self) -> int:
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def line(self) -> bytes | None:
+        """The next line with its LF, or None when no complete line is buffered."""
+        end = self._buf.find(b"\n", max(self._pos, self._scan))
+        if end < 0:
+            self._scan = len(self._buf)
+            return None
+        line = bytes(self._buf[self._pos : end + 1])
+        self._pos = self._scan = end + 1
+        return line
+
+    def take(self) -> bytes:
+        """Everything not read yet, removed."""
+        rest = bytes(self._buf[self._pos :])
+        self.clear()
+        return rest
+
+    def drop_partial(self) -> None:
+        """Forget a partial (overlong) line, but keep a trailing CR: the LF that may follow makes it a CRLF."""
+        keep = self._buf[-1:] == b"\r"
+        self.clear()
+        if keep:
+            self._buf += b"\r"
+
+    def clear(self) -> None:
+        self._buf.clear()
+        self._pos = self._scan = 0
+
+    def compact(self) -> None:
+        if self._pos:
+            del self._buf[: self._pos]
+            self._scan -= self._pos
+            self._pos = 0
 
 
 # --- the session -------------------------------------------------------------------------------------
@@ -124,7 +180,7 @@ class ServerSession:
         self.tls_pending = False
         self.closed = False
         self.messages = 0
-        self._buffer = b""
+        self._reader = _LineReader()
         self._discarding_long_line = False
         self._transaction: _Transaction | None = None
         self._data: _DataState | None = None
@@ -165,15 +221,16 @@ class ServerSession:
         """Bytes from the client (plaintext, or decrypted inside TLS)."""
         if self.closed or self.tls_pending:
             return []
-        self._buffer += data
+        self._reader.feed(data)
         actions: list[Action] = []
-        while self._buffer and not self.closed and not self.tls_pending and self._delivering is None:
+        while self._reader and not self.closed and not self.tls_pending and self._delivering is None:
             if self._data is not None:
                 more = self._take_data_line(actions)
             else:
                 more = self._take_command_line(actions)
             if not more:
                 break
+        self._reader.compact()
         return actions
 
     def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
@@ -184,7 +241,7 @@ class ServerSession:
         self.greeting = None
         self._transaction = None
         self._data = None
-        self._buffer = b""
+        self._reader.clear()
         self.hooks.event("tls_success", protocol=info.version, cipher=info.cipher)
         if self.config.params.verify_client:
             self.hooks.event("client_cert", state=client_cert.value)
@@ -206,53 +263,69 @@ class ServerSession:
     # -- line framing
 
     def _take_command_line(self, actions: list[Action]) -> bool:
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            if len(self._buffer) >= COMMAND_LINE_LIMIT:
+        line = self._reader.line()
+        if line is None:
+            if len(self._reader) >= COMMAND_LINE_LIMIT:
                 self._discarding_long_line = True
-                self._buffer = b""
+                self._reader.drop_partial()
             return False
-        line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
-        if self._discarding_long_line or len(line) > COMMAND_LINE_LIMIT:
-            self._discarding_long_line = False
-            self.hooks.event("protocol_error", what="command line too long")
-            actions.append(Send(replies.LINE_TOO_LONG.render()))
-            return True
-        if not line.endswith(b"\r\n"):
-            self.hooks.event("protocol_error", what="bare LF in command")
-            actions.append(Send(replies.BARE_LF.render()))
-            return True
-        if b"\x00" in line:
-            self.hooks.event("protocol_error", what="NUL byte in command")
-            actions.append(Send(replies.NUL_BYTE.render()))
-            return True
-        actions.extend(self._command(line[:-2].decode("utf-8", errors="replace")))
+        overlong, self._discarding_long_line = self._discarding_long_line, False
+        actions.extend(self._command_line(line, overlong))
         return True
 
+    def _command_line(self, line: bytes, overlong: bool = False) -> list[Action]:
+        """Check one command line (with its line end) and execute it; ``overlong``: its head was discarded."""
+        if overlong or len(line) > COMMAND_LINE_LIMIT:
+            what, refusal = "command line too long", replies.LINE_TOO_LONG
+        elif not line.endswith(b"\r\n"):
+            what, refusal = "bare LF in command", replies.BARE_LF
+        elif b"\r" in line[:-2]:
+            what, refusal = "bare CR in command", replies.BARE_CR
+        elif b"\x00" in line:
+            what, refusal = "NUL byte in command", replies.NUL_BYTE
+        else:
+            return self._command(line[:-2].decode("utf-8", errors="replace"))
+        self.hooks.event("protocol_error", what=what)
+        return [Send(refusal.render())]
+
     def _take_data_line(self, actions: list[Action]) -> bool:
+        """One line of message text; only <CRLF>.<CRLF> ends the data (RFC 5321 4.1.1.4, 2.3.8).
+
+        A dot line after a bare LF or CR, or with anything but CRLF behind the dot, is message text, never the
+        end (SMTP smuggling: CVE-2023-51764/51765/51766); the message is then refused at the real end of data
+        with 550 5.6.0, like any text with bare LF, bare CR or NUL, so nothing after the false dot is executed.
+        """
         state = self._data
         assert state is not None
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            if len(self._buffer) > TEXT_LINE_LIMIT:
+        line = self._reader.line()
+        if line is None:
+            if len(self._reader) > TEXT_LINE_LIMIT:
                 state.too_long = True
                 self._discarding_long_line = True
-                self._buffer = b""
+                self._reader.drop_partial()
             return False
-        line, self._buffer = self._buffer[: end + 1], self._buffer[end + 1 :]
+        after_crlf, state.after_crlf = state.after_crlf, line.endswith(b"\r\n")
         if self._discarding_long_line:  # the tail of an overlong line, never the terminator
             self._discarding_long_line = False
             return True
-        if line == b".\r\n":
+        if line == b".\r\n" and after_crlf:
             actions.extend(self._end_of_data(state))
             return True
-        if not line.endswith(b"\r\n"):
+        text = line[:-2] if state.after_crlf else line[:-1]
+        if not state.after_crlf:
             state.bare_lf = True
+        if b"\r" in text:
+            state.bare_cr = True
+        if b"\x00" in text:
+            state.nul = True
         if len(line) > TEXT_LINE_LIMIT:
             state.too_long = True
-        if b"\x00" in line:
-            state.nul = True
-        if line.startswith(b"."):
+        if not state.smuggling and _looks_like_end_of_data(line):
+            state.smuggling = True
+            mid = self._transaction.mid if self._transaction else None
+            what = f"malformed end of data kept as message text (MID {mid}; SMTP smuggling?)"
+            self.hooks.event("protocol_error", what=what)
+        if after_crlf and line.startswith(b"."):
             line = line[1:]
         state.size += len(line)
         if state.size > self.config.params.max_message_size:
@@ -302,11 +375,10 @@ class ServerSession:
 
     def _cmd_starttls(self, _argument: str) -> list[Action]:
         actions: list[Action] = [Send(replies.READY_TO_START_TLS.render()), StartTLS()]
-        if self._buffer:
+        if self._reader:
             # SPEC.md 3.3: plaintext behind STARTTLS is never executed inside TLS (CVE-2011-0411).
-            preview = self._buffer[:INJECTION_PREVIEW]
-            self.hooks.event("injection_discarded", nbytes=len(self._buffer), preview=preview)
-            self._buffer = b""
+            behind = self._reader.take()
+            self.hooks.event("injection_discarded", nbytes=len(behind), preview=behind[:INJECTION_PREVIEW])
         self.tls_pending = True
         return actions
 
@@ -398,6 +470,8 @@ class ServerSession:
             refusal = replies.LINE_TOO_LONG
         elif state.bare_lf:
             refusal = Reply(550, "5.6.0", "Message refused: bare LF in message text")
+        elif state.bare_cr:
+            refusal = Reply(550, "5.6.0", "Message refused: bare CR in message text")
         elif state.nul:
             refusal = Reply(550, "5.6.0", "Message refused: NUL byte in message text")
         if refusal is not None:
@@ -465,6 +539,11 @@ class ServerSession:
             return []
         self.hooks.event("protocol_error", what=what)
         return [Send(reply.render()), *self._close()]
+
+
+def _looks_like_end_of_data(line: bytes) -> bool:
+    """A dot alone between line breaks of any kind, NULs aside: the shape of the SMTP smuggling variants."""
+    return b"." in _LINE_BREAK.split(line.replace(b"\x00", b""))[:-1]
 
 
 def _parse_path(argument: str, keyword: str) -> tuple[str, str] | None:

@@ -92,12 +92,15 @@ class Send(Step):
 class Raw(Step):
     """Bytes as they are (hostile input): one write per chunk when ``separate``, else all in one write.
 
-    ``replies`` is how many replies to wait for; by default one per LF in the data.
+    ``replies`` is how many replies to wait for; by default one per LF in the data. ``settle``: then listen that
+    many seconds more and record every further reply, so that a case can tell from replies alone whether the
+    server executed bytes it should have taken as message text (SMTP smuggling).
     """
 
     chunks: tuple[bytes, ...]
     separate: bool = False
     replies: int | None = None
+    settle: float | None = None
 
     @property
     def data(self) -> bytes:
@@ -288,7 +291,14 @@ class _Parser:
         chunks_in = data["data"]
         chunks = tuple(decode_escapes(c) for c in _as_list(chunks_in))
         separate = bool(data.get("separate", isinstance(chunks_in, list)))
-        return Raw(chunks, separate=separate, replies=data.get("replies"), **common)
+        settle = data.get("settle")
+        return Raw(
+            chunks,
+            separate=separate,
+            replies=data.get("replies"),
+            settle=None if settle is None else float(settle),
+            **common,
+        )
 
     def _starttls(self, value: Any, path: list[str | int], common: dict[str, Any]) -> Step:
         value = value or {}
