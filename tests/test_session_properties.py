@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from lab.policy import replies
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.policy.params import EffectiveParams
 from lab.smtp.session import Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
@@ -194,7 +195,7 @@ class Driver:
         if kind == "tls_failed":
             return self.apply(s.tls_failed("handshake failure"))
         if kind == "timeout":
-            return self.apply(s.timeout())
+            return self.apply(s.deadline_expired("idle timeout", replies.TIMEOUT))
         raise AssertionError(kind)
 
 
