@@ -243,7 +243,9 @@ def describe(error: jsonschema.ValidationError) -> str:
     if kind in _MESSAGES:
         size = len(value) if isinstance(value, str | list | dict) else 0
         return _MESSAGES[kind].format(shown=shown, rule=rule, size=size)
-    return f"{shown} does not satisfy the {kind} rule of the schema"
+    if kind in ("oneOf", "anyOf"):
+        return f"{shown} is not valid under any of the given schemas"
+    return f"{shown} is not valid under the schema's {kind} rule"
 
 
 def validate(doc: Any, schema: dict[str, Any], file: str) -> None:
