@@ -25,6 +25,9 @@ def hostname_problem(name: str, *, fqdn: bool = False, wildcard: bool = False) -
         return "an empty host name"
     if len(name) > MAX_NAME:
         return f"a host name of {len(name)} characters (at most {MAX_NAME})"
+    control = next((ch for ch in name if not ch.isprintable() or ch.isspace()), None)
+    if control is not None:
+        return f"{excerpt(name)} contains {control!r}; a host name is letters, digits, hyphens and dots"
     labels = name.split(".")
     if wildcard and labels[0] == "*" and len(labels) > 1:
         labels = labels[1:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import stat
 from importlib import resources
 from pathlib import Path
@@ -234,9 +235,11 @@ def describe(error: jsonschema.ValidationError) -> str:
         missing = next((k for k in rule if k not in value), "?")
         return f"{excerpt(missing)} is a required property"
     if kind == "pattern":
-        bad = next((ch for ch in str(value) if not ch.isprintable()), None)
+        single = re.fullmatch(r"\^(\[[^\]]+\])[*+]\$", rule)  # "^[allowed]*$": name the first character outside
+        bad = next((ch for ch in str(value) if single and not re.fullmatch(single.group(1), ch)), None)
         if bad is not None:
-            return f"{shown} contains the control character {bad!r}"
+            what = "the control character" if not bad.isprintable() else "the character"
+            return f"{shown} contains {what} {bad!r}, which is not allowed here"
         return f"{shown} does not match {excerpt(rule)}"
     if kind in ("minLength", "minItems") and rule == 1:
         return f"{shown} should be non-empty"
@@ -251,7 +254,8 @@ def describe(error: jsonschema.ValidationError) -> str:
 def validate(doc: Any, schema: dict[str, Any], file: str) -> None:
     """Raise ``BadInput`` for the first (deepest, earliest) schema violation of ``doc``."""
     if not isinstance(doc, dict) and schema.get("type") == "object":
-        what = "empty" if doc is None else f"{type(doc).__name__} {excerpt(doc)}, not a mapping of fields"
+        kind = "a list" if isinstance(doc, list) else "a single value"
+        what = "empty" if doc is None else f"{kind} ({excerpt(doc)}), not a mapping of fields"
         raise BadInput(f"the file is {what}", file=file, line=getattr(doc, "line", 1))
     validator = jsonschema.Draft202012Validator(schema)
     errors = list(validator.iter_errors(doc))

@@ -258,7 +258,8 @@ class _Builder:
         try:
             load_pem(cert_file, key_file, name)
         except BadInput as exc:
-            key = "key_file" if exc.file == key_file else "cert_file"
+            key_problem = exc.file == key_file and (cert_file != key_file or "key" in exc.problem.lower())
+            key = "key_file" if key_problem else "cert_file"  # one file for both: the certificate is read first
             raise self.fail(f"{exc.file}: {exc.problem}", [*path, key]) from None
 
     def listener(
