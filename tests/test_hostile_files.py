@@ -473,7 +473,8 @@ class Outcome:
     code: int
     stdout: str
     stderr: str
-    seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # user + system of the child: what the loader cost, whatever the machine's load
     max_rss_mb: float
 
 
@@ -508,6 +509,7 @@ def run_limited(args: list[str], cwd: Path) -> Outcome:
         chunks["out"].decode(errors="replace"),
         chunks["err"].decode(errors="replace"),
         seconds,
+        usage.ru_utime + usage.ru_stime,
         usage.ru_maxrss / 1024,  # KiB on Linux
     )
 
