@@ -280,8 +280,8 @@ def read_text(path: str | Path, name: str | None = None) -> str:
             raise BadInput("not a regular file", file=shown)
         with path.open("rb") as handle:
             data = handle.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror or exc}", file=shown) from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+        raise BadInput(f"cannot read: {getattr(exc, 'strerror', None) or exc}", file=shown) from None
     if len(data) > MAX_FILE_BYTES:
         raise BadInput(f"larger than {MAX_FILE_BYTES} bytes, the limit for this file", file=shown)
     try:
