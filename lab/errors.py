@@ -55,7 +55,8 @@ class BadInput(Exception):
     def __str__(self) -> str:
         where = ""
         if self.file:
-            where = self.file if self.line is None else f"{self.file}:{self.line}"
+            file = _one_line(self.file)
+            where = file if self.line is None else f"{file}:{self.line}"
             where += ": "
         field = f"{self.field}: " if self.field else ""
         problem = _one_line(self.problem)  # a last guard: whatever a message quotes, it stays one short line
