@@ -27,7 +27,7 @@ MAX_FILE_BYTES = 1024 * 1024
 MAX_DEPTH = 64
 #: Nodes in the document as aliases expand it (an alias counts the whole node it names): an alias bomb
 #: ("billion laughs") stops here after a few thousand nodes of work.
-MAX_NODES = 50_000
+MAX_NODES = 20_000
 #: Characters of all scalars as aliases expand them.
 MAX_TOTAL_CHARS = 2 * MAX_FILE_BYTES
 #: One string value.

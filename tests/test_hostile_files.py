@@ -248,6 +248,17 @@ CASES: list[Hostile] = [
         ),
         "members",
     ),
+    A(
+        "many-members-then-a-bad-one",  # the most work a refused file can cost: read, validate, build, then fail
+        APPLIANCE.replace(
+            "      defaults:",
+            "      sender_groups:\n        - name: G\n          policy: ACCEPTED\n          members:\n"
+            + "".join(f"            - 10.{i // 250}.{i % 250}.1\n" for i in range(9000))
+            + "            - 10.1.1.10-300\n      defaults:",
+        ),
+        "10.1.1.10-300",
+        "listeners[0].hat.sender_groups[0].members[9000]",
+    ),
     A("interface-scoped-ipv6", edit(APPLIANCE, "address: 192.168.2.1", "address: fe80::1%eth0"), "fe80::1"),
     # --- appliance: certificate files ------------------------------------------------------------------------
     A(
@@ -389,6 +400,7 @@ SUBPROCESS = {
     ("appliance", "cipher-unknown"),
     ("appliance", "hostname-crlf"),
     ("appliance", "cert-file-is-dev-zero"),
+    ("appliance", "many-members-then-a-bad-one"),
     ("topology", "alias-bomb-dns-names"),
     ("topology", "dns-name-crlf"),
     ("scenario", "alias-bomb-in-when"),
