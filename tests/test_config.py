@@ -569,3 +569,57 @@ def test_the_documented_example_loads(tmp_path: Path) -> None:
     assert (bank.policy.name, bank.params.tls, bank.params.max_message_size) == ("STRICT", TLSMode.REQUIRED, 20 << 20)
     assert inbound.resolve(Peer.of("192.0.2.1")).params.tls is TLSMode.PREFERRED
     assert appliance.listener("Outboundmail").resolve(Peer.of("192.168.1.5")).policy.behaviour is Behaviour.RELAY
+
+
+def test_anchors_and_merge_keys_within_the_limits_still_work(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        hostname: esa.test.example
+        interfaces: [{name: PublicNet, address: 192.168.2.1}]
+        listeners:
+          - name: Inboundmail
+            type: public
+            interface: PublicNet
+            rat: [example.com]
+            hat:
+              policies:
+                STRICT: &strict {behaviour: accept, tls: required, banner_text: strict}
+                STRICTER: {<<: *strict, max_rcpts_per_msg: 5}
+              sender_groups:
+                - {name: A, members: &partners [10.0.0.1, 10.0.0.2], policy: STRICT}
+                - {name: B, members: *partners, policy: STRICTER}
+        """,
+    )
+    listener = load_appliance(path).listeners[0]
+    assert listener.policies["STRICTER"].params.max_rcpts_per_msg == 5
+    assert listener.policies["STRICTER"].params.banner_text == "strict"
+
+
+@pytest.mark.parametrize(
+    ("tls", "field", "problem"),
+    [
+        ("{ciphers: 'NOT-A-CIPHER'}", "ciphers", "no usable cipher in 'NOT-A-CIPHER'"),
+        ("{min_version: 1.3, max_version: 1.2}", "min_version", "min_version 1.3 is above max_version 1.2"),
+    ],
+)
+def test_tls_settings_are_built_with_openssl_at_load(tmp_path: Path, tls: str, field: str, problem: str) -> None:
+    path = write(tmp_path, BASE.format(hat=f"    tls: {tls}"))
+    message = error_of(path)
+    assert message.startswith(f"{path}:{line_with(path, 'tls:')}: listeners[0].tls.{field}: {problem}"), message
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "field"),
+    [
+        ("hostname: esa.test.example", 'hostname: "esa.test.example\\r\\n250 x"', "hostname"),
+        ("hostname: esa.test.example", "hostname: esa_1.example", "hostname"),
+        ("    port: 25", "    port: 25\n    tcp_queue: 4294967296", "listeners[0].tcp_queue"),
+        ("    port: 25", "    port: 25\n    default_domain: 'a b'", "listeners[0].default_domain"),
+        ("    kind: lab", "    kind: lab\n    hostnames: ['bad\\nname']", "certificates[0].hostnames[0]"),
+    ],
+)
+def test_values_that_would_break_serve_are_refused_at_load(tmp_path: Path, old: str, new: str, field: str) -> None:
+    path = write(tmp_path, BASE.format(hat="").replace(old, new))
+    message = error_of(path)
+    assert f": {field}: " in message and "\n" not in message, message

@@ -317,3 +317,34 @@ def test_envelope_addresses_and_markers_for_exposure_checks(tmp_path: Path) -> N
     scripted = load_case_file(write(tmp_path, GOOD.replace("  behaviour: skip\n", steps), "steps.yaml"))
     assert scripted.envelope_addresses() == ("eve@a.example", "inj@b.example", "x@c.example", "y@d.example")
     assert scripted.markers() == ("M-1",)
+
+
+def test_an_unknown_client_host_names_its_host_line(tmp_path: Path) -> None:
+    from lab.scenario.loader import check_client_hosts
+
+    path = write(tmp_path, GOOD.replace("host: mta-skip", "host: mta-skp"))
+    cases = load_cases([path])
+    check_client_hosts(load_cases([write(tmp_path, GOOD, "good.yaml")]), {"mta-skip"})
+    with pytest.raises(BadInput) as info:
+        check_client_hosts(cases, {"mta-skip", "esa"})
+    assert str(info.value) == f"{path}:8: client.host: unknown host 'mta-skp' (known: esa, mta-skip)"
+
+
+def test_smtplab_run_refuses_an_unknown_client_host_before_running(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("host: mta-skip", "host: nobody"))
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "run", str(path), "--report-dir", str(tmp_path / "report")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 3
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"smtplab: {path}:8: client.host: unknown host 'nobody' (known: attacker, esa, ")
+    assert not (tmp_path / "report" / "index.json").exists()
+
+
+def test_a_long_hostile_value_is_quoted_as_an_excerpt(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("when: {delivered: true}", f"when: {{delivered: {'y' * 5000}}}"))
+    message = error_of(path)
+    assert message.endswith("expect.no[0].when.delivered: delivered is true or false, not " + repr("y" * 60) + "...")

@@ -238,11 +238,20 @@ def load_pem(cert_path: str | Path, key_path: str | Path, name: str) -> CertKey:
     return CertKey(name, leaf.public_bytes(serialization.Encoding.PEM), _key_pem(key), chain)
 
 
+MAX_PEM_BYTES = 1024 * 1024  # a certificate chain or key is a few KiB; /dev/zero is not one
+
+
 def _read(path: str | Path) -> bytes:
     try:
-        return Path(path).read_bytes()
+        if Path(path).exists() and not Path(path).is_file():
+            raise BadInput("not a regular file", file=str(path))
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
         raise BadInput(f"cannot read: {exc.strerror or exc}", file=str(path)) from exc
+    if len(data) > MAX_PEM_BYTES:
+        raise BadInput(f"larger than {MAX_PEM_BYTES} bytes, too large for a PEM file", file=str(path))
+    return data
 
 
 def _now() -> dt.datetime:

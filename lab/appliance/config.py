@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.appliance.model import Appliance, Certificate, Interface, Listener, TLSSettings
-from lab.errors import BadInput
+from lab.errors import BadInput, excerpt
+from lab.names import hostname_problem
 from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode, parse_tls_mode
@@ -27,8 +28,8 @@ SCHEMA = "appliance.schema.json"
 DEMO = "demo"
 DEMO_LABEL = "demo (INSECURE built-in demo certificate)"
 
-_SIZE = re.compile(r"^\s*(\d+)\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
-_DOMAIN_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_SIZE = re.compile(r"^\s*(\d{1,12})\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
+MAX_MESSAGE_SIZE = 1024**3  # 1G: a message the lab holds in memory while it spools it
 FieldPath = list[str | int]
 
 
@@ -135,17 +136,15 @@ def _normalise(doc: Any, file: str) -> None:
 
 
 def parse_size(text: str | int) -> int:
-    """``10485760``, ``10M``, ``512K``, ``1GB`` -> bytes."""
+    """``10485760``, ``10M``, ``512K``, ``1GB`` -> bytes, at most ``MAX_MESSAGE_SIZE``."""
     found = _SIZE.match(str(text))
     if not found or int(found.group(1)) < 1:
-        raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M or G)")
+        raise ValueError(f"{excerpt(text)} is not a size (bytes, or a number with K, M or G)")
     exponent = " kmg".index(found.group(2).lower() or " ")
-    return int(found.group(1)) * int(1024**exponent)
-
-
-def _valid_domain(name: str) -> bool:
-    labels = name.lower().rstrip(".").split(".")
-    return len(name) <= 253 and all(_DOMAIN_LABEL.match(label) for label in labels)
+    size = int(found.group(1)) * int(1024**exponent)
+    if size > MAX_MESSAGE_SIZE:
+        raise ValueError(f"{excerpt(text)} is more than the largest size the lab accepts (1G)")
+    return size
 
 
 @dataclass
@@ -158,6 +157,7 @@ class _Builder:
 
     def build(self) -> Appliance:
         doc = self.doc
+        self.hostname(doc["hostname"], ["hostname"])
         interfaces = self.interfaces(doc["interfaces"])
         certificates = self.certificates(doc.get("certificates") or [], doc["hostname"])
         listeners: list[Listener] = []
@@ -183,17 +183,27 @@ class _Builder:
             listeners.append(listener)
         return Appliance(doc["hostname"], interfaces, certificates, tuple(listeners), source=self.file)
 
+    def hostname(self, name: str, path: FieldPath, *, certificate: bool = False) -> None:
+        """RFC 1123 (it reaches the banner, the EHLO reply and certificates); a certificate may name an IP."""
+        if certificate and _is_ip(name):
+            return
+        problem = hostname_problem(name, wildcard=certificate)
+        if problem:
+            raise self.fail(problem, path)
+
     def interfaces(self, items: list[Any]) -> dict[str, Interface]:
         out: dict[str, Interface] = {}
         addresses: dict[str, str] = {}
         for index, item in enumerate(items):
             path: FieldPath = ["interfaces", index]
             if item["name"] in out:
-                raise self.fail(f"duplicate interface name {item['name']!r}", [*path, "name"])
+                raise self.fail(f"duplicate interface name {excerpt(item['name'])}", [*path, "name"])
             try:
                 address = ipaddress.ip_address(item["address"])
             except ValueError:
-                raise self.fail(f"{item['address']!r} is not an IP address", [*path, "address"]) from None
+                raise self.fail(f"{excerpt(item['address'])} is not an IP address", [*path, "address"]) from None
+            if "%" in item["address"]:
+                raise self.fail("an interface address has no scope (%zone)", [*path, "address"])
             prefix = item.get("prefix", 24 if address.version == 4 else 64)
             if prefix > address.max_prefixlen:
                 raise self.fail(f"prefix {prefix} is too long for IPv{address.version}", [*path, "prefix"])
@@ -227,6 +237,8 @@ class _Builder:
                 self.check_pem(cert_file, key_file, name, path)
                 out[name] = Certificate(name, kind, cert_file=cert_file, key_file=key_file)
             elif kind == "lab":
+                for i, host in enumerate(item.get("hostnames") or []):
+                    self.hostname(host, [*path, "hostnames", i], certificate=True)
                 out[name] = Certificate(name, kind, hostnames=tuple(item.get("hostnames") or [hostname]))
             else:
                 out[name] = Certificate(name, kind)
@@ -239,7 +251,8 @@ class _Builder:
         try:
             load_pem(cert_file, key_file, name)
         except BadInput as exc:
-            key = "key_file" if exc.file == key_file else "cert_file"
+            key_problem = exc.file == key_file and (cert_file != key_file or "key" in exc.problem.lower())
+            key = "key_file" if key_problem else "cert_file"  # one file for both: the certificate is read first
             raise self.fail(f"{exc.file}: {exc.problem}", [*path, key]) from None
 
     def listener(
@@ -248,19 +261,23 @@ class _Builder:
         kind = ListenerType(item["type"])
         if item["interface"] not in interfaces:
             known = ", ".join(interfaces)
-            raise self.fail(f"unknown interface {item['interface']!r} (known: {known})", [*path, "interface"])
+            raise self.fail(f"unknown interface {excerpt(item['interface'])} (known: {known})", [*path, "interface"])
         certificate = item.get("certificate")
         if certificate == DEMO and DEMO not in certificates:
             certificate = None
         elif certificate is not None and certificate not in certificates:
             known = ", ".join([DEMO, *(c for c in certificates if c != DEMO)])
-            raise self.fail(f"unknown certificate {certificate!r} (known: {known})", [*path, "certificate"])
+            raise self.fail(f"unknown certificate {excerpt(certificate)} (known: {known})", [*path, "certificate"])
         if "rat" in item and kind is ListenerType.PRIVATE:
             raise self.fail(
                 "a private listener has no Recipient Access Table (rat is for public listeners)", [*path, "rat"]
             )
         rat = tuple(self.rat_entry(entry, [*path, "rat", i]) for i, entry in enumerate(item.get("rat", [])))
         tls = item.get("tls") or {}
+        if tls:
+            self.check_tls(tls, [*path, "tls"])
+        if item.get("default_domain"):
+            self.hostname(item["default_domain"], [*path, "default_domain"])
         hat, policies, defaults = self.hat(item.get("hat") or {}, kind, [*path, "hat"])
         return Listener(
             name=item["name"],
@@ -293,13 +310,23 @@ class _Builder:
             raise self.fail(problem, given[key][1])
         return timeouts
 
+    def check_tls(self, tls: Any, path: FieldPath) -> None:
+        """Build the TLS context the listener will use, now: a bad cipher string or version window fails here."""
+        from lab.appliance.tlsctx import check_tls_settings  # pyOpenSSL is slow to import; only tls needs it
+
+        try:
+            check_tls_settings(tls.get("min_version", "1.2"), tls.get("max_version"), tls.get("ciphers"))
+        except BadInput as exc:
+            raise self.fail(exc.problem, [*path, exc.field or "ciphers"]) from None
+
     def rat_entry(self, entry: str, path: FieldPath) -> str:
         text = entry.strip()
         if text.upper() == "ALL":
             return "ALL"
-        if _valid_domain(text[1:] if text.startswith(".") else text) and "@" not in text:
+        problem = hostname_problem(text[1:] if text.startswith(".") else text)
+        if problem is None and "@" not in text:
             return text.lower()
-        raise self.fail(f"{entry!r} is not a domain, .domain or ALL", path)
+        raise self.fail(f"{excerpt(entry)} is not a domain, .domain or ALL", path)
 
     def params(self, raw: Any, path: FieldPath) -> PolicyParams:
         values: dict[str, Any] = {}
@@ -348,7 +375,9 @@ class _Builder:
             gpath = [*path, "sender_groups", index]
             name = "ALL" if item["name"].upper() == "ALL" else item["name"]
             if name in seen:
-                raise self.fail(f"duplicate sender group {name!r} (also sender_groups[{seen[name]}])", [*gpath, "name"])
+                raise self.fail(
+                    f"duplicate sender group {excerpt(name)} (also sender_groups[{seen[name]}])", [*gpath, "name"]
+                )
             seen[name] = index
             if name == "ALL" and index != len(raw or []) - 1:
                 raise self.fail("the ALL group must be the last sender group", [*gpath, "name"])
@@ -365,7 +394,7 @@ class _Builder:
                 try:
                     parse_member(member)
                 except MemberSyntaxError as exc:
-                    raise self.fail(f"bad member {exc}", [*gpath, "members", m]) from None
+                    raise self.fail(f"bad member {excerpt(exc.text)}: {exc.why}", [*gpath, "members", m]) from None
             groups.append(SenderGroup.of(name, members, policy))
         for name, policy in predefined.items():  # predefined groups the file left out keep their place before ALL
             if name not in seen and name != "ALL":
@@ -376,6 +405,14 @@ class _Builder:
         if not groups or groups[-1].name != "ALL":
             groups.append(SenderGroup.of("ALL", ["ALL"], predefined["ALL"]))
         return groups
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _merge(base: PolicyParams, override: PolicyParams) -> PolicyParams:

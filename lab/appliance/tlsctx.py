@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSS
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lab.appliance.certs import CertKey
-from lab.errors import BadInput
+from lab.errors import BadInput, excerpt
 from lab.policy.modes import ClientCert
 
 KeyLog = Callable[[bytes], None]
@@ -106,10 +106,18 @@ def _context(
         try:
             ctx.set_cipher_list(cipher_list.encode("ascii"))
         except (SSL.Error, UnicodeEncodeError) as exc:
-            raise BadInput(f"no usable cipher in {ciphers!r}", field="ciphers") from exc
+            raise BadInput(f"no usable cipher in {excerpt(ciphers)} (an OpenSSL cipher list)", field="ciphers") from exc
     if keylog is not None:
         ctx.set_keylog_callback(lambda _conn, line: keylog(line))
     return ctx
+
+
+def check_tls_settings(min_version: str | None, max_version: str | None, ciphers: str | None) -> None:
+    """Build the context a listener with these settings would use; ``BadInput`` (with ``field``) if OpenSSL refuses.
+
+    The appliance loader calls this so that a file ``smtplab listeners`` accepts is one ``smtplab serve`` can serve.
+    """
+    _context(min_version=min_version, max_version=max_version, ciphers=ciphers, keylog=None)
 
 
 def _load_pems(pems: Sequence[bytes], field: str) -> list[x509.Certificate]:

@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     from lab.net.topology import default_topology, load_topology
     from lab.report import write_reports
     from lab.report.terminal import ProgressReporter, make_console, render
-    from lab.scenario.loader import load_cases
+    from lab.scenario.loader import check_client_hosts, load_cases
     from lab.scenario.runner import RunOptions, run_cases, run_pairs
     from lab.scenario.verdict import Verdict
 
@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     cases = load_cases(args.selectors or None)
     if not cases:
         raise BadInput("no case matches " + " ".join(args.selectors), field="selectors")
+    if target is None:
+        check_client_hosts(cases, {host.name for host in topology.hosts})
     baseline = None
     if args.baseline:
         from lab.scenario.result import load_index

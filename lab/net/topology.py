@@ -7,7 +7,6 @@ Addresses here are virtual labels (198.51.100.7, 192.168.2.1); they never reach 
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -17,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from lab.appliance.model import Appliance
-from lab.errors import BadInput
+from lab.errors import BadInput, excerpt
+from lab.names import hostname_problem
 from lab.policy.hat import Peer
 from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
 SCHEMA = "topology.schema.json"
 BUILTIN = "builtin"
 ROLES = ("appliance", "mta", "client", "internal", "firewall")
-_LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 _FIRST_LOOPBACK_NET = 10  # 127.10.x.y for the first network: far from 127.0.0.1
 FieldPath = list[str | int]
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -236,9 +235,9 @@ def _canonical_name(text: str) -> str:
     return text.strip().rstrip(".").lower()
 
 
-def _valid_hostname(name: str) -> bool:
-    labels = name.split(".")
-    return len(name) <= 253 and len(labels) >= 2 and all(_LABEL.match(label) for label in labels)
+def _name_problem(raw: str) -> str | None:
+    """Why ``raw`` is not a fully-qualified RFC 1123 host name (after a trailing dot and case are dropped)."""
+    return hostname_problem(_canonical_name(raw), fqdn=True)
 
 
 # --- loading ----------------------------------------------------------------------------------------------------
@@ -302,11 +301,13 @@ class _Builder:
         for index, item in enumerate(items):
             path: FieldPath = ["networks", index]
             if any(n.name == item["name"] for n in self.networks):
-                raise self.fail(f"duplicate network name {item['name']!r}", [*path, "name"])
+                raise self.fail(f"duplicate network name {excerpt(item['name'])}", [*path, "name"])
             try:
                 net = ipaddress.ip_network(item["subnet"].strip())
             except ValueError as exc:
-                raise self.fail(f"{item['subnet']!r} is not a network ({exc})", [*path, "subnet"]) from None
+                raise self.fail(
+                    f"{excerpt(item['subnet'])} is not a network ({excerpt(str(exc), quote=False)})", [*path, "subnet"]
+                ) from None
             for other, seen in zip(self.networks, parsed, strict=True):
                 if net.version == seen.version and net.overlaps(seen):
                     raise self.fail(f"{net} overlaps network {other.name} ({seen})", [*path, "subnet"])
@@ -319,7 +320,7 @@ class _Builder:
         for index, item in enumerate(items):
             path: FieldPath = ["hosts", index]
             if any(h.name == item["name"] for h in self.hosts):
-                raise self.fail(f"duplicate host name {item['name']!r}", [*path, "name"])
+                raise self.fail(f"duplicate host name {excerpt(item['name'])}", [*path, "name"])
             addresses = tuple(
                 self.host_address(a, [*path, "addresses", i], owners) for i, a in enumerate(item["addresses"])
             )
@@ -328,8 +329,9 @@ class _Builder:
             dns_names = []
             for i, raw in enumerate(item.get("dns_names") or []):
                 name = _canonical_name(raw)
-                if not _valid_hostname(name):
-                    raise self.fail(f"{raw!r} is not a fully-qualified host name", [*path, "dns_names", i])
+                problem = _name_problem(raw)
+                if problem:
+                    raise self.fail(problem, [*path, "dns_names", i])
                 if name in names:
                     raise self.fail(f"{name} is already a name of host {names[name]}", [*path, "dns_names", i])
                 names[name] = item["name"]
@@ -359,7 +361,7 @@ class _Builder:
         try:
             ip = ipaddress.ip_address(raw.strip())
         except ValueError:
-            raise self.fail(f"{raw!r} is not an IP address", path) from None
+            raise self.fail(f"{excerpt(raw)} is not an IP address", path) from None
         address = str(ip)
         if address in owners:
             raise self.fail(f"address {address} is already used by host {owners[address]}", path)
@@ -435,20 +437,22 @@ class _Builder:
                 raise self.fail(f"a {kind} record needs {key}", path)
         if kind == "MX":
             for key in ("domain", "exchange"):
-                if not _valid_hostname(_canonical_name(item[key])):
-                    raise self.fail(f"{item[key]!r} is not a domain name", [*path, key])
+                problem = _name_problem(item[key])
+                if problem:
+                    raise self.fail(problem, [*path, key])
             return DnsRecord(
                 "MX", _canonical_name(item["domain"]), _canonical_name(item["exchange"]), item.get("preference", 10)
             )
         try:
             ip = ipaddress.ip_address(item["address"].strip())
         except ValueError:
-            raise self.fail(f"{item['address']!r} is not an IP address", [*path, "address"]) from None
+            raise self.fail(f"{excerpt(item['address'])} is not an IP address", [*path, "address"]) from None
         if (kind, ip.version) in (("A", 6), ("AAAA", 4)):
             raise self.fail(f"an {kind} record holds an IPv{4 if kind == 'A' else 6} address", [*path, "address"])
         name = _canonical_name(item["name"])
-        if not _valid_hostname(name):
-            raise self.fail(f"{item['name']!r} is not a fully-qualified host name", [*path, "name"])
+        problem = _name_problem(item["name"])
+        if problem:
+            raise self.fail(problem, [*path, "name"])
         return DnsRecord("PTR", str(ip), name) if kind == "PTR" else DnsRecord(kind, name, str(ip))
 
     def check_mx(self, topology: Topology) -> None:
@@ -465,9 +469,9 @@ class _Builder:
         known = {h.name for h in self.hosts}
         for i, name in enumerate(raw):
             if name not in known:
-                raise self.fail(f"unknown host {name!r}", [*path, i])
+                raise self.fail(f"unknown host {excerpt(name)}", [*path, i])
         if raw[0] == raw[1]:
-            raise self.fail(f"a link joins two different hosts, not {raw[0]!r} to itself", path)
+            raise self.fail(f"a link joins two different hosts, not {excerpt(raw[0])} to itself", path)
         return raw[0], raw[1]
 
     def build_links(self, items: list[Any]) -> tuple[Link, ...]:
@@ -485,7 +489,7 @@ class _Builder:
         for index, item in enumerate(items):
             path: FieldPath = ["middleboxes", index]
             if any(m.name == item["name"] for m in out):
-                raise self.fail(f"duplicate middlebox name {item['name']!r}", [*path, "name"])
+                raise self.fail(f"duplicate middlebox name {excerpt(item['name'])}", [*path, "name"])
             between = self.pair(item["between"], [*path, "between"])
             if not any(set(link.between) == set(between) for link in links):
                 raise self.fail(f"no link between {between[0]} and {between[1]}", [*path, "between"])

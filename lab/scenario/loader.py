@@ -14,7 +14,7 @@ import functools
 import importlib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from typing import Any
 import jsonschema
 from referencing import Registry, Resource
 
-from lab.errors import BadInput
+from lab.errors import BadInput, excerpt
 from lab.scenario.facts import substitute
 from lab.scenario.model import (
     CODE_PATTERN,
@@ -51,7 +51,7 @@ from lab.scenario.model import (
     natural_key,
 )
 from lab.scenario.verdict import Verdict
-from lab.yamlsource import field_name, line_of, load_schema, parse_yaml
+from lab.yamlsource import describe, field_name, line_of, load_schema, read_yaml
 
 STEPS_URI = "https://smtplab.invalid/schemas/steps.schema.json"
 SUFFIXES = (".yaml", ".yml")
@@ -157,7 +157,7 @@ class _CaseReader:
             extra = [k for k in best.instance if k not in allowed]
             if extra:
                 known = ", ".join(allowed)
-                raise self.fail(f"unknown field {extra[0]!r} (known: {known})", [*path, extra[0]])
+                raise self.fail(f"unknown field {excerpt(extra[0])} (known: {known})", [*path, extra[0]])
         raise self.fail(_describe(best), path)
 
     def steps(self) -> tuple[Any, ...]:
@@ -173,7 +173,7 @@ class _CaseReader:
         section = doc.get("section") or id_section(case_id)
         if case_id[0].isdigit() and section != id_section(case_id):
             raise self.fail(
-                f"section {section!r} does not match the id (expected {id_section(case_id)!r})", ["section"]
+                f"section {excerpt(section)} does not match the id (expected {id_section(case_id)!r})", ["section"]
             )
         refs = tuple(SpecRef(r["ref"], Level(r["level"]), r["text"]) for r in doc["refs"])
         policies = tuple(p for p in POLICIES if p in doc.get("policies", POLICIES))
@@ -244,7 +244,7 @@ class _CaseReader:
         known = behaviour_names()
         if behaviour is not None and known is not None and behaviour not in known:
             raise self.fail(
-                f"unknown behaviour {behaviour!r} (known: {', '.join(sorted(known))})", ["client", "behaviour"]
+                f"unknown behaviour {excerpt(behaviour)} (known: {', '.join(sorted(known))})", ["client", "behaviour"]
             )
         steps = self.steps() if has_steps else None
         rcpt = data.get("rcpt_to", ("bob@example.com",))
@@ -262,7 +262,8 @@ class _CaseReader:
         for policy in data:
             if policy != "any" and policy not in policies:
                 raise self.fail(
-                    f"policy {policy!r} is not among this case's policies ({', '.join(policies)})", ["expect", policy]
+                    f"policy {excerpt(policy)} is not among this case's policies ({', '.join(policies)})",
+                    ["expect", policy],
                 )
         for policy in policies:
             if policy not in data and "any" not in data:
@@ -302,16 +303,16 @@ class _CaseReader:
         if top not in OBSERVATION_KEYS:
             close = difflib.get_close_matches(top, OBSERVATION_KEYS, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(OBSERVATION_KEYS))
-            raise self.fail(f"unknown observation key {top!r} ({hint})", path)
+            raise self.fail(f"unknown observation key {excerpt(top)} ({hint})", path)
         kind = OBSERVATION_KEYS[top]
         if kind == "exposure" and sub:
             if sub not in ("envelope", "body"):
-                raise self.fail(f"plaintext_exposure has envelope and body, not {sub!r}", path)
+                raise self.fail(f"plaintext_exposure has envelope and body, not {excerpt(sub)}", path)
             kind = "bool"
         elif kind == "codes" and sub:
             kind = "code"
         elif sub:
-            raise self.fail(f"{top} is not a mapping: drop {'.' + sub!r}", path)
+            raise self.fail(f"{top} is not a mapping: drop {excerpt('.' + sub)}", path)
         return Condition(key, self.test(value, kind, key, path), _plain(value))
 
     def test(self, value: Any, kind: str, key: str, path: Path_) -> Test:
@@ -345,7 +346,7 @@ class _CaseReader:
             if op == "match" and kind != "str":
                 raise self.fail(f"match is for strings; {key} is a {_kind_name(kind)}", path)
             return Has(arg) if op == "has" else Match(arg)
-        raise self.fail(f"unknown operator {op!r} (use not, match, has or absent)", path)
+        raise self.fail(f"unknown operator {excerpt(op)} (use not, match, has or absent)", path)
 
     def scalar(self, value: Any, kind: str, key: str, path: Path_) -> Test:
         if value is None:
@@ -355,18 +356,18 @@ class _CaseReader:
                 return Equals(value)
             if isinstance(value, str) and CODE_PATTERN.match(value):
                 return CodeClass(value.lower())
-            raise self.fail(f'{value!r} is not a reply code or class (250, "5xx", "4xx|5xx")', path)
+            raise self.fail(f'{excerpt(value)} is not a reply code or class (250, "5xx", "4xx|5xx")', path)
         if kind == "bool":
             if not isinstance(value, bool):
-                raise self.fail(f"{key} is true or false, not {value!r}", path)
+                raise self.fail(f"{key} is true or false, not {excerpt(value)}", path)
             return Equals(value)
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
-                raise self.fail(f"{key} is a number, not {value!r}", path)
+                raise self.fail(f"{key} is a number, not {excerpt(value)}", path)
             return Equals(value)
         if kind == "str":
             if not isinstance(value, str):
-                raise self.fail(f"{key} is a string, not {value!r}", path)
+                raise self.fail(f"{key} is a string, not {excerpt(value)}", path)
             return Equals(value)
         if kind == "lines":
             raise self.fail(f"{key} is a list of lines: use {{has: REGEX}}", path)
@@ -388,24 +389,16 @@ def _plain(value: Any) -> Any:
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
-    if error.validator == "enum":
-        return f"{error.instance!r} is not one of {', '.join(str(c) for c in error.validator_value)}"
     if error.validator == "pattern" and list(error.absolute_path) == ["id"]:
-        return f"{error.instance!r} is not a case id (RFC-SECTION-NN like 3207-4.2-01, POL-WORD-NN, ATK-WORD-NN)"
-    return str(error.message)
+        return f"{excerpt(error.instance)} is not a case id (RFC-SECTION-NN like 3207-4.2-01, POL-WORD-NN, ATK-WORD-NN)"
+    return describe(error)
 
 
 def load_case_file(path: str | Path) -> Case:
     """One scenario file; every problem is a ``BadInput`` naming file, line and field."""
     path = Path(path)
     shown = _display(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise BadInput(f"cannot read: {exc.strerror}", file=shown) from None
-    except UnicodeDecodeError:
-        raise BadInput("not UTF-8 text", file=shown) from None
-    doc = parse_yaml(text, shown)
+    doc = read_yaml(path, shown)
     if doc is None:
         raise BadInput(
             "empty file: a scenario needs id, title, refs, description, expectation, client, expect", file=shown
@@ -418,6 +411,22 @@ def with_facts(case: Case, facts: Mapping[str, Any]) -> Case:
     if not case.facts or case.source is None:
         return case
     return _CaseReader(copy.deepcopy(case.source), case.file or case.id, facts).build()
+
+
+def check_client_hosts(cases: Iterable[Case], hosts: Collection[str]) -> None:
+    """Every case's ``client.host`` is a host of the topology it runs in; else a ``BadInput`` at its line."""
+    for case in cases:
+        if case.client.host in hosts:
+            continue
+        line = case.line
+        if case.file:
+            line = line_of(read_yaml(case.file), ["client", "host"]) or line
+        raise BadInput(
+            f"unknown host {excerpt(case.client.host)} (known: {', '.join(sorted(hosts))})",
+            file=case.file,
+            line=line,
+            field="client.host",
+        )
 
 
 def _files_under(directory: Path) -> list[Path]:

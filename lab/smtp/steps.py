@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 from OpenSSL import SSL
 
-from lab.errors import BadInput
+from lab.errors import BadInput, excerpt
 from lab.policy.fallback import ClientTLS
-from lab.yamlsource import field_name, line_of, load_schema
+from lab.yamlsource import describe, field_name, line_of, load_schema
 
 DEFAULT_EHLO = "client.example.net"
 
@@ -271,7 +271,7 @@ class _Parser:
         errors = list(jsonschema.Draft202012Validator(schema).iter_errors(data))
         if errors:
             best = jsonschema.exceptions.best_match(errors)
-            raise self.fail(_describe(best), path + list(best.absolute_path))
+            raise self.fail(describe(best), path + list(best.absolute_path))
 
     # one builder per action: (value, path, common) -> Step
 
@@ -355,7 +355,9 @@ class _Parser:
         if "sni" in data and "server_name" in data:
             raise self.fail("give sni or server_name, not both", [*path, "sni"])
         if data.get("ciphers") is not None and not _usable_ciphers(data["ciphers"]):
-            raise self.fail(f"no usable cipher in {data['ciphers']!r} (an OpenSSL cipher string)", [*path, "ciphers"])
+            raise self.fail(
+                f"no usable cipher in {excerpt(data['ciphers'])} (an OpenSSL cipher string)", [*path, "ciphers"]
+            )
         if data.get("abort_mid_handshake") and data.get("plaintext_after_220"):
             raise self.fail("abort_mid_handshake and plaintext_after_220 exclude each other", path)
         return TLSOptions(
@@ -392,14 +394,6 @@ def _as_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _describe(error: jsonschema.ValidationError) -> str:
-    if error.validator == "enum":
-        return f"{error.instance!r} is not one of {', '.join(str(c) for c in error.validator_value)}"
-    if error.validator == "additionalProperties":
-        return error.message.replace("Additional properties are not allowed", "unknown field(s)")
-    return error.message
 
 
 def steps_from_data(
