@@ -24,6 +24,7 @@ from referencing import Registry, Resource
 
 from lab.errors import BadInput
 from lab.scenario.facts import substitute
+from lab.scenario.logevents import EVENTS
 from lab.scenario.model import (
     CODE_PATTERN,
     LAB_ONLY_KEYS,
@@ -310,6 +311,10 @@ class _CaseReader:
             kind = "bool"
         elif kind == "codes" and sub:
             kind = "code"
+        elif kind == "events":
+            if sub not in EVENTS:
+                raise self.fail(f"log names an event: log.EVENT, one of {', '.join(EVENTS)}", path)
+            kind = EVENTS[sub][0]
         elif sub:
             raise self.fail(f"{top} is not a mapping: drop {'.' + sub!r}", path)
         return Condition(key, self.test(value, kind, key, path), _plain(value))
