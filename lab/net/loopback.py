@@ -34,6 +34,7 @@ from lab.net.transport import SessionTransport
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 LOCALHOST = "127.0.0.1"
+DRAIN_POLL = 0.001  # seconds between looks at the connections still open while draining
 
 
 class LoopbackPort:
@@ -294,8 +295,20 @@ class LoopbackNetwork:
         use ``wait``."""
         return drive(self.reactor, d, timeout)
 
-    def drain(self) -> None:
-        """Nothing to do: on real sockets what is under way finishes as the reactor runs."""
+    def drain(self, timeout: float = 1.0) -> None:
+        """Run the reactor until every connection of this network has closed (the listener's closing log lines
+        are in), or ``timeout`` wall-clock seconds; a peer that keeps its end open is left as it is."""
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self.reactor.seconds() + timeout
+
+        def check() -> None:
+            if not any(session.connected for session in self._sessions) or self.reactor.seconds() >= deadline:
+                done.callback(None)
+            else:
+                self.reactor.callLater(DRAIN_POLL, check)
+
+        check()
+        self.run_until(done, timeout + 1)
 
     def notes(self) -> list[str]:
         return []

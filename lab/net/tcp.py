@@ -46,6 +46,11 @@ class TCPCarrier(LoopbackNetwork):
         ip = self._address(virtual_ip, field)
         return self.mapping.get(ip, ip)
 
+    def listen(self, ip: str, port: int, factory: Any, backlog: int = 50) -> Any:
+        """Serve on the real ``ip:port`` (no virtual ports here)."""
+        self.port_map.setdefault(port, port)
+        return super().listen(ip, port, factory, backlog)
+
     def connect(
         self,
         src_ip: str | None,
