@@ -49,6 +49,8 @@ class SmtplabShouldWarning(UserWarning):
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from lab.net.carrier import LAB_CARRIERS
+
     group = parser.getgroup("smtplab", "smtplab conformance suite (off unless --smtplab or another --smtplab-* option)")
     group.addoption("--smtplab", action="store_true", default=False, help="run the smtplab conformance suite")
     group.addoption(
@@ -74,7 +76,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption(
         "--smtplab-carrier",
-        choices=["memory", "loopback"],
+        choices=LAB_CARRIERS,
         default=None,
         help="how bytes reach the lab's own listeners (default memory: virtual time); external targets use TCP",
     )

@@ -20,7 +20,7 @@ from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Certificate
 from lab.appliance.spool import Spool
-from lab.appliance.tlsctx import ServerTLS
+from lab.appliance.tlsctx import ServerTLS, lab_client_tls
 from lab.errors import BadInput
 from lab.net.loopback import LoopbackNetwork
 from lab.net.memory import MemoryNetwork
@@ -28,7 +28,7 @@ from lab.net.middlebox import StartTLSStripper
 from lab.policy.fallback import ClientTLS
 from lab.policy.modes import TLSMode
 from lab.smtp.behaviours import BEHAVIOURS, behaviour_steps
-from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
+from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.steps import TLSPolicy
@@ -46,7 +46,7 @@ def run(name: str, factory: ServerFactory, net: MemoryNetwork, tmp_path: Path, *
         steps,
         clock=net.clock,
         connect=lambda f: net.connect(CLIENT, SERVER, 25, f),
-        tls_factory=make_tls_factory(state_dir=tmp_path / "client", **tls),
+        tls_factory=lab_client_tls(state_dir=tmp_path / "client", **tls),
     )
     record = net.run_until(client.run(), timeout=3600)
     net.run()
@@ -290,7 +290,7 @@ def test_stripping_middlebox_turns_prefer_into_plaintext_but_require_gives_up(tm
             behaviour_steps(name, ehlo="mx.example.net", mail_from="a@example.net", rcpt_to="b@example.com"),
             clock=lab.net.clock,
             connect=lambda f, net=lab.net: net.connect(CLIENT, SERVER, 25, f, middleboxes=[StartTLSStripper()]),
-            tls_factory=make_tls_factory(state_dir=tmp_path / "client"),
+            tls_factory=lab_client_tls(state_dir=tmp_path / "client"),
         )
         outcomes[name] = lab.net.run_until(client.run(), timeout=3600).observed
     assert outcomes["prefer"]["starttls_advertised"] is False and outcomes["prefer"]["delivered_plaintext"] is True
@@ -308,7 +308,7 @@ async def test_prefer_over_the_loopback_carrier(tmp_path: Path) -> None:
             behaviour_steps("prefer", ehlo="mx.example.net", mail_from="a@example.net", rcpt_to="b@example.com"),
             clock=reactor,
             connect=lambda f: net.connect(CLIENT, SERVER, 25, f),
-            tls_factory=make_tls_factory(state_dir=tmp_path),
+            tls_factory=lab_client_tls(state_dir=tmp_path),
             reply_timeout=5,
             target=f"{SERVER}:25",
         )

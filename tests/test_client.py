@@ -16,10 +16,11 @@ import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
+from lab.appliance.tlsctx import lab_client_tls
 from lab.errors import BadInput
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
-from lab.smtp.client import MAX_REPLY_LINE, ClientRecord, ScriptedClient, make_tls_factory, message_bytes
+from lab.smtp.client import MAX_REPLY_LINE, ClientRecord, ScriptedClient, message_bytes
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.steps import Mail, Step, TLSOptions, code_matches, decode_escapes, steps_from_data
 from lab.smtp.transcript import escape, split_lines
@@ -43,7 +44,7 @@ def run(
         steps,
         clock=net.clock,
         connect=lambda f: net.connect(CLIENT, SERVER, 25, f),
-        tls_factory=make_tls_factory(state_dir=tmp_path),
+        tls_factory=lab_client_tls(state_dir=tmp_path),
         target=f"{SERVER}:25",
         **options,
     )
@@ -406,7 +407,7 @@ async def test_over_real_tcp_on_loopback(tmp_path: Path) -> None:
             steps,
             clock=reactor,
             connect=lambda f: TCP4ClientEndpoint(reactor, "127.0.0.1", address.port, timeout=5).connect(f),
-            tls_factory=make_tls_factory(state_dir=tmp_path),
+            tls_factory=lab_client_tls(state_dir=tmp_path),
             reply_timeout=5,
         )
         record = await client.run()

@@ -2,36 +2,48 @@
 
 The lab's listener is served as a real process (``smtplab serve``) for each policy, and the probe's CLI reads
 it over loopback TCP. Each deviation is proven against a deliberately broken listener made here: the real
-``ListenerProtocol`` whose ``ServerSession`` is a subclass with exactly one fault, in-process on the reactor.
+``ListenerProtocol`` whose ``ServerSession`` is a subclass with exactly one fault, served in-process on the memory
+carrier: real TLS, virtual time (every reply timeout and settle window passes on a ``task.Clock``).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 import pytest_twisted
 from serving import Served, free_port, fresh_loopback, serve
-from twisted.internet import reactor
+from twisted.internet import protocol, reactor
 
 from lab.appliance.certs import LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
 from lab.commands import probe as probe_command
-from lab.conformance.probe import CHECKS, ProbeReport, ProbeSettings, ProbeUnreachable, exchange, probe, sent, span
+from lab.conformance.probe import (
+    CHECKS,
+    ProbeReport,
+    ProbeSettings,
+    ProbeUnreachable,
+    exchange,
+    probe,
+    run_probe,
+    sent,
+    span,
+    tcp_carrier,
+)
 from lab.conformance.profile import load_profile
 from lab.errors import BadInput
+from lab.net.memory import MemoryNetwork
 from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
 from lab.peers.aiosmtpd_peer import AiosmtpdPeer
 from lab.peers.postfix import PostfixPeer
@@ -104,7 +116,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serve
 @pytest_twisted.ensureDeferred
 async def test_probe_classifies_the_served_listener(served: dict[str, Served], tls: TLSMode, advertised: bool) -> None:
     target = served[str(tls)]
-    report = await probe(ProbeSettings(host=target.host, port=target.port, timeout=5.0, settle=0.2), reactor)
+    settings = ProbeSettings(host=target.host, port=target.port, timeout=5.0, settle=0.2)
+    report = await probe(settings, tcp_carrier(settings, reactor))
     assert (report.policy, report.verify_client, report.conclusive) == (tls, False, True)
     assert report.starttls_advertised is advertised
     assert report.findings == () and report.exit_code == 0
@@ -137,9 +150,9 @@ def test_cli_json(served: dict[str, Served]) -> None:
 async def test_probe_sees_required_with_client_certificate_verification(tmp_path: Path) -> None:
     with serve(tmp_path, "--tls", "required", "--verify-client") as served:
         settings = ProbeSettings(host=served.host, port=served.port, timeout=5.0, settle=0.2)
-        without = await probe(settings, reactor)
+        without = await probe(settings, tcp_carrier(settings, reactor))
         cert = LabCA(served.workdir / "state").issue("probe-client", ["client.example.net"], client=True)
-        with_cert = await probe(dataclasses.replace(settings, client_cert=cert), reactor)
+        with_cert = await probe(dataclasses.replace(settings, client_cert=cert), tcp_carrier(settings, reactor))
     for report in (without, with_cert):
         assert (report.policy, report.verify_client, report.findings) == (TLSMode.REQUIRED, True, ())
         assert report.conclusive and report.client_cert_requested
@@ -261,8 +274,11 @@ class Broken(ServerSession):
         if "starttls-injection" in self.faults:
             self.stash = behind  # executed once TLS is up: CVE-2011-0411
         if "starttls-pipelined-plaintext" in self.faults and behind:
-            answers = [Send(b"250 2.0.0 OK\r\n") for _ in range(behind.count(b"\n"))]
-            actions = [actions[0], *answers, *(a for a in actions if isinstance(a, StartTLS))]
+            # the 220 and the answers in one write, as a server that runs its input buffer before the handshake
+            # puts them in one segment (the memory carrier delivers each write as a segment of its own)
+            (ready,) = (a for a in actions if isinstance(a, Send))
+            answers = b"250 2.0.0 OK\r\n" * behind.count(b"\n")
+            actions = [Send(ready.data + answers), *(a for a in actions if isinstance(a, StartTLS))]
         return actions
 
     def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
@@ -302,8 +318,12 @@ class BrokenFactory(ListenerFactory):
         return protocol
 
 
-@contextlib.asynccontextmanager
-async def listen(
+#: Where the broken listener and the probe sit on the memory network (any addresses do: nothing leaves the process).
+LAB = ("192.0.2.25", 25)
+PROBER = "198.51.100.7"
+
+
+def broken_lab(
     tmp_path: Path,
     tls: TLSMode,
     faults: set[str],
@@ -311,10 +331,10 @@ async def listen(
     verify_client: bool = False,
     behaviour: Behaviour | None = None,
     rat: tuple[str, ...] | None = None,
-) -> AsyncIterator[tuple[str, int]]:
-    """The real listener on a fresh 127.x address, its session broken by ``faults``; stopped afterwards."""
-    host = fresh_loopback()
-    port = free_port(host)
+) -> MemoryNetwork:
+    """The real listener on the memory carrier (virtual time, real TLS), its session broken by ``faults``."""
+    net = MemoryNetwork()
+    host, port = LAB
     appliance = quick_appliance(host, port, tls, verify_client=verify_client)
     listener = appliance.listeners[0]
     if behaviour is not None:
@@ -325,25 +345,25 @@ async def listen(
     appliance = dataclasses.replace(appliance, listeners=(listener,))
     runtime = ApplianceRuntime(
         appliance,
-        clock=reactor,
-        maillog=MailLog(None, clock=reactor.seconds),
+        clock=net.clock,
+        maillog=MailLog(None, clock=net.clock.seconds),
         spool=Spool(tmp_path / "spool"),
         state_dir=tmp_path / "state",
     )
-    listener = appliance.listeners[0]
     factory = BrokenFactory(runtime, listener, appliance.interfaces[listener.interface])
     factory.session_class = type("BrokenSession", (Broken,), {"faults": frozenset(faults)})
-    port_object = reactor.listenTCP(port, factory, interface=host)
-    try:
-        yield host, port
-    finally:
-        await port_object.stopListening()
+    net.listen(host, port, factory)
+    return net
 
 
-async def probe_broken(tmp_path: Path, tls: TLSMode, faults: set[str], **kwargs: Any) -> ProbeReport:
-    async with listen(tmp_path, tls, faults, **kwargs.pop("listener", {})) as (host, port):
-        settings = ProbeSettings(host=host, port=port, timeout=3.0, settle=0.2, **kwargs)
-        return await probe(settings, reactor)
+def in_memory(**kwargs: Any) -> ProbeSettings:
+    """Settings for a probe of ``LAB`` from ``PROBER``, with the command's default timeouts (they are virtual)."""
+    return ProbeSettings(host=LAB[0], port=LAB[1], source=PROBER, **kwargs)
+
+
+def probe_broken(tmp_path: Path, tls: TLSMode, faults: set[str], **kwargs: Any) -> ProbeReport:
+    net = broken_lab(tmp_path, tls, faults, **kwargs.pop("listener", {}))
+    return run_probe(in_memory(**kwargs), net)
 
 
 BROKEN = [
@@ -369,9 +389,8 @@ def test_every_check_has_a_broken_listener() -> None:
 
 
 @pytest.mark.parametrize(("fault", "mode", "needle"), BROKEN, ids=[b[0] for b in BROKEN])
-@pytest_twisted.ensureDeferred
-async def test_each_deviation_is_found_with_evidence(tmp_path: Path, fault: str, mode: TLSMode, needle: str) -> None:
-    report = await probe_broken(tmp_path, mode, {fault})
+def test_each_deviation_is_found_with_evidence(tmp_path: Path, fault: str, mode: TLSMode, needle: str) -> None:
+    report = probe_broken(tmp_path, mode, {fault})
     assert [f.id for f in report.findings] == [fault], report.summary()
     (finding,) = report.findings
     assert needle in finding.evidence, finding.evidence
@@ -408,40 +427,60 @@ def test_every_rule_names_its_level_and_cites_rfcs_or_the_rules_page() -> None:
 
 
 @pytest.mark.parametrize("mode", list(TLSMode))
-@pytest_twisted.ensureDeferred
-async def test_the_correct_listener_shows_no_deviation_in_process(tmp_path: Path, mode: TLSMode) -> None:
-    report = await probe_broken(tmp_path, mode, set())
+def test_the_correct_listener_shows_no_deviation_in_process(tmp_path: Path, mode: TLSMode) -> None:
+    report = probe_broken(tmp_path, mode, set())
     assert (report.policy, report.findings, report.conclusive, report.exit_code) == (mode, (), True, 0)
 
 
-@pytest_twisted.ensureDeferred
-async def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
-    report = await probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"verify_client": True})
+def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
+    report = probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"verify_client": True})
     assert (report.policy, report.verify_client, report.findings) == (TLSMode.PREFERRED, True, ())
     assert report.checks["tls"]["tls.MAIL"] == 250  # no certificate: still welcome
     assert report.checks["tls-untrusted"]["tls.MAIL"] == 554
     assert "a client certificate that does not verify is refused" in report.basis
 
 
-@pytest_twisted.ensureDeferred
-async def test_required_closing_after_an_unverified_handshake(tmp_path: Path) -> None:
-    report = await probe_broken(tmp_path, TLSMode.REQUIRED, {"close-unverified"}, listener={"verify_client": True})
+def test_required_closing_after_an_unverified_handshake(tmp_path: Path) -> None:
+    report = probe_broken(tmp_path, TLSMode.REQUIRED, {"close-unverified"}, listener={"verify_client": True})
     assert (report.policy, report.verify_client, report.conclusive) == (TLSMode.REQUIRED, True, True)
     assert "inside TLS too (EHLO 421)" in report.basis
     assert "<~  421 4.7.1 Client certificate required" in report.evidence
     assert report.findings == ()
 
 
-@pytest_twisted.ensureDeferred
-async def test_rejecting_greeting_is_unreachable(tmp_path: Path) -> None:
-    async with listen(tmp_path, TLSMode.PREFERRED, set(), behaviour=Behaviour.REJECT) as (host, port):
-        with pytest.raises(ProbeUnreachable, match=f"cannot probe {host}:{port}: greeting 554"):
-            await probe(ProbeSettings(host=host, port=port, timeout=3.0), reactor)
+def test_rejecting_greeting_is_unreachable(tmp_path: Path) -> None:
+    net = broken_lab(tmp_path, TLSMode.PREFERRED, set(), behaviour=Behaviour.REJECT)
+    with pytest.raises(ProbeUnreachable, match=f"cannot probe {LAB[0]}:{LAB[1]}: greeting 554"):
+        run_probe(in_memory(), net)
 
 
-@pytest_twisted.ensureDeferred
-async def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> None:
-    report = await probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"rat": ("example.org",)})
+def test_nobody_listening_in_memory_is_unreachable(tmp_path: Path) -> None:
+    with pytest.raises(ProbeUnreachable, match=f"cannot probe {LAB[0]}:{LAB[1]}: connection failed"):
+        run_probe(in_memory(), MemoryNetwork())
+
+
+def test_the_probe_waits_on_the_carriers_clock(tmp_path: Path) -> None:
+    """Every wait (replies, settle windows after injected bytes, close) runs on the memory carrier's virtual
+    clock: a silent listener costs the probe its reply timeout in virtual seconds, never a socket or a sleep."""
+    net = MemoryNetwork()
+    net.listen(*LAB, protocol.ServerFactory.forProtocol(protocol.Protocol))  # accepts, never says a word
+    with pytest.raises(ProbeUnreachable, match=r"no greeting|timed out|timeout"):
+        run_probe(in_memory(timeout=30.0), net)
+    assert net.clock.seconds() >= 30.0  # the 30 s reply timeout passed, virtually
+
+
+def test_the_memory_probe_settles_virtually(tmp_path: Path) -> None:
+    """Against a correct listener nothing answers the injected NOOP: the probe listens the whole settle window,
+    on the virtual clock."""
+    net = broken_lab(tmp_path, TLSMode.REQUIRED, set())
+    report = run_probe(in_memory(settle=5.0), net)
+    assert report.findings == () and report.checks["injection"]["STARTTLS"] == 220
+    assert net.clock.seconds() >= 5.0
+    assert report.transcript[1] == f"=== Trying {LAB[0]}:{LAB[1]}..."
+
+
+def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> None:
+    report = probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"rat": ("example.org",)})
     assert report.checks["plain"]["plain.RCPT"] == report.checks["tls"]["tls.RCPT"] == 550
     assert (report.policy, report.conclusive, report.findings, report.exit_code) == (TLSMode.PREFERRED, False, (), 1)
     assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes
@@ -502,7 +541,7 @@ async def test_probe_against_real_peers(peer_fleet: tuple[dict[str, Peer], LabCA
         settings = dataclasses.replace(
             settings, client_cert=ca.issue("probe-client", ["client.peer.test"], client=True)
         )
-    report = await probe(settings, reactor)
+    report = await probe(settings, tcp_carrier(settings, reactor))
     assert (report.policy, report.verify_client, report.conclusive) == (policy, verify, True), report.summary()
     declared = load_profile(REPO / "conformance" / "targets" / f"{name.removesuffix('-verify')}.yaml")
     assert declared.policy is report.policy  # the shipped profile declares what the target does

@@ -10,11 +10,11 @@ from twisted.internet import task
 from twisted.internet.protocol import ClientFactory, Protocol
 
 from lab.appliance.certs import LabCA
-from lab.appliance.tlsctx import ServerTLS
+from lab.appliance.tlsctx import ServerTLS, lab_client_tls
 from lab.errors import BadInput
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
-from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
+from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.remote_mta import GARBAGE, HANDSHAKE_FAILURE_ALERT, RemoteMTAFactory
 from lab.smtp.steps import steps_from_data
 from lab.yamlsource import parse_yaml
@@ -33,7 +33,7 @@ def run(script: str, tmp_path: Path, mode: str = "ok", **kw: Any) -> Run:
         steps_from_data(parse_yaml(script, "t.yaml")),
         clock=net.clock,
         connect=lambda f: net.connect("198.51.100.7", "192.168.2.1", 25, f),
-        tls_factory=make_tls_factory(state_dir=tmp_path),
+        tls_factory=lab_client_tls(state_dir=tmp_path),
     )
     record = net.run_until(client.run(), timeout=3600)
     net.run()

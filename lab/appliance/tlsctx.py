@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography import x509
 from cryptography.x509 import verification
@@ -19,7 +20,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lab.appliance.certs import CertKey
+from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.errors import BadInput, excerpt
 from lab.policy.modes import ClientCert
 
@@ -270,3 +271,139 @@ def _ip(name: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(name.strip("[]"))
     except ValueError:
         return None
+
+
+class TLSChoice(Protocol):
+    """What a client step asks of its TLS side (``lab.smtp.steps.TLSOptions`` is one)."""
+
+    @property
+    def min_version(self) -> str | None: ...
+    @property
+    def max_version(self) -> str | None: ...
+    @property
+    def ciphers(self) -> str | None: ...
+    @property
+    def verify(self) -> bool: ...
+    @property
+    def server_name(self) -> str | None: ...
+    @property
+    def client_cert(self) -> str: ...
+
+
+#: ``none`` / ``lab`` / ``untrusted`` -> the certificate a client presents for that choice (or None).
+CertSource = Callable[[str], CertKey | None]
+
+
+def no_client_cert(_kind: str) -> None:
+    return None
+
+
+class ClientCerts:
+    """Client certificates by kind: ``lab`` is the one given (or issued by the lab CA in ``state_dir``),
+    ``untrusted`` one issued by a CA nobody trusts (``state_dir/untrusted``); each made once, on first use."""
+
+    def __init__(self, state_dir: Path | None, client_name: str, *, lab: CertKey | None = None, issue_lab: bool = True):
+        self.state_dir, self.client_name = state_dir, client_name
+        self._given, self._issue_lab = lab, issue_lab
+        self._made: dict[str, CertKey | None] = {}
+
+    def __call__(self, kind: str) -> CertKey | None:
+        if kind == "none":
+            return None
+        if kind not in self._made:
+            self._made[kind] = self._make(kind)
+        return self._made[kind]
+
+    def _make(self, kind: str) -> CertKey | None:
+        if kind == "lab" and (self._given is not None or not self._issue_lab):
+            return self._given
+        where = self.state_dir or default_state_dir()
+        ca = LabCA(where) if kind == "lab" else LabCA.untrusted(where)
+        return ca.issue(f"client-{kind}-{self.client_name}", [self.client_name], client=True)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Watched(ClientTLS):
+    """A ``ClientTLS`` whose handshakes report a CertificateRequest (and its CA names) to ``seen``."""
+
+    def __init__(self, seen: Callable[[list[str]], None], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._seen, self._told = seen, False
+        self.context.set_info_callback(self._info)
+
+    def _info(self, conn: SSL.Connection, _where: int, _ret: int) -> None:
+        if not self._told and b"certificate request" in conn.get_state_string():
+            self._told = True
+            self._seen([_dn(name) for name in conn.get_client_ca_list()])
+
+
+def _dn(name: Any) -> str:
+    parts = name.get_components()
+    return ",".join(f"{k.decode('ascii', 'replace')}={v.decode('utf-8', 'replace')}" for k, v in parts)
+
+
+class ClientTLSFactory:
+    """``TLSChoice -> ClientTLS``: the one client-side TLS factory (lab runs, external targets, the probe).
+
+    A step's own ``server_name`` wins over the factory's; ``certs`` says which certificate each client-certificate
+    choice presents. ``cache`` keeps one context per choice (the runner reuses them across runs; their key-log
+    lines go where ``keylog`` says at the time). ``watch`` notes a CertificateRequest in ``cert_requested`` and
+    ``ca_names`` (the probe's question: does the server ask for a client certificate?).
+    """
+
+    def __init__(
+        self,
+        *,
+        server_name: str | None = None,
+        trust_pems: Sequence[bytes] = (),
+        certs: CertSource = no_client_cert,
+        keylog: KeyLog | None = None,
+        cache: bool = False,
+        watch: bool = False,
+    ) -> None:
+        self.server_name, self.trust_pems = server_name, tuple(trust_pems)
+        self.certs, self.keylog = certs, keylog
+        self.watch = watch
+        self.cert_requested = False
+        self.ca_names: list[str] = []
+        self._cache: dict[Hashable, ClientTLS] | None = {} if cache else None
+
+    def __call__(self, options: TLSChoice) -> ClientTLS:
+        if self._cache is None:
+            return self._make(options)
+        key = (options.min_version, options.max_version, options.ciphers, options.verify, options.server_name)
+        key += (options.client_cert,)
+        if key not in self._cache:
+            self._cache[key] = self._make(options)
+        return self._cache[key]
+
+    def _make(self, options: TLSChoice) -> ClientTLS:
+        settings: dict[str, Any] = {
+            "server_name": options.server_name or self.server_name,
+            "verify": options.verify,
+            "trust_pems": self.trust_pems,
+            "min_version": options.min_version,
+            "max_version": options.max_version,
+            "ciphers": options.ciphers,
+            "client_cert": self.certs(options.client_cert),
+            "keylog": self.keylog,
+        }
+        return _Watched(self._requested, **settings) if self.watch else ClientTLS(**settings)
+
+    def _requested(self, ca_names: list[str]) -> None:
+        if not self.cert_requested:
+            self.cert_requested, self.ca_names = True, ca_names
+
+
+def lab_client_tls(
+    *,
+    server_name: str | None = None,
+    trust_pems: Sequence[bytes] = (),
+    state_dir: Path | None = None,
+    client_name: str = "client.example.net",
+    keylog: KeyLog | None = None,
+    cache: bool = False,
+) -> ClientTLSFactory:
+    """The lab client's factory: client certificates issued for ``client_name`` by the lab CA or an untrusted one."""
+    certs = ClientCerts(state_dir, client_name)
+    return ClientTLSFactory(server_name=server_name, trust_pems=trust_pems, certs=certs, keylog=keylog, cache=cache)

@@ -12,12 +12,9 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
-
-from twisted.python.failure import Failure
 
 from lab.appliance.certs import load_pem
-from lab.conformance.probe import ProbeReport, ProbeSettings, ProbeUnreachable, probe
+from lab.conformance.probe import ProbeSettings, ProbeUnreachable, run_probe
 from lab.conformance.profile import DEFAULT_FROM, parse_address
 from lab.errors import EXIT_HARNESS, BadInput
 from lab.smtp.steps import DEFAULT_EHLO
@@ -72,32 +69,10 @@ def settings_from(args: argparse.Namespace) -> ProbeSettings:
     )
 
 
-def run_on_reactor(settings: ProbeSettings) -> ProbeReport:
-    """Run the probe on the global reactor until it is done; its exception (if any) is raised here."""
-    from twisted.internet import reactor as global_reactor
-
-    reactor: Any = global_reactor
-    outcome: list[ProbeReport | Failure] = []
-
-    def finish(result: ProbeReport | Failure) -> None:
-        outcome.append(result)
-        reactor.stop()
-
-    reactor.callWhenRunning(lambda: probe(settings, reactor).addBoth(finish))
-    reactor.run()
-    if not outcome:  # the reactor stopped by a signal (Ctrl-C)
-        raise KeyboardInterrupt
-    result = outcome[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    assert isinstance(result, ProbeReport)
-    return result
-
-
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     try:
-        report = run_on_reactor(settings)
+        report = run_probe(settings)
     except ProbeUnreachable as exc:
         print(f"smtplab probe: {exc}", file=sys.stderr)
         return EXIT_HARNESS

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from lab.errors import BadInput
+from lab.net.carrier import LAB_CARRIERS
 from lab.scenario.model import POLICIES, parse_policies
 
 HELP = "run scenarios and write verdict reports (terminal, index.json, junit.xml, index.html, pcaps)"
@@ -34,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--carrier",
-        choices=["memory", "loopback"],
+        choices=LAB_CARRIERS,
         default="memory",
         help="how bytes travel between lab hosts (default: memory, virtual time)",
     )

@@ -2,7 +2,8 @@
 (a deviation) or only differ from the lab listener's own choices (a difference, docs/rules.md)?
 
 A short battery of questions, each one connection driven by the lab's one client engine
-(``lab.smtp.client.ScriptedClient`` with steps from ``lab.smtp.steps``) over real TCP to a loopback address.
+(``lab.smtp.client.ScriptedClient`` with steps from ``lab.smtp.steps``) over a carrier (``lab.net.carrier``):
+real TCP to a loopback address for ``smtplab probe HOST:PORT``, or the memory carrier on virtual time.
 The answers are judged by reply *classes*, never by our wording (other MTAs say 454, 500, 503 ...):
 
 - No: STARTTLS not advertised, or refused;
@@ -20,17 +21,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from OpenSSL import SSL
 from twisted.internet.defer import Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from lab.appliance.certs import CertKey, LabCA
-from lab.appliance.tlsctx import ClientTLS
+from lab.appliance.certs import CertKey
+from lab.appliance.tlsctx import ClientCerts, ClientTLSFactory
 from lab.conformance.profile import DEFAULT_FROM, default_recipient, format_address
 from lab.errors import EXIT_FAILED, EXIT_OK, HarnessError
+from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
 from lab.policy.modes import TLSMode
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
@@ -39,6 +38,8 @@ from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_
 #: Longer than the 512 octets RFC 5321 4.5.3.1.4 allows for a command line (CRLF included).
 LONG_LINE = b"NOOP " + b"X" * 600 + b"\r\n"
 STARTTLS_ARGUMENT = "SMTPLAB-PROBE"
+#: A whole probe may take this many ``timeout``s (about a dozen questions, each bounded by a few of them).
+PROBE_BUDGET = 60
 
 #: What a finding breaks: an RFC MUST or SHOULD (a deviation), or only the lab listener's own choice (a
 #: difference: docs/rules.md says so, and the RFCs leave it to the server).
@@ -132,6 +133,7 @@ class ProbeSettings:
     client_cert: CertKey | None = None
     timeout: float = 10.0  # one reply, one handshake, one connect
     settle: float = 0.5  # how long to listen inside TLS for replies to injected bytes
+    source: str | None = None  # the address to connect from (None: the kernel's choice; the memory carrier needs one)
 
     @property
     def address(self) -> str:
@@ -350,81 +352,32 @@ def span(lines: Sequence[str], start: Callable[[str], bool], end: Callable[[str]
     return []
 
 
-# -- the TLS side of the probe
-
-
-class _ProbeTLS:
-    """``TLSOptions -> ClientTLS`` for one question, noticing a CertificateRequest in the handshake.
-
-    ``client_cert``: ``none``; ``lab`` = the certificate the user gave (``--cert``); ``untrusted`` = one issued
-    by a CA made up for this probe, which no server can trust.
-    """
-
-    def __init__(self, settings: ProbeSettings, untrusted: Callable[[], CertKey]) -> None:
-        self.settings = settings
-        self.untrusted = untrusted
-        self.cert_requested = False
-        self.ca_names: list[str] = []
-
-    def __call__(self, options: TLSOptions) -> IOpenSSLClientConnectionCreator:
-        cert = None
-        if options.client_cert == "lab":
-            cert = self.settings.client_cert
-        elif options.client_cert == "untrusted":
-            cert = self.untrusted()
-        tls = ClientTLS(
-            server_name=self.settings.server_name or self.settings.host,
-            verify=bool(self.settings.ca_pems),
-            trust_pems=self.settings.ca_pems,
-            client_cert=cert,
-        )
-        tls.context.set_info_callback(self._info)
-        return cast(IOpenSSLClientConnectionCreator, tls)  # zope's @implementer, which mypy cannot see
-
-    def _info(self, conn: SSL.Connection, _where: int, _ret: int) -> None:
-        if b"certificate request" in conn.get_state_string() and not self.cert_requested:
-            self.cert_requested = True
-            self.ca_names = [_dn(name) for name in conn.get_client_ca_list()]
-
-
-def _dn(name: Any) -> str:
-    parts = name.get_components()
-    return ",".join(f"{k.decode('ascii', 'replace')}={v.decode('utf-8', 'replace')}" for k, v in parts)
-
-
-# -- the battery
-
-
 class Prober:
     """Runs the questions one after another (each bounded by the engine's timeouts) and judges the answers."""
 
-    def __init__(self, settings: ProbeSettings, reactor: Any, workdir: Path) -> None:
+    def __init__(self, settings: ProbeSettings, carrier: ICarrier, workdir: Path) -> None:
         self.settings = settings
-        self.reactor = reactor
+        self.carrier = carrier
         self.workdir = workdir
+        # --cert for ``lab``; for ``untrusted`` one from a CA made up for this probe, which no server can trust
+        self.certs = ClientCerts(workdir, settings.ehlo, lab=settings.client_cert, issue_lab=False)
         self.answers: dict[str, Answer] = {}
         self.transcript: list[str] = []
         self.findings: list[Finding] = []
         self.policy_evidence: list[str] = []
         self.notes: list[str] = []
-        self._untrusted: CertKey | None = None
-
-    def untrusted_cert(self) -> CertKey:
-        if self._untrusted is None:
-            ca = LabCA.untrusted(self.workdir)
-            self._untrusted = ca.issue("probe-untrusted-client", [self.settings.ehlo], client=True)
-        return self._untrusted
 
     def connect(self, factory: Any) -> Deferred[Any]:
         s = self.settings
-        endpoint_type = TCP6ClientEndpoint if ":" in s.host else TCP4ClientEndpoint
-        return endpoint_type(self.reactor, s.host, s.port, timeout=max(1, int(s.timeout))).connect(factory)
+        return self.carrier.connect(s.source, s.host, s.port, factory)
 
     async def ask(self, name: str, why: str, steps: Sequence[Step]) -> Answer:
-        tls = _ProbeTLS(self.settings, self.untrusted_cert)
+        s = self.settings
+        # a fresh factory per question: it notes whether this question's handshake asked for a certificate
+        tls = ClientTLSFactory(server_name=s.server_name or s.host, trust_pems=s.ca_pems, certs=self.certs, watch=True)
         client = ScriptedClient(
             steps,
-            clock=self.reactor,
+            clock=self.carrier.clock,
             connect=self.connect,
             tls_factory=tls,
             reply_timeout=self.settings.timeout,
@@ -783,18 +736,31 @@ class Prober:
         )
 
 
-def probe(settings: ProbeSettings, reactor: Any = None) -> Deferred[ProbeReport]:
+def probe(settings: ProbeSettings, carrier: ICarrier | None = None) -> Deferred[ProbeReport]:
     """Deferred[ProbeReport]; fails with ``ProbeUnreachable`` when no SMTP conversation is possible.
 
-    ``reactor`` provides ``IReactorTCP`` and ``IReactorTime`` (default: the global reactor).
+    ``carrier`` reaches the target (default: real TCP on the global reactor); the probe's waits run on its clock,
+    so over the memory carrier a whole probe takes no wall-clock time.
     """
-    if reactor is None:
-        from twisted.internet import reactor as default_reactor
-
-        reactor = default_reactor
+    net = carrier if carrier is not None else tcp_carrier(settings)
 
     async def main() -> ProbeReport:
         with tempfile.TemporaryDirectory(prefix="smtplab-probe-") as workdir:
-            return await Prober(settings, reactor, Path(workdir)).run()
+            return await Prober(settings, net, Path(workdir)).run()
 
     return Deferred.fromCoroutine(main())
+
+
+def tcp_carrier(settings: ProbeSettings, reactor: Any = None) -> ICarrier:
+    """Real TCP to the target, connects bounded by the settings' timeout."""
+    return open_carrier(EXTERNAL_CARRIER, reactor=reactor, connect_timeout=max(1, int(settings.timeout)))
+
+
+def run_probe(settings: ProbeSettings, carrier: ICarrier | None = None) -> ProbeReport:
+    """The probe for a synchronous caller: the carrier drives it to the end (``smtplab probe``)."""
+    net = carrier if carrier is not None else tcp_carrier(settings)
+    try:
+        report: ProbeReport = net.run_until(probe(settings, net), timeout=PROBE_BUDGET * settings.timeout)
+    finally:
+        net.run_until(net.close(), timeout=10)
+    return report

@@ -15,7 +15,6 @@ any middlebox, as on the memory carrier); a connection from outside (swaks, a re
 from __future__ import annotations
 
 import ipaddress
-import time
 import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,15 +23,18 @@ from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
-from lab.net.memory import CarrierTimeout, check_ip, check_port
+from lab.net.carrier import ICarrier, drive, wait_on
+from lab.net.memory import check_ip, check_port
 from lab.net.middlebox import Middlebox, MiddleboxPipe
 from lab.net.transport import SessionTransport
 
 LOOPBACK = ipaddress.IPv4Network("127.0.0.0/8")
 LOCALHOST = "127.0.0.1"
+DRAIN_POLL = 0.001  # seconds between looks at the connections still open while draining
 
 
 class LoopbackPort:
@@ -142,8 +144,11 @@ class _ClientSide(ClientFactory):
             self.deferred.errback(reason)
 
 
+@implementer(ICarrier)
 class LoopbackNetwork:
     """``listen``/``connect`` on virtual addresses, carried by real TCP on their 127.x.y.z addresses."""
+
+    name = "loopback"
 
     def __init__(
         self,
@@ -204,6 +209,15 @@ class LoopbackNetwork:
     def now(self) -> float:
         return self.reactor.seconds() - self.epoch
 
+    @property
+    def clock(self) -> Any:
+        """The reactor: this carrier's clock is the wall clock."""
+        return self.reactor
+
+    def _address(self, ip: str, field: str) -> str:
+        """An address a client may connect from or to (the TCP carrier takes IPv6 too)."""
+        return check_ip(ip, field)
+
     # -- listen / connect
 
     def listen(self, ip: str, port: int, factory: ServerFactory, backlog: int = 50) -> LoopbackPort:
@@ -219,7 +233,7 @@ class LoopbackNetwork:
 
     def connect(
         self,
-        src_ip: str,
+        src_ip: str | None,
         dst_ip: str,
         dst_port: int,
         factory: ClientFactory,
@@ -227,9 +241,16 @@ class LoopbackNetwork:
         src_port: int | None = None,
         middleboxes: Sequence[Middlebox] = (),
     ) -> defer.Deferred[Any]:
-        """A Deferred firing with the client protocol once connected, or failing (ConnectionRefusedError...)."""
-        lo_src, lo_dst = self.loopback_of(src_ip, "src_ip"), self.loopback_of(dst_ip, "dst_ip")
-        src_ip, dst_ip = check_ip(src_ip, "src_ip"), check_ip(dst_ip, "dst_ip")
+        """A Deferred firing with the client protocol once connected, or failing (ConnectionRefusedError...).
+
+        ``src_ip`` None: the kernel picks the source address (only the TCP carrier allows that).
+        """
+        if src_ip is None and src_port is not None:
+            raise HarnessError("a source port needs a source address")
+        lo_src = self.loopback_of(src_ip, "src_ip") if src_ip is not None else None
+        lo_dst = self.loopback_of(dst_ip, "dst_ip")
+        src_ip = self._address(src_ip, "src_ip") if src_ip is not None else None
+        dst_ip = self._address(dst_ip, "dst_ip")
         dst_port = check_port(dst_port, "dst_port")
         real_port = self.ports.get((dst_ip, dst_port), (lo_dst, self.port_map.get(dst_port, dst_port)))[1]
         connector: Any = None
@@ -242,73 +263,63 @@ class LoopbackNetwork:
 
         d: defer.Deferred[Any] = defer.Deferred(cancel)
         peer = IPv4Address("TCP", dst_ip, dst_port)
-        side = _ClientSide(self, factory, d, src_ip, peer, middleboxes)
-        bind = (lo_src, check_port(src_port, "src_port") if src_port is not None else 0)
+        side = _ClientSide(self, factory, d, src_ip or "", peer, middleboxes)
+        bind = None if lo_src is None else (lo_src, check_port(src_port, "src_port") if src_port is not None else 0)
         connector = self.reactor.connectTCP(lo_dst, real_port, side, timeout=self.connect_timeout, bindAddress=bind)
-        local_port = self._bound_port(connector)
+        local_ip, local_port = self._bound(connector)
+        if src_ip is None:
+            src_ip = side.host_ip = self.virtual_of(local_ip)
         side.flow = self.capture.open(Endpoint(src_ip, local_port), Endpoint(dst_ip, dst_port), self.now())
-        side.own_key = (lo_src, local_port)
+        side.own_key = (lo_src or local_ip, local_port)
         self._own[side.own_key] = side.flow
         return d
 
     @staticmethod
-    def _bound_port(connector: Any) -> int:
-        """The client socket is bound inside connectTCP, before the reactor runs: its port is known already."""
+    def _bound(connector: Any) -> tuple[str, int]:
+        """The client socket is bound inside connectTCP, before the reactor runs: its address is known already."""
         try:
-            return int(connector.transport.getHost().port)
+            host = connector.transport.getHost()
+            return str(host.host), int(host.port)
         except (AttributeError, OSError):
-            return 0
+            return "", 0
 
     # -- waiting
 
     def wait(self, d: defer.Deferred[Any], timeout: float = 30.0) -> defer.Deferred[Any]:
         """``d``'s result, or a CarrierTimeout after ``timeout`` wall-clock seconds; for a running reactor."""
-        out: defer.Deferred[Any] = defer.Deferred()
+        return wait_on(self.reactor, d, timeout)
 
-        def expire() -> None:
-            if not out.called:
-                out.errback(CarrierTimeout(f"the awaited event did not happen within {timeout} s"))
+    def run_until(self, d: defer.Deferred[Any], timeout: float = 30.0) -> Any:
+        """Drive the (not running) reactor until ``d`` fires or ``timeout`` wall-clock seconds pass
+        (``lab.net.carrier.drive``). For synchronous callers such as a command-line run; inside a running reactor
+        use ``wait``."""
+        return drive(self.reactor, d, timeout)
 
-        timer = self.reactor.callLater(timeout, expire)
+    def drain(self, timeout: float = 1.0) -> None:
+        """Run the reactor until every connection of this network has closed (the listener's closing log lines
+        are in), or ``timeout`` wall-clock seconds; a peer that keeps its end open is left as it is."""
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self.reactor.seconds() + timeout
 
-        def done(result: Any) -> None:
-            if timer.active():
-                timer.cancel()
-            if out.called:
-                return
-            if isinstance(result, Failure):
-                out.errback(result)
+        def check() -> None:
+            if not any(session.connected for session in self._sessions) or self.reactor.seconds() >= deadline:
+                done.callback(None)
             else:
-                out.callback(result)
+                self.reactor.callLater(DRAIN_POLL, check)
 
-        d.addBoth(done)
-        return out
+        check()
+        self.run_until(done, timeout + 1)
 
-    def run_until(self, d: defer.Deferred[Any], timeout: float = 30.0, tick: float = 0.01) -> Any:
-        """Iterate the (not running) reactor until ``d`` fires or ``timeout`` wall-clock seconds pass.
+    def notes(self) -> list[str]:
+        return []
 
-        For synchronous callers such as a command-line run; inside a running reactor use ``wait``.
-        """
-        if self.reactor.running:
-            raise HarnessError("the reactor is running: use LoopbackNetwork.wait() instead of run_until()")
-        results: list[Any] = []
-        d.addBoth(results.append)
-        deadline = time.monotonic() + timeout
-        while not results:
-            if time.monotonic() > deadline:
-                raise CarrierTimeout(f"the awaited event did not happen within {timeout} s")
-            self.reactor.iterate(tick)
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
-
-    def close(self) -> defer.Deferred[Any]:
-        """Abort connections still open and stop listening: leaves the reactor clean (tests, end of a run)."""
-        for session in list(self._sessions):
-            if session.connected:
-                session.abortConnection()
-        self._sessions.clear()
+    def close(self, abort: bool = True) -> defer.Deferred[Any]:
+        """Stop listening; with ``abort`` also abort connections still open: leaves the reactor clean."""
+        if abort:
+            for session in list(self._sessions):
+                if session.connected:
+                    session.abortConnection()
+            self._sessions.clear()
         stops = [port.stopListening() for port in self._listening]
         self._listening.clear()
         return defer.gatherResults(stops)

@@ -26,6 +26,7 @@ The capture is recorded on the client side (``SessionTransport`` of the client, 
 from __future__ import annotations
 
 import ipaddress
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,19 +36,19 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IProtocol
 from twisted.internet.protocol import ClientFactory, ServerFactory
 from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
+from lab.net.carrier import CarrierTimeout, ICarrier
 from lab.net.middlebox import Middlebox, MiddleboxPipe
 from lab.net.transport import SessionTransport
+
+__all__ = ["CarrierTimeout", "MemoryNetwork", "MemoryPort", "check_ip", "check_port"]
 
 FIRST_SOURCE_PORT = 40000
 MAX_STEPS = 100_000
 WILDCARD = "0.0.0.0"
-
-
-class CarrierTimeout(HarnessError):
-    """``run_until`` gave up: the awaited event did not happen within the (virtual or wall-clock) timeout."""
 
 
 def check_ip(ip: str, field: str) -> str:
@@ -174,8 +175,11 @@ class MemoryPort:
         return defer.succeed(None)
 
 
+@implementer(ICarrier)
 class MemoryNetwork:
     """Listen and connect on virtual addresses; ``run``/``run_until`` move the virtual clock."""
+
+    name = "memory"
 
     def __init__(self, clock: task.Clock | None = None, capture: Capture | None = None, latency: float = 0.0005):
         if latency < 0:
@@ -184,6 +188,8 @@ class MemoryNetwork:
         self.capture = capture if capture is not None else Capture()
         self.latency = latency
         self._listeners: dict[tuple[str, int], _Listening] = {}
+        self._ports: list[MemoryPort] = []
+        self._ends: weakref.WeakSet[_End] = weakref.WeakSet()
         self._next_port = FIRST_SOURCE_PORT
 
     # -- listen / connect
@@ -197,11 +203,13 @@ class MemoryNetwork:
         listening = _Listening(ip, port, factory, backlog)
         self._listeners[(ip, port)] = listening
         factory.doStart()
-        return MemoryPort(self, listening)
+        port_object = MemoryPort(self, listening)
+        self._ports.append(port_object)
+        return port_object
 
     def connect(
         self,
-        src_ip: str,
+        src_ip: str | None,
         dst_ip: str,
         dst_port: int,
         factory: ClientFactory,
@@ -210,6 +218,8 @@ class MemoryNetwork:
         middleboxes: Sequence[Middlebox] = (),
     ) -> defer.Deferred[Any]:
         """A Deferred that fires with the client protocol once connected, or fails with ConnectionRefusedError."""
+        if src_ip is None:
+            raise HarnessError("the memory carrier needs the client's virtual address")
         src_ip, dst_ip = check_ip(src_ip, "src_ip"), check_ip(dst_ip, "dst_ip")
         dst_port = check_port(dst_port, "dst_port")
         if src_port is None:
@@ -250,6 +260,8 @@ class MemoryNetwork:
         server_end = _End(self, syn.server, syn.client)
         client_end = _End(self, syn.client, syn.server)
         server_end.other, client_end.other = client_end, server_end
+        self._ends.add(server_end)
+        self._ends.add(client_end)
         # the client learns of the connection one latency later; scheduled first so it precedes the banner
         self.clock.callLater(self.latency, self._client_connected, syn, client_end)
         app = listening.factory.buildProtocol(syn.client)
@@ -324,8 +336,26 @@ class MemoryNetwork:
         return result
 
     def wait(self, d: defer.Deferred[Any], timeout: float = 60.0) -> defer.Deferred[Any]:
-        """``run_until`` as a Deferred, for code written once for both carriers (LoopbackNetwork.wait)."""
+        """``run_until`` as a Deferred, for code written once for every carrier (LoopbackNetwork.wait)."""
         try:
             return defer.succeed(self.run_until(d, timeout))
         except Exception:
             return defer.fail()
+
+    def drain(self) -> None:
+        """Run the clock until nothing is scheduled: the listener finishes closing (its log lines)."""
+        self.run()
+
+    def notes(self) -> list[str]:
+        return []
+
+    def close(self, abort: bool = True) -> defer.Deferred[Any]:
+        """Stop listening; with ``abort``, connections still open are aborted at once (both ends told)."""
+        for port in self._ports:
+            port.stopListening()
+        self._ports.clear()
+        if abort:
+            for end in list(self._ends):
+                end.abortConnection()
+            self._ends.clear()
+        return defer.succeed(None)

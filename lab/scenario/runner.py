@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from twisted.internet import task
 from twisted.internet.protocol import ClientFactory
 
 from lab import __version__
@@ -29,13 +28,13 @@ from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Listener
 from lab.appliance.spool import MaildirNames, Spool
-from lab.appliance.tlsctx import ClientTLS
+from lab.appliance.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
 from lab.errors import HarnessError
 from lab.net.capture import Capture, Direction
+from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
 from lab.net.keylog import KeyLog
 from lab.net.middlebox import StartTLSStripper
 from lab.net.pcap import write_pcap
-from lab.net.relay import MiddleboxRelay
 from lab.net.topology import Topology, default_topology
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy
@@ -46,11 +45,10 @@ from lab.scenario.model import Case, ClientSpec
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
-from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
+from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.session import ServerSession
-from lab.smtp.steps import TLSOptions
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
 WALL_TIMEOUT = 120.0  # wall seconds a loopback or external run may take
@@ -84,7 +82,7 @@ class ExternalTarget:
 
 @dataclass
 class RunOptions:
-    carrier: str = "memory"  # memory | loopback (lab targets); external targets always use real TCP
+    carrier: str = "memory"  # lab.net.carrier.LAB_CARRIERS (lab targets); external targets always use "tcp"
     topology: Topology | None = None
     seed: int = 0
     report_dir: Path | None = None  # captures are written under report_dir/captures/
@@ -112,7 +110,7 @@ class Runner:
         # TLS contexts are built once per runner, not per run; their key-log lines go to the current run's log.
         self._keylog = _KeylogRelay()
         self._server_tls: dict[Any, Any] = {}
-        self._client_tls: dict[Any, ClientTLS] = {}
+        self._client_tls: dict[tuple[str, str], ClientTLSFactory] = {}
 
     def close(self) -> None:
         if self._tmp is not None:
@@ -166,7 +164,7 @@ class Runner:
         Every run is independent (its own clock, listener, capture), so the records are the same as serially.
         """
         worker_options = dataclasses.replace(self.options, progress=None, jobs=1)
-        context = multiprocessing.get_context("fork")
+        context = _worker_context()
         runs: list[CaseRun | None] = [None] * len(pairs)
         with ProcessPoolExecutor(max_workers=self.options.jobs, mp_context=context) as pool:
             futures = {
@@ -184,7 +182,14 @@ class Runner:
         return [run for run in runs if run is not None]
 
     def _carrier_name(self) -> str:
-        return "tcp" if self.options.target is not None else self.options.carrier
+        return EXTERNAL_CARRIER if self.options.target is not None else self.options.carrier
+
+    def _open_carrier(self, capture: Capture) -> ICarrier:
+        """This run's carrier: the one place the runner turns the carrier's name into a carrier."""
+        name = self._carrier_name()
+        mapping = self.topology.loopback_map() if name == "loopback" else None
+        timeout = self.options.target.timeout if self.options.target is not None else 30.0
+        return open_carrier(name, capture=capture, mapping=mapping, connect_timeout=timeout)
 
     def _target_record(self) -> Target:
         target = self.options.target
@@ -292,18 +297,8 @@ class Runner:
         client_ip, client_name = self._client_host(case)
         appliance, listener = self._appliance_for(case, policy, client_ip)
         server_ip = appliance.interfaces[listener.interface].address
-        if self.options.carrier == "loopback":
-            from twisted.internet import reactor
-
-            from lab.net.loopback import LoopbackNetwork
-
-            net: Any = LoopbackNetwork(self.topology.loopback_map(), capture=capture, reactor=reactor)
-            clock: Any = reactor
-        else:
-            from lab.net.memory import MemoryNetwork
-
-            clock = task.Clock()
-            net = MemoryNetwork(clock, capture)
+        net = self._open_carrier(capture)
+        clock = net.clock
         run_log: list[str] = []  # this run's lines, every one (the MailLog itself keeps only a bounded tail)
         maillog = MailLog(None, clock=clock.seconds, echo=run_log.append)
         run_dir = self.work_dir / f"{case.id}-{policy}"
@@ -322,39 +317,36 @@ class Runner:
             factory: Any = RemoteMTAFactory(case.remote_mta.hostname, starttls=case.remote_mta.starttls, clock=clock)
         else:
             factory = runtime.factory(listener)
-        port = net.listen(server_ip, listener.port, factory, backlog=listener.tcp_queue)
+        net.listen(server_ip, listener.port, factory, backlog=listener.tcp_queue)
         boxes = self._middleboxes(case, client_ip)
         steps = self._steps(case, client_name)
-        make_client_tls = make_tls_factory(
-            server_name=appliance.hostname,
-            trust_pems=(self._ca.ca_pem,),
-            state_dir=self.state_dir,
-            client_name=client_name,
-            keylog=self._keylog.callback,
-        )
-
-        def tls_factory(options: TLSOptions) -> ClientTLS:
-            key = (options, appliance.hostname, client_name)
-            if key not in self._client_tls:
-                self._client_tls[key] = make_client_tls(options)
-            return self._client_tls[key]
+        key = (appliance.hostname, client_name)
+        if key not in self._client_tls:  # contexts outlive the run; their key-log lines go to the current run
+            self._client_tls[key] = lab_client_tls(
+                server_name=appliance.hostname,
+                trust_pems=(self._ca.ca_pem,),
+                state_dir=self.state_dir,
+                client_name=client_name,
+                keylog=self._keylog.callback,
+                cache=True,
+            )
 
         def connect(f: ClientFactory) -> Any:
             return net.connect(client_ip, server_ip, listener.port, f, middleboxes=boxes)
 
         client = ScriptedClient(
-            steps, clock=clock, connect=connect, tls_factory=tls_factory, target=f"{server_ip}:{listener.port}"
+            steps,
+            clock=clock,
+            connect=connect,
+            tls_factory=self._client_tls[key],
+            target=f"{server_ip}:{listener.port}",
         )
         begin = clock.seconds()
         try:
-            if self.options.carrier == "loopback":
-                record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
-            else:
-                record = net.run_until(client.run(), timeout=VIRTUAL_TIMEOUT)
-                net.run()  # let the listener finish closing (its log lines)
+            record = net.run_until(client.run(), timeout=VIRTUAL_TIMEOUT if net.name == "memory" else WALL_TIMEOUT)
+            net.drain()  # let the listener finish closing (its log lines)
         finally:
-            if self.options.carrier == "loopback":
-                net.run_until(port.stopListening(), timeout=10)
+            net.run_until(net.close(abort=False), timeout=10)
         new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
         server_log = [_LOG_PREFIX.sub("", line) for line in run_log]
@@ -413,10 +405,6 @@ class Runner:
     # -- external targets
 
     def _external(self, case: Case, policy: str, capture: Capture) -> _Outcome:
-        from twisted.internet import reactor
-
-        from lab.net.loopback import LoopbackNetwork
-
         target = self.options.target
         assert target is not None
         source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
@@ -432,40 +420,23 @@ class Runner:
                 "=== the client trusts only the lab's untrusted CA: the target's certificate stands in for "
                 "the demo certificate (one the client does not trust)"
             )
-        boxes = case_middleboxes(case)  # run by a relay in front of the target, on the client's path to it
-        relay = MiddleboxRelay(target.host, target.port, boxes, reactor=reactor, connect_timeout=target.timeout)
-        host, port = relay.start() if boxes else (target.host, target.port)
-        net = LoopbackNetwork(  # the client's view stays "connected to the target", as behind a transparent firewall
-            {source: source, target.host: host},
-            port_map={target.port: port},
-            capture=capture,
-            reactor=reactor,
-            allow_localhost=True,
+        boxes = case_middleboxes(case)  # the carrier runs them in a relay on the client's path to the target
+        net = self._open_carrier(capture)
+        certs = ClientCerts(self.state_dir, "client.example", lab=target.client_cert, issue_lab=False)
+        tls_factory = ClientTLSFactory(
+            server_name=target.server_name or target.host,
+            trust_pems=trust,
+            certs=certs,
+            keylog=self._keylog.callback,
         )
-        client_cert = target.client_cert
-
-        def tls_factory(options: TLSOptions) -> ClientTLS:
-            cert = client_cert if options.client_cert == "lab" else None
-            if options.client_cert == "untrusted":
-                cert = LabCA.untrusted(self.state_dir).issue("client-untrusted", ["client.example"], client=True)
-            return ClientTLS(
-                server_name=options.server_name or target.server_name or target.host,
-                verify=options.verify,
-                trust_pems=trust,
-                min_version=options.min_version,
-                max_version=options.max_version,
-                ciphers=options.ciphers,
-                client_cert=cert,
-                keylog=self._keylog.callback,
-            )
 
         def connect(f: ClientFactory) -> Any:
-            return net.connect(source, target.host, target.port, f)
+            return net.connect(source, target.host, target.port, f, middleboxes=boxes)
 
         steps = self._steps(case, target.ehlo or "smtplab.invalid")
         client = ScriptedClient(
             steps,
-            clock=reactor,
+            clock=net.clock,
             connect=connect,
             tls_factory=tls_factory,
             reply_timeout=target.timeout,
@@ -478,8 +449,8 @@ class Runner:
         try:
             record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
         finally:
-            net.run_until(relay.stop(), timeout=10)
-        notes += [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *relay.notes]]
+            net.run_until(net.close(abort=False), timeout=10)
+        notes += [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *net.notes()]]
         observed: dict[str, Any] = {}
         if maillog is not None:
             lines = maillog.lines_since(offset)
@@ -586,6 +557,14 @@ def lab_target_name(topology: Topology | None = None) -> str:
 
 
 _worker_runner: Runner | None = None
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """``-j`` workers start from a clean interpreter (forkserver, else spawn), never as a fork of a process
+    that has loaded a reactor (the pytest plugin's, a loopback run's): a forked reactor shares its parent's
+    waker and selector and is not safe to use. Each worker loads what its own runs need."""
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method)
 
 
 def _run_in_worker(options: RunOptions, work_dir: Path, case: Case, policy: str) -> CaseRun:

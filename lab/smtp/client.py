@@ -13,7 +13,6 @@ import re
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
@@ -23,7 +22,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.tlsctx import ClientTLS, tls_error_reason, tls_facts
+from lab.appliance.tlsctx import tls_error_reason, tls_facts
 from lab.policy.fallback import ClientTLS as Behaviour
 from lab.policy.fallback import Next, Problem, after, attempts_starttls
 from lab.smtp.steps import (
@@ -178,7 +177,7 @@ class ScriptedClient:
     """Runs ``steps`` once: connect (implicit), every step in order, then close.
 
     ``connect`` comes from the carrier (memory, loopback or real TCP), ``tls_factory`` turns a step's
-    ``TLSOptions`` into a connection creator (``make_tls_factory`` builds the lab's). ``target`` only labels the
+    ``TLSOptions`` into a connection creator (``lab.appliance.tlsctx.ClientTLSFactory``). ``target`` only labels the
     ``=== Trying`` note; ``settle`` is how long to listen after a handshake that followed injected bytes.
     """
 
@@ -818,38 +817,6 @@ def message_bytes(step: Mail) -> bytes:
             text += filler * count + ("x" * max(rest - 2, 0) + "\r\n" if rest else "")
     stuffed = "".join("." + line if line.startswith(".") else line for line in text.splitlines(keepends=True))
     return stuffed.encode("utf-8") + b".\r\n"
-
-
-def make_tls_factory(
-    *,
-    server_name: str | None = None,
-    trust_pems: Sequence[bytes] = (),
-    state_dir: Path | None = None,
-    client_name: str = "client.example.net",
-    keylog: Callable[[bytes], None] | None = None,
-) -> TLSFactory:
-    """The lab's ``TLSOptions -> ClientTLS``: client certificates from the lab CA or an untrusted one."""
-
-    def factory(options: TLSOptions) -> ClientTLS:
-        cert = None
-        if options.client_cert != "none":
-            from lab.appliance.certs import LabCA, default_state_dir
-
-            where = state_dir or default_state_dir()
-            ca = LabCA(where) if options.client_cert == "lab" else LabCA.untrusted(where)
-            cert = ca.issue(f"client-{options.client_cert}-{client_name}", [client_name], client=True)
-        return ClientTLS(
-            server_name=options.server_name or server_name,
-            verify=options.verify,
-            trust_pems=trust_pems,
-            min_version=options.min_version,
-            max_version=options.max_version,
-            ciphers=options.ciphers,
-            client_cert=cert,
-            keylog=keylog,
-        )
-
-    return factory
 
 
 def _capability(text: bytes) -> str:
