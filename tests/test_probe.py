@@ -21,6 +21,9 @@ from typing import Any, ClassVar
 
 import pytest
 import pytest_twisted
+from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
+from peers.aiosmtpd_peer import AiosmtpdPeer
+from peers.postfix import PostfixPeer
 from serving import Served, free_port, fresh_loopback, serve
 from twisted.internet import reactor
 
@@ -32,9 +35,6 @@ from lab.commands import probe as probe_command
 from lab.conformance.probe import CHECKS, ProbeReport, ProbeSettings, ProbeUnreachable, exchange, probe, sent, span
 from lab.conformance.profile import load_profile
 from lab.errors import BadInput
-from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
-from lab.peers.aiosmtpd_peer import AiosmtpdPeer
-from lab.peers.postfix import PostfixPeer
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
@@ -422,7 +422,7 @@ async def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> N
     assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes
 
 
-# -- real peers (lab.peers): the probe sees what the shipped target profiles declare
+# -- real peers (peers): the probe sees what the shipped target profiles declare
 
 PEERS = {
     # name: (kind, setting, policy, verify_client)

@@ -3,6 +3,9 @@
 Each peer is a separate process tree with its own temporary configuration under a work directory, bound to one
 127.x.y.z address and a free high port. Nothing here looks processes up by name: a peer remembers the PID it
 started (and, for Postfix, the master's children) and ends exactly those.
+
+A test helper, not part of the installed ``lab`` package (docs/architecture.md, "Package boundaries"): the
+tests import it as ``peers`` from ``tests/``, the benchmarks put ``tests/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 def unavailable_reason(kind: str) -> str | None:
     """Why peer ``kind`` (``postfix`` or ``aiosmtpd``) cannot run here, or ``None`` when it can."""
-    from lab.peers import aiosmtpd_peer, postfix  # the peer modules import this package
+    from peers import aiosmtpd_peer, postfix  # the peer modules import this package
 
     return {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}[kind]()
 
@@ -128,7 +131,7 @@ def check_searchable(path: Path) -> None:
         if not mode & stat.S_IXOTH:
             raise HarnessError(
                 f"{part} is not searchable by other users (mode {stat.filemode(mode)}), so Postfix's daemons cannot "
-                f"reach {path}; put peer work directories under lab.peers.make_peer_workdir()"
+                f"reach {path}; put peer work directories under peers.make_peer_workdir()"
             )
 
 
