@@ -23,10 +23,8 @@ from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
 
 SCHEMA = "topology.schema.json"
 BUILTIN = "builtin"
-ROLES = ("appliance", "mta", "client", "internal", "firewall")
 _FIRST_LOOPBACK_NET = 10  # 127.10.x.y for the first network: far from 127.0.0.1
 FieldPath = list[str | int]
-IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -113,9 +111,6 @@ class Topology:
         canonical = _canonical_ip(ip)
         return next((h for h in self.hosts if canonical in h.addresses), None)
 
-    def network_of(self, ip: str) -> Network | None:
-        return next((n for n in self.networks if n.contains(ip)), None)
-
     def forward(self, name: str) -> tuple[str, ...]:
         """The A and AAAA records of ``name``, in file order."""
         key = _canonical_name(name)
@@ -131,17 +126,6 @@ class Topology:
         """``ip`` as the HAT sees it: with its reverse-DNS name only when that name verifies."""
         name, verified = self.reverse_name(ip)
         return Peer.of(ip, name if verified else None)
-
-    def mx(self, domain: str) -> list[tuple[int, Host]]:
-        """The mail exchangers of ``domain`` as (preference, host), lowest preference first, ties in file order."""
-        key = _canonical_name(domain)
-        found = [(r.preference or 0, r.value) for r in self.records if r.type == "MX" and r.name == key]
-        out: list[tuple[int, Host]] = []
-        for pref, exchange in sorted(found, key=lambda item: item[0]):
-            hosts = [h for h in (self.host_by_address(a) for a in self.forward(exchange)) if h is not None]
-            if hosts:
-                out.append((pref, hosts[0]))
-        return out
 
     def appliance_host(self) -> Host:
         """The host with role ``appliance``."""

@@ -96,16 +96,6 @@ class Level(StrEnum):
         return {Level.MUST: Verdict.FAILED, Level.SHOULD: Verdict.NON_STRICT}.get(self, Verdict.INFORMATIONAL)
 
 
-#: Verdicts an expected alternative may carry (the rest are decided by the harness or a deviation list).
-ALTERNATIVE_VERDICTS: tuple[Verdict, ...] = (
-    Verdict.OK,
-    Verdict.NON_STRICT,
-    Verdict.FAILED,
-    Verdict.INFORMATIONAL,
-    Verdict.UNIMPLEMENTED,
-)
-
-
 @dataclass(frozen=True)
 class SpecRef:
     ref: str  # "RFC 3207 4.2"
