@@ -19,12 +19,11 @@ from lab.appliance.model import Appliance
 from lab.errors import BadInput, excerpt
 from lab.names import hostname_problem
 from lab.policy.hat import Peer
-from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
+from lab.yamlsource import DocumentBuilder, FieldPath, read_yaml
 
 SCHEMA = "topology.schema.json"
 BUILTIN = "builtin"
 _FIRST_LOOPBACK_NET = 10  # 127.10.x.y for the first network: far from 127.0.0.1
-FieldPath = list[str | int]
 
 
 @dataclass(frozen=True)
@@ -244,28 +243,32 @@ def load_topology(path: str | Path) -> Topology:
 
 def topology_from_dict(doc: Any, file: str) -> Topology:
     """Build a topology from a document of ``lab.yamlsource.parse_yaml``; ``file`` names it in errors."""
-    if isinstance(doc, dict):
+    return _Builder(doc, file).build()
+
+
+class _Builder(DocumentBuilder):
+    SCHEMA = SCHEMA
+
+    def __init__(self, doc: Any, file: str) -> None:
+        super().__init__(doc, file)
+        self.networks: list[Network] = []
+        self.hosts: list[Host] = []
+
+    def normalise(self) -> None:
+        """Forgive the case of roles and record types (keeping line numbers)."""
+        doc = self.doc
+        if not isinstance(doc, dict):
+            return
         for host in doc.get("hosts") or []:
             if isinstance(host, dict) and isinstance(host.get("role"), str):
                 host["role"] = host["role"].strip().lower()
         for record in doc.get("dns") or []:
             if isinstance(record, dict) and isinstance(record.get("type"), str):
                 record["type"] = record["type"].strip().upper()
-    validate(doc, load_schema(SCHEMA), file)
-    return _Builder(doc, file).build()
-
-
-@dataclass
-class _Builder:
-    doc: Any
-    file: str
-    networks: list[Network] = field(default_factory=list)
-    hosts: list[Host] = field(default_factory=list)
-
-    def fail(self, problem: str, path: FieldPath) -> BadInput:
-        return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path))
 
     def build(self) -> Topology:
+        self.normalise()
+        self.validate()
         doc = self.doc
         self.build_networks(doc["networks"])
         self.build_hosts(doc["hosts"])
