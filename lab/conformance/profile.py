@@ -125,12 +125,6 @@ def default_recipient(host: str) -> str:
     return f"postmaster@{DEFAULT_DOMAIN}"
 
 
-def _mode(value: str) -> TLSMode:
-    mode = parse_tls_mode(value)
-    assert mode is not None, value  # the schema allows only the names parse_tls_mode knows
-    return mode
-
-
 def _forgive_policy(mapping: Any) -> None:
     """YAML 1.1 reads an unquoted ``no`` as false, and ESA spells ``Preferred``: accept both before the schema."""
     if not isinstance(mapping, dict) or "policy" not in mapping:
@@ -139,7 +133,7 @@ def _forgive_policy(mapping: Any) -> None:
     if value is False:
         mapping["policy"] = "no"
     elif isinstance(value, str) and parse_tls_mode(value) is not None:
-        mapping["policy"] = value.strip().lower()
+        mapping["policy"] = str(parse_tls_mode(value))  # the schema lists the canonical names only
 
 
 class _Builder(DocumentBuilder):
@@ -172,7 +166,7 @@ class _Builder(DocumentBuilder):
                 pattern = re.compile(item["match"])
             except re.error as exc:
                 raise self.fail(f"not a regular expression: {exc}", [*where, "match"]) from None
-        policy = _mode(item["policy"]) if "policy" in item else None
+        policy = TLSMode(item["policy"]) if "policy" in item else None
         return Deviation(item["case"], item["reason"], policy, pattern, self.line(where))
 
     def default_recipient(self, host: str) -> str:
@@ -211,7 +205,7 @@ class _Builder(DocumentBuilder):
             name=doc["name"],
             host=host,
             port=port,
-            policy=_mode(doc["policy"]),
+            policy=TLSMode(doc["policy"]),
             verify_client=bool(doc.get("verify_client", False)),
             description=doc.get("description", ""),
             allow_remote=allow_remote,
