@@ -9,6 +9,7 @@ from typing import Any
 from lab.appliance.certs import CertKey, load_pem
 from lab.conformance.profile import Profile, default_recipient, load_profile, parse_address
 from lab.errors import BadInput
+from lab.names import check_loopback
 from lab.policy.modes import TLSMode
 from lab.scenario.logevents import LOG_DIALECTS, MailLogFile
 from lab.scenario.runner import ExternalTarget
@@ -50,8 +51,6 @@ def declared_facts(
         if name in facts and int(facts[name]) < 1:
             raise BadInput("must be at least 1", field=f"--{name.replace('_', '-')}")
     if facts.get("blocked_client") is not None:
-        from lab.peers import check_loopback
-
         facts["blocked_client"] = check_loopback(str(facts["blocked_client"]), field="--blocked-client")
     facts["server_ca"] = True if server_ca else None
     facts["client_cert"] = True if client_cert else None

@@ -28,6 +28,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from lab.errors import BadInput, HarnessError
+from lab.names import check_loopback
 
 START_TIMEOUT = 20.0  # seconds a peer may take to answer with 220
 STOP_TIMEOUT = 10.0  # seconds a peer may take to exit after being told to
@@ -60,17 +61,6 @@ def require_peer(name: str, available: bool, why: str = "") -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
         pytest.fail(f"{message} (CI=true, so a missing peer is a failure)", pytrace=False)
     pytest.skip(message)
-
-
-def check_loopback(address: str, field: str = "address") -> str:
-    """Peers may only ever bind 127.0.0.0/8; anything else is a user error, not something to try."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise BadInput(f"{address!r} is not an IPv4 address", field=field) from None
-    if ip.version != 4 or ip not in LOOPBACK:
-        raise BadInput(f"{address} is outside 127.0.0.0/8; peers bind loopback addresses only", field=field)
-    return str(ip)
 
 
 def free_port(address: str) -> int:
