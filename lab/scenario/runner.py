@@ -73,7 +73,7 @@ class ExternalTarget:
     server_name: str | None = None
     timeout: float = 30.0
     concurrency: int = 1  # runs at once when ``-j`` is not given (a profile's ``concurrency``)
-    deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
+    deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied by lab.pipeline after the run
     facts: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # declared facts (lab.scenario.facts)
     maillog: MailLogFile | None = None  # the target's mail log (the ``maillog`` fact)
 
@@ -82,8 +82,10 @@ class ExternalTarget:
         return f"{self.host}:{self.port}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
+    """How the runner runs (lab.pipeline builds these from a ``RunRequest``; tests build them directly)."""
+
     carrier: str = "memory"  # memory | loopback (lab targets); external targets always use real TCP
     topology: Topology | None = None
     seed: int = 0
@@ -121,7 +123,11 @@ class Runner:
     # -- the whole run
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
-        pairs = run_pairs(cases, policies, self.options.target)
+        return self.run_selected(run_pairs(cases, policies, self.options.target))
+
+    def run_selected(self, pairs: Sequence[tuple[Case, str]]) -> RunResult:
+        """Run these (case, policy) pairs, in this order in the record; the target's deviations are the caller's
+        to apply (``lab.pipeline.execute``)."""
         target = self.options.target
         if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
             _check_reachable(target)
@@ -137,11 +143,6 @@ class Runner:
             runs = [by_pair[(case.id, policy)] for case, policy in pairs]
         finally:
             self.close()
-        target = self.options.target
-        if target is not None and target.deviations:
-            from lab.conformance.deviations import apply_deviations
-
-            runs = apply_deviations(runs, target.deviations)
         return RunResult(
             tool=f"smtplab {__version__}",
             seed=self.options.seed,
@@ -600,3 +601,8 @@ def _run_in_worker(options: RunOptions, work_dir: Path, case: Case, policy: str)
 def run_cases(cases: Sequence[Case], policies: Sequence[str], options: RunOptions) -> RunResult:
     """Run every case under every policy it lists (or the external target's declared policy)."""
     return Runner(options).run(cases, policies)
+
+
+def run_selected(pairs: Sequence[tuple[Case, str]], options: RunOptions) -> RunResult:
+    """Run exactly these (case, policy) pairs (from ``run_pairs``, perhaps filtered), in this order."""
+    return Runner(options).run_selected(pairs)
