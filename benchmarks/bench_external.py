@@ -33,7 +33,7 @@ from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix 
 from peers.aiosmtpd_peer import AiosmtpdPeer  # noqa: E402
 from peers.postfix import PostfixPeer, postfix_version  # noqa: E402
 
-from lab.appliance.certs import LabCA  # noqa: E402
+from lab.tls.certs import LabCA  # noqa: E402
 
 RUN_TIMEOUT = 300.0  # one catalogue run; the target is well under 30 s
 

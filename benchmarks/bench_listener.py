@@ -70,7 +70,7 @@ def smtplab_command(host: str, port: int, tls: str, workdir: Path, max_concurren
 
 
 def aiosmtpd_command(host: str, port: int, workdir: Path) -> list[str]:
-    from lab.appliance.certs import LabCA
+    from lab.tls.certs import LabCA
 
     certkey = LabCA(workdir / "state").issue("aiosmtpd", ["aiosmtpd.bench"])
     cert, key = workdir / "aiosmtpd.pem", workdir / "aiosmtpd.key"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from peers import make_peer_workdir
 
-from lab.appliance.certs import LabCA
+from lab.tls.certs import LabCA
 
 
 @pytest.fixture(scope="module")

@@ -41,10 +41,10 @@ from peers import (
 from peers.aiosmtpd_peer import AiosmtpdPeer
 from peers.postfix import PostfixPeer
 
-from lab.appliance.certs import LabCA
 from lab.conformance.profile import load_profile
 from lab.scenario.result import CaseRun, RunResult, load_index
 from lab.scenario.verdict import Verdict
+from lab.tls.certs import LabCA
 
 pytestmark = pytest.mark.peer
 

@@ -23,8 +23,8 @@ from serving import need_tool
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
-from lab.net.keylog import KeyLog
 from lab.net.pcap import EPOCH, MSS, frames, mac_for, write_pcap
+from lab.tls.keylog import KeyLog
 
 C2S, S2C = Direction.C2S, Direction.S2C
 CLIENT, SERVER = "198.51.100.7", "192.168.2.1"

@@ -33,8 +33,8 @@ from peers import (
 from peers.aiosmtpd_peer import AiosmtpdPeer
 from peers.postfix import PostfixPeer
 
-from lab.appliance.certs import LabCA
 from lab.errors import BadInput, HarnessError
+from lab.tls.certs import LabCA
 
 DOMAIN = "example.com"
 

@@ -27,7 +27,6 @@ from peers.postfix import PostfixPeer
 from serving import Served, free_port, fresh_loopback, serve
 from twisted.internet import reactor
 
-from lab.appliance.certs import LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
@@ -38,6 +37,7 @@ from lab.errors import BadInput
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
+from lab.tls.certs import LabCA
 
 REPO = Path(__file__).resolve().parent.parent
 

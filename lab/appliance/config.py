@@ -236,7 +236,7 @@ class _Builder(DocumentBuilder):
 
     def check_pem(self, cert_file: str, key_file: str, name: str, path: FieldPath) -> None:
         """Fail at load time, at the YAML line, rather than when the first client connects."""
-        from lab.appliance.certs import load_pem  # cryptography is slow to import; only pem needs it
+        from lab.tls.certs import load_pem  # cryptography is slow to import; only pem needs it
 
         try:
             load_pem(cert_file, key_file, name)
@@ -302,7 +302,7 @@ class _Builder(DocumentBuilder):
 
     def check_tls(self, tls: Any, path: FieldPath) -> None:
         """Build the TLS context the listener will use, now: a bad cipher string or version window fails here."""
-        from lab.appliance.tlsctx import check_tls_settings  # pyOpenSSL is slow to import; only tls needs it
+        from lab.tls.tlsctx import check_tls_settings  # pyOpenSSL is slow to import; only tls needs it
 
         try:
             check_tls_settings(tls.get("min_version", "1.2"), tls.get("max_version"), tls.get("ciphers"))

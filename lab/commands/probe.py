@@ -16,11 +16,11 @@ from typing import Any
 
 from twisted.python.failure import Failure
 
-from lab.appliance.certs import load_pem
 from lab.conformance.probe import ProbeReport, ProbeSettings, ProbeUnreachable, probe
 from lab.conformance.profile import DEFAULT_FROM, parse_address
 from lab.errors import EXIT_HARNESS, BadInput
 from lab.smtp.steps import DEFAULT_EHLO
+from lab.tls.certs import load_pem
 
 HELP = "infer the TLS policy of an SMTP server (No / Preferred / Required) and its deviations from the RFCs"
 

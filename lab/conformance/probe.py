@@ -27,14 +27,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 
-from lab.appliance.certs import CertKey, LabCA
-from lab.appliance.tlsctx import ClientTLS
 from lab.conformance.profile import DEFAULT_FROM, default_recipient, format_address
 from lab.errors import EXIT_FAILED, EXIT_OK, HarnessError
 from lab.policy.modes import TLSMode
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
 from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_TLS
+from lab.tls.certs import CertKey, LabCA
+from lab.tls.tlsctx import ClientTLS
 
 #: Longer than the 512 octets RFC 5321 4.5.3.1.4 allows for a command line (CRLF included).
 LONG_LINE = b"NOOP " + b"X" * 600 + b"\r\n"

@@ -7,13 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.appliance.certs import CertKey, load_pem
 from lab.conformance.profile import Profile, default_recipient, load_profile, parse_address
 from lab.errors import BadInput
 from lab.names import check_loopback
 from lab.policy.modes import TLSMode
 from lab.scenario.logevents import LOG_DIALECTS, MailLogFile
 from lab.scenario.runner import ExternalTarget
+from lab.tls.certs import CertKey, load_pem
 
 
 @dataclass(frozen=True)

@@ -25,14 +25,11 @@ from twisted.internet import task
 from twisted.internet.protocol import ClientFactory
 
 from lab import __version__
-from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Listener
 from lab.appliance.spool import MaildirNames, Spool
-from lab.appliance.tlsctx import ClientTLS
 from lab.errors import HarnessError
 from lab.net.capture import Capture, Direction
-from lab.net.keylog import KeyLog
 from lab.net.middlebox import StartTLSStripper
 from lab.net.pcap import write_pcap
 from lab.net.relay import MiddleboxRelay
@@ -51,6 +48,9 @@ from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.session import ServerSession
 from lab.smtp.steps import TLSOptions
+from lab.tls.certs import CertKey, LabCA, default_state_dir
+from lab.tls.keylog import KeyLog
+from lab.tls.tlsctx import ClientTLS
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
 WALL_TIMEOUT = 120.0  # wall seconds a loopback or external run may take

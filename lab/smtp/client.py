@@ -23,7 +23,6 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.tlsctx import ClientTLS, tls_error_reason, tls_facts
 from lab.policy.fallback import ClientTLS as Behaviour
 from lab.policy.fallback import Next, Problem, after, attempts_starttls
 from lab.smtp.steps import (
@@ -43,6 +42,7 @@ from lab.smtp.steps import (
     Wait,
 )
 from lab.smtp.transcript import Transcript
+from lab.tls.tlsctx import ClientTLS, tls_error_reason, tls_facts
 
 TLSFactory = Callable[[TLSOptions], IOpenSSLClientConnectionCreator]
 Connect = Callable[[ClientFactory], Deferred[Any]]
@@ -833,7 +833,7 @@ def make_tls_factory(
     def factory(options: TLSOptions) -> ClientTLS:
         cert = None
         if options.client_cert != "none":
-            from lab.appliance.certs import LabCA, default_state_dir
+            from lab.tls.certs import LabCA, default_state_dir
 
             where = state_dir or default_state_dir()
             ca = LabCA(where) if options.client_cert == "lab" else LabCA.untrusted(where)
