@@ -8,7 +8,7 @@
    the runner writing pcaps and keylogs as ``smtplab run`` does. The difference is the cost of the captures.
 
 The peer is Postfix with smtpd_tls_security_level = may (root and Postfix needed), else aiosmtpd with a TLS
-context, on its own 127.x address and a free port (``lab.peers``), stopped by PID at the end.
+context, on its own 127.x address and a free port (``peers``), stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -27,11 +27,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the peers test-helper package (tests/peers)
 
-from lab.appliance.certs import LabCA  # noqa: E402
-from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix  # noqa: E402
-from lab.peers.aiosmtpd_peer import AiosmtpdPeer  # noqa: E402
-from lab.peers.postfix import PostfixPeer, postfix_version  # noqa: E402
+from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix  # noqa: E402
+from peers.aiosmtpd_peer import AiosmtpdPeer  # noqa: E402
+from peers.postfix import PostfixPeer, postfix_version  # noqa: E402
+
+from lab.tls.certs import LabCA  # noqa: E402
 
 RUN_TIMEOUT = 300.0  # one catalogue run; the target is well under 30 s
 

@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the peers test-helper package
 from bench_listener import load, one_session, read_reply, rss_mb, started
+from peers import free_port
 
-from lab.peers import free_port
 from lab.policy.deadlines import Timeouts
 
 APPLIANCE = """\

@@ -26,7 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
-from lab.peers import free_port, wait_for_banner
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the peers test-helper package
+from peers import free_port, wait_for_banner
 
 BODY = ("Subject: bench\r\n\r\n" + ("x" * 78 + "\r\n") * 13).encode()[:1024]
 DEADLINE = 300.0  # no phase runs longer than this (seconds of wall time)
@@ -69,7 +70,7 @@ def smtplab_command(host: str, port: int, tls: str, workdir: Path, max_concurren
 
 
 def aiosmtpd_command(host: str, port: int, workdir: Path) -> list[str]:
-    from lab.appliance.certs import LabCA
+    from lab.tls.certs import LabCA
 
     certkey = LabCA(workdir / "state").issue("aiosmtpd", ["aiosmtpd.bench"])
     cert, key = workdir / "aiosmtpd.pem", workdir / "aiosmtpd.key"
@@ -78,7 +79,7 @@ def aiosmtpd_command(host: str, port: int, workdir: Path) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "lab.peers.aiosmtpd_peer",
+        "peers.aiosmtpd_peer",
         "--host",
         host,
         "--port",
@@ -197,7 +198,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--idle", type=int, default=1000)
     args = parser.parse_args()
-    os.environ.setdefault("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    repo = Path(__file__).resolve().parents[1]  # the child runs lab and tests/peers from this checkout
+    os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(repo), str(repo / "tests")]))
     print(f"machine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

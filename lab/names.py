@@ -6,9 +6,10 @@ lab's DNS, so the loaders refuse anything else at load time with a reason, not a
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
-from lab.errors import excerpt
+from lab.errors import BadInput, excerpt
 
 MAX_NAME = 253  # RFC 1035 2.3.4, without the trailing dot
 _LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
@@ -42,3 +43,17 @@ def hostname_problem(name: str, *, fqdn: bool = False, wildcard: bool = False) -
     if labels[-1].isdigit():
         return f"{excerpt(name)} is not a host name: its last label is all digits"
     return None
+
+
+_LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
+def check_loopback(address: str, field: str = "address") -> str:
+    """Peers may only ever bind 127.0.0.0/8; anything else is a user error, not something to try."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        raise BadInput(f"{address!r} is not an IPv4 address", field=field) from None
+    if ip.version != 4 or ip not in _LOOPBACK:
+        raise BadInput(f"{address} is outside 127.0.0.0/8; peers bind loopback addresses only", field=field)
+    return str(ip)

@@ -13,7 +13,6 @@ reason; OK, XFAIL, INFORMATIONAL and NON-STRICT pass, the last three with a note
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import warnings
@@ -25,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from lab.pipeline import Plan, RunRequest, TargetPlan
     from lab.scenario.model import Case
     from lab.scenario.result import CaseRun, RunResult
-    from lab.scenario.runner import ExternalTarget
 
 MARKER = "smtplab"
 OPTIONS = (
@@ -41,7 +40,7 @@ OPTIONS = (
     "smtplab_maillog_dialect",
 )
 _ENABLED = pytest.StashKey[bool]()
-_PLAN = pytest.StashKey["Plan"]()
+_STATE = pytest.StashKey["SuiteState"]()
 
 
 class SmtplabShouldWarning(UserWarning):
@@ -118,31 +117,25 @@ def is_enabled(config: pytest.Config) -> bool:
     return any(config.getoption(name, None) for name in OPTIONS)
 
 
-# -- the plan: which targets, which cases, under which policies
+# -- the plan (lab.pipeline, shared with ``smtplab run``) and what came of it
 
-
-@dataclass(frozen=True)
-class TargetPlan:
-    """One system under test: the lab's listeners (``external`` None) or another MTA, and its policies."""
-
-    name: str
-    external: ExternalTarget | None
-    policies: tuple[str, ...]
-
-    def runs(self, case: Case) -> list[str]:
-        """The policies ``case`` runs under against this target (as the runner picks them)."""
-        if self.external is not None:
-            return list(self.policies)
-        return [p for p in self.policies if p in case.policies]
+#: ``smtplab run``'s flags as this plugin spells them, for error messages.
+_FLAG_NAMES = {
+    "--policy": "--smtplab-policy",
+    "--target": "--smtplab-target",
+    "--profile": "--smtplab-profile",
+    "--carrier": "--smtplab-carrier",
+    "selectors": "--smtplab-select",
+    "--maillog": "--smtplab-maillog",
+    "--maillog-dialect": "--smtplab-maillog-dialect",
+}
 
 
 @dataclass
-class Plan:
-    """What the session runs, and (once the first item asked) what came of it."""
+class SuiteState:
+    """What the session runs (the pipeline's plan), and (once the first item asked) what came of it."""
 
-    cases: list[Case]
-    targets: list[TargetPlan]
-    carrier: str
+    plan: Plan
     report_dir: Path | None
     ran: bool = False
     error: str | None = None
@@ -151,96 +144,53 @@ class Plan:
 
     def describe(self) -> str:
         targets = "; ".join(
-            f"{t.name} ({'policy' if t.external else 'policies'} {', '.join(t.policies)})" for t in self.targets
+            f"{t.name} ({'policy' if t.external else 'policies'} {', '.join(t.policies)})" for t in self.plan.targets
         )
-        carrier = "tcp" if self.targets[0].external else self.carrier
-        cases = f"{len(self.cases)} case" + ("s" if len(self.cases) != 1 else "")
-        return f"smtplab: {cases} against {targets}; carrier {carrier}"
+        count = len(self.plan.cases)
+        cases = f"{count} case" + ("s" if count != 1 else "")
+        return f"smtplab: {cases} against {targets}; carrier {self.plan.carrier}"
 
 
-def _policies(text: str | None) -> list[str] | None:
+def _selectors(values: list[str]) -> tuple[str, ...]:
+    return tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+
+
+def make_request(config: pytest.Config) -> RunRequest:
+    """The ``--smtplab-*`` options as the pipeline's typed request (the same one ``smtplab run`` builds)."""
+    from lab.conformance.targets import TargetFlags
+    from lab.pipeline import RunRequest
     from lab.scenario.model import parse_policies
 
-    return None if text is None else parse_policies(text, "--smtplab-policy")
-
-
-def _selectors(values: list[str]) -> list[str]:
-    return [part.strip() for value in values for part in value.split(",") if part.strip()]
-
-
-def make_plan(config: pytest.Config) -> Plan:
-    """The options as targets and cases; a bad option or file is ``BadInput`` (shown as a usage error)."""
-    from lab.conformance.targets import target_from_args, target_from_profile
-    from lab.errors import BadInput
-    from lab.scenario.model import POLICIES
-
-    address: str | None = config.getoption("smtplab_target")
-    profiles: list[str] = config.getoption("smtplab_profile")
-    policies = _policies(config.getoption("smtplab_policy"))
-    carrier: str | None = config.getoption("smtplab_carrier")
-    externals: list[ExternalTarget] = []
-    if profiles:
-        if address and len(profiles) > 1:
-            raise BadInput("--smtplab-target moves one profile; it cannot place several", field="--smtplab-target")
-        externals = [target_from_profile(path, _run_flags(address, config)) for path in profiles]
-        for target in externals:
-            if policies is not None and policies != [str(target.policy)]:
-                raise BadInput(
-                    f"the profile {target.name!r} declares policy {target.policy}; its cases are judged under that",
-                    field="--smtplab-policy",
-                )
-    elif address:
-        if policies is None or len(policies) != 1:
-            raise BadInput("an external target needs the one policy it is meant to have", field="--smtplab-policy")
-        try:
-            externals = [target_from_args(_run_flags(address, config), policies[0])]
-        except BadInput as exc:
-            exc.field = "--smtplab-target" if exc.field == "--target" else exc.field
-            raise
-    if externals and carrier is not None:
-        raise BadInput(
-            "applies to the lab's own listeners; an external target is reached over TCP", field="--smtplab-carrier"
-        )
-    names = [t.name for t in externals]
-    if len(set(names)) != len(names):
-        raise BadInput(f"two targets share a name: {', '.join(names)}", field="--smtplab-profile")
-    if externals:
-        targets = [TargetPlan(t.name, t, (str(t.policy),)) for t in externals]
-    else:
-        from lab.scenario.runner import lab_target_name
-
-        targets = [TargetPlan(lab_target_name(), None, tuple(policies or POLICIES))]
+    policy: str | None = config.getoption("smtplab_policy")
     report_dir = config.getoption("smtplab_report_dir")
-    return Plan(
-        cases=_load_cases(_selectors(config.getoption("smtplab_select"))),
-        targets=targets,
-        carrier=carrier or "memory",
+    flags = TargetFlags(
+        target=config.getoption("smtplab_target"),
+        maillog=config.getoption("smtplab_maillog"),
+        maillog_dialect=config.getoption("smtplab_maillog_dialect"),
+    )
+    return RunRequest(
+        selectors=_selectors(config.getoption("smtplab_select")),
+        policies=None if policy is None else tuple(parse_policies(policy, "--policy")),
+        carrier=config.getoption("smtplab_carrier"),
         report_dir=Path(report_dir) if report_dir else None,
+        jobs=1,  # one process: the runs share the session's reactor
+        profiles=tuple(config.getoption("smtplab_profile")),
+        flags=flags,
     )
 
 
-def _run_flags(address: str | None, config: pytest.Config | None = None) -> argparse.Namespace:
-    """``smtplab run --target ADDRESS [--maillog FILE --maillog-dialect D]`` as its parser reads it, every other
-    flag at its default: what ``lab.conformance.targets`` builds targets from."""
-    from lab.commands.run import add_arguments
-
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser)
-    argv = ["--target", address] if address else []
-    for option, flag in (("smtplab_maillog", "--maillog"), ("smtplab_maillog_dialect", "--maillog-dialect")):
-        value = config.getoption(option) if config is not None else None
-        argv += [flag, value] if value else []
-    return parser.parse_args(argv)
-
-
-def _load_cases(selectors: list[str]) -> list[Case]:
+def make_state(config: pytest.Config) -> SuiteState:
+    """The options as targets and cases; a bad option or file is ``BadInput`` naming the ``--smtplab-*`` option."""
     from lab.errors import BadInput
-    from lab.scenario.loader import load_cases
+    from lab.pipeline import make_plan
 
-    cases = load_cases(selectors or None)
-    if not cases:
-        raise BadInput("no case matches " + " ".join(selectors), field="--smtplab-select")
-    return cases
+    try:
+        request = make_request(config)
+        # check_hosts off: a case naming a host the topology lacks fails its own items (ERROR), not the session
+        return SuiteState(make_plan(request, check_hosts=False), request.report_dir)
+    except BadInput as exc:
+        exc.field = _FLAG_NAMES.get(exc.field or "", exc.field)
+        raise
 
 
 @pytest.hookimpl(trylast=True)
@@ -251,14 +201,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
     config.addinivalue_line("markers", f"{MARKER}: one smtplab conformance run (case x policy x target)")
     try:
-        config.stash[_PLAN] = make_plan(config)
+        config.stash[_STATE] = make_state(config)
     except BadInput as exc:
         raise pytest.UsageError(f"smtplab: {exc}") from None
 
 
 def pytest_report_header(config: pytest.Config) -> str | None:
-    plan = config.stash.get(_PLAN, None)
-    return plan.describe() if plan is not None else None
+    state = config.stash.get(_STATE, None)
+    return state.describe() if state is not None else None
 
 
 # -- collection: a collector per target, an item per case x policy
@@ -267,15 +217,15 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 class TargetSuite(pytest.Collector):
     """The items of one target, ``smtplab/TARGET::CASE[policy]``."""
 
-    def __init__(self, *, target: TargetPlan, plan: Plan, **kwargs: Any) -> None:
+    def __init__(self, *, target: TargetPlan, state: SuiteState, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.target = target
-        self.plan = plan
+        self.state = state
 
     def collect(self) -> list[pytest.Item]:
         return [
             CaseItem.from_parent(self, name=f"{case.id}[{policy}]", case=case, policy=policy)
-            for case in self.plan.cases
+            for case in self.state.plan.cases
             for policy in self.target.runs(case)
         ]
 
@@ -283,12 +233,12 @@ class TargetSuite(pytest.Collector):
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
     """Add the suite's items before ``-k`` / ``-m`` deselect, through the ordinary collection reports."""
-    plan = config.stash.get(_PLAN, None)
-    if plan is None:
+    state = config.stash.get(_STATE, None)
+    if state is None:
         return
-    for target in plan.targets:
+    for target in state.plan.targets:
         suite = TargetSuite.from_parent(
-            session, name=target.name, nodeid=f"smtplab/{target.name}", target=target, plan=plan
+            session, name=target.name, nodeid=f"smtplab/{target.name}", target=target, state=state
         )
         items.extend(item for item in session.genitems(suite) if isinstance(item, pytest.Item))
 
@@ -317,13 +267,13 @@ class CaseItem(pytest.Item):
     def runtest(self) -> None:
         from lab.scenario.verdict import Verdict
 
-        plan = self.suite.plan
-        if not plan.ran:
-            run_selection(plan, [i for i in self.session.items if isinstance(i, CaseItem)])
-        run = plan.runs.get(self.key())
+        state = self.suite.state
+        if not state.ran:
+            run_selection(state, [i for i in self.session.items if isinstance(i, CaseItem)])
+        run = state.runs.get(self.key())
         if run is None:
             raise CaseFailure(
-                f"Verdict: ERROR\nharness error: {plan.error or 'the runner returned no run for this item'}"
+                f"Verdict: ERROR\nharness error: {state.error or 'the runner returned no run for this item'}"
             )
         self.user_properties += [("verdict", str(run.verdict)), ("target", run.target), ("client", run.client)]
         if run.verdict in (Verdict.UNIMPLEMENTED, Verdict.SKIPPED):
@@ -359,7 +309,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     at the scenario file, not at this module."""
     report = yield
     if isinstance(item, CaseItem) and call.when == "call":
-        run = item.suite.plan.runs.get(item.key())
+        run = item.suite.state.runs.get(item.key())
         if run is not None and run.timings.wall_ms is not None:
             report.duration = run.timings.wall_ms / 1000
         if report.skipped and isinstance(report.longrepr, tuple):
@@ -371,50 +321,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # -- running the selection once
 
 
-def run_selection(plan: Plan, items: list[CaseItem]) -> None:
+def run_selection(state: SuiteState, items: list[CaseItem]) -> None:
     """Run every selected case x policy x target once; a fault of the lab fails the items, not the session."""
     from lab.errors import BadInput, HarnessError
 
-    plan.ran = True
+    state.ran = True
     try:
-        _run(plan, items)
+        _run(state, items)
     except (HarnessError, BadInput) as exc:
-        plan.error = str(exc)
+        state.error = str(exc)
     except Exception as exc:  # any other fault of the lab is a harness error too, reported on each item
-        plan.error = f"{type(exc).__name__}: {exc}"
+        state.error = f"{type(exc).__name__}: {exc}"
 
 
-def _run(plan: Plan, items: list[CaseItem]) -> None:
-    from lab.scenario.result import RunResult
-    from lab.scenario.runner import RunOptions, run_cases
+def _run(state: SuiteState, items: list[CaseItem]) -> None:
+    """The selected items of each target through ``lab.pipeline.execute``; one record of them all."""
+    from lab.pipeline import combine, execute
 
-    several = len(plan.targets) > 1
+    several = len(state.plan.targets) > 1
     results: list[RunResult] = []
-    for target in plan.targets:
-        mine = [i for i in items if i.suite.target is target]
-        report_dir = plan.report_dir
+    for target in state.plan.targets:
+        selected = [(i.case.id, i.policy) for i in items if i.suite.target is target]
+        if not selected:
+            continue
+        report_dir = state.report_dir
         if report_dir is not None and several:
             report_dir = report_dir / _safe(target.name)
-        for policy in dict.fromkeys(i.policy for i in mine):
-            cases = list({i.case.id: i.case for i in mine if i.policy == policy}.values())
-            options = RunOptions(carrier=plan.carrier, report_dir=report_dir, target=target.external)
-            result = run_cases(cases, [policy], options)
-            results.append(result)
-            for run in result.runs:
-                if several:
-                    run = _relocated(run, _safe(target.name))
-                plan.runs[(target.name, run.case, str(run.policy))] = run
+        result = execute(state.plan, target, selected, report_dir=report_dir)
+        results.append(result)
+        for run in result.runs:
+            if several:
+                run = _relocated(run, _safe(target.name))
+            state.runs[(target.name, run.case, str(run.policy))] = run
     if results:
-        ordered = [plan.runs[i.key()] for i in items if i.key() in plan.runs]
-        first = results[0]
-        plan.result = RunResult(
-            seed=first.seed,
-            carrier=first.carrier,
-            started=first.started,
-            targets=list({t.name: t for r in results for t in r.targets}.values()),
-            address_map=first.address_map,
-            runs=ordered,
-        )
+        state.result = combine(results, [state.runs[i.key()] for i in items if i.key() in state.runs])
 
 
 def _safe(name: str) -> str:
@@ -460,35 +400,36 @@ def note_text(run: CaseRun) -> str:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    plan = session.config.stash.get(_PLAN, None)
-    if plan is None or plan.result is None or plan.report_dir is None:
+    state = session.config.stash.get(_STATE, None)
+    if state is None or state.result is None or state.report_dir is None:
         return
     from lab.errors import HarnessError
     from lab.report import write_reports
 
     try:
-        write_reports(plan.result, plan.report_dir)
+        write_reports(state.result, state.report_dir)
     except HarnessError as exc:
-        plan.error = f"cannot write the smtplab reports: {exc}"
+        state.error = f"cannot write the smtplab reports: {exc}"
         if session.exitstatus == pytest.ExitCode.OK:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
-    plan = config.stash.get(_PLAN, None)
-    if plan is None or not plan.ran:
+    state = config.stash.get(_STATE, None)
+    if state is None or not state.ran:
         return
     from lab.report import counts_line, visible
     from lab.scenario.verdict import Verdict
 
     tr = terminalreporter
     tr.section("smtplab")
-    if plan.result is not None:
-        notes = [r for r in plan.result.runs if r.verdict in (Verdict.NON_STRICT, Verdict.INFORMATIONAL, Verdict.XFAIL)]
+    if state.result is not None:
+        noted = (Verdict.NON_STRICT, Verdict.INFORMATIONAL, Verdict.XFAIL)
+        notes = [r for r in state.result.runs if r.verdict in noted]
         for run in notes:
             tr.line(f"{run.verdict} smtplab/{visible(run.target)}::{run.name}: {note_text(run).partition(': ')[2]}")
-        tr.line(f"verdicts: {counts_line(plan.result)}")
-        if plan.report_dir is not None and plan.error is None:
-            tr.line(f"reports: {plan.report_dir / 'index.html'}, {plan.report_dir / 'index.json'}")
-    if plan.error is not None:
-        tr.line(f"harness error: {plan.error}", red=True)
+        tr.line(f"verdicts: {counts_line(state.result)}")
+        if state.report_dir is not None and state.error is None:
+            tr.line(f"reports: {state.report_dir / 'index.html'}, {state.report_dir / 'index.json'}")
+    if state.error is not None:
+        tr.line(f"harness error: {state.error}", red=True)

@@ -3,7 +3,9 @@
 Appliance, topology, profile and scenario files all go through ``read_yaml`` / ``parse_yaml`` so that every
 error names ``file:line: field: problem`` the same way, and so that no file can turn the loader against the
 machine: the limits below are checked while the file is read and composed, before anything is built or
-validated (docs/config-format.md, "Limits").
+validated (docs/config-format.md, "Limits"). Their loaders then build the model in a ``DocumentBuilder``
+subclass, which holds the document and the file name, validates against the schema and names every problem's
+line with ``fail``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 import stat
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jsonschema
 import yaml
@@ -34,6 +36,10 @@ MAX_TOTAL_CHARS = 2 * MAX_FILE_BYTES
 MAX_STRING = 64 * 1024
 #: Digits of one integer (Python refuses to read more than 4300 anyway).
 MAX_INT_DIGITS = 100
+
+
+#: Where a value sits in a parsed document: keys and list indices from the root, e.g. ``["listeners", 0, "hat"]``.
+FieldPath = list[str | int]
 
 
 class _Located(dict):  # type: ignore[type-arg]
@@ -294,3 +300,30 @@ def read_text(path: str | Path, name: str | None = None) -> str:
 def read_yaml(path: str | Path, name: str | None = None) -> Any:
     """Read and parse a YAML file keeping line numbers; errors name the file as ``name`` (default: the path)."""
     return parse_yaml(read_text(path, name), str(path) if name is None else name)
+
+
+class DocumentBuilder:
+    """The base of every loader's builder: one parsed document, the name of its file, and ``fail``.
+
+    A subclass names its JSON Schema in ``SCHEMA`` (a file in ``lab/schemas``), calls ``validate()`` once the
+    document is normalised, then builds the model, raising ``self.fail(problem, path)`` for anything the schema
+    cannot say (duplicates, cross-references, values checked by code): the error names ``file:line: field``.
+    """
+
+    SCHEMA: ClassVar[str] = ""
+
+    def __init__(self, doc: Any, file: str) -> None:
+        self.doc = doc
+        self.file = file
+
+    def fail(self, problem: str, path: FieldPath) -> BadInput:
+        """The error for ``problem`` at ``path`` (``problem`` quotes user values through ``lab.errors.excerpt``)."""
+        return BadInput(problem, file=self.file, line=self.line(path), field=field_name(path) or None)
+
+    def line(self, path: FieldPath) -> int | None:
+        """The line of the value at ``path``."""
+        return line_of(self.doc, path)
+
+    def validate(self) -> None:
+        """Check the document against ``SCHEMA``; the first violation is a ``BadInput`` at its line."""
+        validate(self.doc, load_schema(self.SCHEMA), self.file)

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from peers import make_peer_workdir
 
-from lab.appliance.certs import LabCA
-from lab.peers import make_peer_workdir
+from lab.tls.certs import LabCA
 
 
 @pytest.fixture(scope="module")

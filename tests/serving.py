@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lab.peers import free_port, require_peer
+from peers import free_port, require_peer
 
 _next_host = [10]
 

@@ -15,12 +15,10 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import ServerFactory
 
-from lab.appliance.certs import LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Certificate
 from lab.appliance.spool import Spool
-from lab.appliance.tlsctx import ServerTLS, lab_client_tls
 from lab.errors import BadInput
 from lab.net.loopback import LoopbackNetwork
 from lab.net.memory import MemoryNetwork
@@ -32,6 +30,8 @@ from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.steps import TLSPolicy
+from lab.tls.certs import LabCA
+from lab.tls.tlsctx import ServerTLS, lab_client_tls
 
 SERVER, CLIENT = "192.168.2.1", "198.51.100.7"
 MARKER = "smtplab-marker-7f3a"

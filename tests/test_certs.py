@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, x25519
 from cryptography.x509 import verification
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from lab.appliance.certs import CertKey, LabCA, default_state_dir, demo_certificate, load_pem
 from lab.errors import BadInput, HarnessError
+from lab.tls.certs import CertKey, LabCA, default_state_dir, demo_certificate, load_pem
 
 
 def mode(path: Path) -> int:

@@ -279,7 +279,7 @@ def test_parse_size() -> None:
 
 
 def test_pem_certificate_paths_are_relative_to_the_file(tmp_path: Path) -> None:
-    from lab.appliance.certs import LabCA
+    from lab.tls.certs import LabCA
 
     issued = LabCA(tmp_path / "ca").issue("esa", ["esa.test.example"])
     (tmp_path / "certs").mkdir()
@@ -547,7 +547,7 @@ def test_cli_listeners_bad_config_exits_3_with_one_line(tmp_path: Path) -> None:
 
 
 def test_the_documented_example_loads(tmp_path: Path) -> None:
-    from lab.appliance.certs import LabCA
+    from lab.tls.certs import LabCA
 
     doc = (REPO / "docs" / "config-format.md").read_text()
     example = doc.split("```yaml\n", 1)[1].split("```", 1)[0]

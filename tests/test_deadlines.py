@@ -17,12 +17,12 @@ from twisted.internet import defer, protocol, task
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
-from lab.appliance.tlsctx import ClientTLS
 from lab.net.memory import MemoryNetwork
 from lab.policy import deadlines
 from lab.policy.deadlines import Phase, Timeouts, Watch
 from lab.policy.modes import TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory
+from lab.tls.tlsctx import ClientTLS
 
 SHORT = Timeouts(idle=30, command=5, tls_handshake=10, data=20, session=100, close_grace=3)
 SLACK = 0.05  # the memory wire's latency, a few hops of it

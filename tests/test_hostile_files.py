@@ -582,9 +582,8 @@ listeners:
 def test_a_file_listeners_accepts_with_odd_values_is_served(tmp_path: Path) -> None:
     import smtplib
 
+    from peers import free_port
     from serving import client_context, fresh_loopback, serve
-
-    from lab.peers import free_port
 
     host = fresh_loopback()
     port = free_port(host)

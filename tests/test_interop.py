@@ -29,10 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from lab.appliance.certs import LabCA
-from lab.conformance.profile import load_profile
-from lab.peers import (
+from peers import (
     Peer,
     next_address,
     pid_running,
@@ -41,10 +38,13 @@ from lab.peers import (
     stop_all,
     unavailable_reason,
 )
-from lab.peers.aiosmtpd_peer import AiosmtpdPeer
-from lab.peers.postfix import PostfixPeer
+from peers.aiosmtpd_peer import AiosmtpdPeer
+from peers.postfix import PostfixPeer
+
+from lab.conformance.profile import load_profile
 from lab.scenario.result import CaseRun, RunResult, load_index
 from lab.scenario.verdict import Verdict
+from lab.tls.certs import LabCA
 
 pytestmark = pytest.mark.peer
 
@@ -54,7 +54,7 @@ RUN_TIMEOUT = 120.0  # wall seconds one ``smtplab run`` may take before the test
 RUN_BUDGET = 60.0  # what one run must stay under: the whole catalogue against one peer takes seconds
 PROBE_TIMEOUT = 60.0
 WORKERS = 4  # child processes at a time; the runs are CPU-bound (TLS, and scapy building the pcaps)
-RECIPIENT = "postmaster@example.com"  # the peers accept mail for example.com only (lab.peers accept_domain)
+RECIPIENT = "postmaster@example.com"  # the peers accept mail for example.com only (peers accept_domain)
 NOT_CLEAN = {Verdict.FAILED, Verdict.NON_STRICT, Verdict.XPASS, Verdict.ERROR}
 
 

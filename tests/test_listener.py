@@ -13,13 +13,13 @@ import pytest_twisted
 from serving import client_context, free_port, fresh_loopback, serve
 from twisted.internet import defer, protocol, reactor
 
-from lab.appliance.certs import CertKey, LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
 from lab.policy.deadlines import Timeouts
 from lab.policy.modes import Behaviour, TLSMode
 from lab.smtp.listener import ApplianceRuntime
+from lab.tls.certs import CertKey, LabCA
 
 MESSAGE = "Subject: cert\r\n\r\nhello\r\n"
 

@@ -10,12 +10,12 @@ from twisted.internet import defer, protocol, task
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
-from lab.appliance.tlsctx import ClientTLS
 from lab.net.capture import Capture, Direction
 from lab.net.memory import MemoryNetwork
 from lab.policy.hat import HostAccessTable, SenderGroup
 from lab.policy.modes import TLSMode
 from lab.smtp.listener import ApplianceRuntime
+from lab.tls.tlsctx import ClientTLS
 
 
 class Dialogue(protocol.Protocol):

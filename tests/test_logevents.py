@@ -10,7 +10,7 @@ from lab.errors import BadInput
 from lab.scenario.loader import _CaseReader
 from lab.scenario.logevents import DIALECTS, EVENTS, MailLogFile, observe, unlogged
 
-#: Lines as Postfix 3.7.11 wrote them for lab.peers.postfix (smtpd_tls_loglevel = 1).
+#: Lines as Postfix 3.7.11 wrote them for peers.postfix (smtpd_tls_loglevel = 1).
 POSTFIX = [
     "Dec 02 07:55:05 postfix postfix/smtpd[22164]: connect from unknown[127.0.0.1]",
     "Dec 02 07:55:05 postfix postfix/smtpd[22164]: Anonymous TLS connection established from unknown[127.0.0.1]: "

@@ -33,12 +33,12 @@ from test_transport import (
 from twisted.internet import defer, error, reactor
 from twisted.internet.protocol import ClientFactory
 
-from lab.appliance.tlsctx import ClientTLS, ServerTLS
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Direction
 from lab.net.loopback import LoopbackNetwork
 from lab.net.memory import CarrierTimeout
 from lab.net.middlebox import StartTLSStripper
+from lab.tls.tlsctx import ClientTLS, ServerTLS
 
 Pair = tuple[ServerTLS, ClientTLS]
 EXTERNAL = "203.0.113.25"  # a virtual host served by something outside the network (Twisted's own TCP here)

@@ -40,7 +40,6 @@ def test_spec_examples_verbatim() -> None:
     log.mid_rcpt(1, 5, 0, "<b@example.com>")
     log.mid_ready(1, 1234)
     log.close(5)
-    log.dcid_starttls_not_supported(8)
     assert [line.removeprefix(STAMP + " ") for line in log.lines] == [
         "Info: New SMTP ICID 5 interface PublicNet (192.168.2.1) address 198.51.100.7"
         " reverse dns host mx.example.net verified yes",
@@ -54,13 +53,12 @@ def test_spec_examples_verbatim() -> None:
         "Info: MID 1 ICID 5 RID 0 To: <b@example.com>",
         "Info: MID 1 ready 1234 bytes",
         "Info: ICID 5 close",
-        "Info: DCID 8 STARTTLS command not supported",
     ]
 
 
 def test_counters_start_at_one_and_are_independent() -> None:
     log = MailLog()
-    assert [log.next_icid(), log.next_icid(), log.next_mid(), log.next_dcid(), log.next_icid()] == [1, 2, 1, 1, 3]
+    assert [log.next_icid(), log.next_icid(), log.next_mid(), log.next_icid()] == [1, 2, 1, 3]
 
 
 def test_file_sink_is_written_through_and_appended(tmp_path: Path) -> None:
@@ -182,8 +180,6 @@ CASES = [
         lambda log: log.mid_spooled(2, Path("/spool/In bound/new/1.M0P1Q1.esa")),
         {"event": "mid_spooled", "path": "/spool/In bound/new/1.M0P1Q1.esa"},
     ),
-    (lambda log: log.mid_deferred(2, "TLS required"), {"event": "mid_deferred", "reason": "TLS required"}),
-    (lambda log: log.mid_bounced(2, "5.7.10"), {"event": "mid_bounced", "reason": "5.7.10"}),
     (
         lambda log: log.spool_leftover(Path("/spool/In (1)/tmp/1.M0P1Q1.esa"), 1234, delivered=False),
         {"event": "spool_leftover", "path": "/spool/In (1)/tmp/1.M0P1Q1.esa", "nbytes": 1234}
@@ -193,26 +189,6 @@ CASES = [
         lambda log: log.spool_leftover("tmp/x", 0, delivered=True),
         {"event": "spool_leftover", "path": "tmp/x", "nbytes": 0, "state": "delivered"},
     ),
-    (
-        lambda log: log.dcid_new(8, "192.168.2.1", "203.0.113.5", 25),
-        {"event": "dcid_new", "dcid": 8, "interface_addr": "192.168.2.1", "peer_ip": "203.0.113.5", "port": 25},
-    ),
-    (lambda log: log.dcid_starttls_not_supported(8), {"event": "dcid_starttls_not_supported", "dcid": 8}),
-    (
-        lambda log: log.dcid_tls_success(8, "TLSv1.3", "TLS_AES_128_GCM_SHA256"),
-        {"event": "dcid_tls_success", "protocol": "TLSv1.3", "cipher": "TLS_AES_128_GCM_SHA256"},
-    ),
-    (lambda log: log.dcid_tls_failed(8, "timeout"), {"event": "dcid_tls_failed", "reason": "timeout"}),
-    (
-        lambda log: log.dcid_tls_required(8, "example.org"),
-        {"event": "dcid_tls_required", "domain": "example.org", "level": "Warning"},
-    ),
-    (
-        lambda log: log.dcid_delivery_start(8, 2, [0, 1]),
-        {"event": "dcid_delivery_start", "dcid": 8, "mid": 2, "rids": [0, 1]},
-    ),
-    (lambda log: log.dcid_message_done(8, 2, [0]), {"event": "dcid_message_done", "rids": [0]}),
-    (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
 ]
 
 

@@ -22,10 +22,10 @@ from twisted.internet import defer, error, task
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.python.failure import Failure
 
-from lab.appliance.tlsctx import ClientTLS, ServerTLS
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction
 from lab.net.memory import CarrierTimeout, MemoryNetwork
+from lab.tls.tlsctx import ClientTLS, ServerTLS
 
 Pair = tuple[ServerTLS, ClientTLS]
 

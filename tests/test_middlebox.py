@@ -16,11 +16,11 @@ from test_transport import (
 )
 from twisted.internet.protocol import ServerFactory
 
-from lab.appliance.tlsctx import ClientTLS, ServerTLS
 from lab.errors import BadInput
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
 from lab.net.middlebox import MiddleboxChain, StartTLSStripper
+from lab.tls.tlsctx import ClientTLS, ServerTLS
 
 Pair = tuple[ServerTLS, ClientTLS]
 EHLO_REPLY = b"250-mini\r\n250-STARTTLS\r\n250 SIZE 1000\r\n"

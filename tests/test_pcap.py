@@ -18,13 +18,13 @@ from OpenSSL import SSL
 from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
-from scapy.utils import rdpcap
+from scapy.utils import RawPcapWriter, rdpcap
 from serving import need_tool
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
-from lab.net.keylog import KeyLog
 from lab.net.pcap import EPOCH, MSS, frames, mac_for, write_pcap
+from lab.tls.keylog import KeyLog
 
 C2S, S2C = Direction.C2S, Direction.S2C
 CLIENT, SERVER = "198.51.100.7", "192.168.2.1"
@@ -362,7 +362,7 @@ def test_overlapping_flows_are_interleaved_in_time_order() -> None:
     b.record(S2C, 0.7, b"220 b\r\n")
     packets = frames(capture)
     assert [f.usec for f in packets] == sorted(f.usec for f in packets)
-    payloads = [bytes(f.packet[TCP].payload) for f in packets if f.packet[TCP].payload]
+    payloads = [bytes(Ether(f.data)[TCP].payload) for f in packets if Ether(f.data)[TCP].payload]
     assert payloads == [b"220 b\r\n", b"220 a\r\n"]
 
 
@@ -370,7 +370,7 @@ def test_unclosed_flow_has_no_fin_and_ipv6_works() -> None:
     capture = Capture()
     flow = capture.open(Endpoint("2001:db8::7", 40000), Endpoint("2001:db8::1", 25), 0.0)
     flow.record(S2C, 0.1, b"220 hi\r\n")
-    packets = [f.packet for f in frames(capture)]
+    packets = [Ether(f.data) for f in frames(capture)]
     assert all(IPv6 in p for p in packets)
     assert not any("F" in str(p[TCP].flags) for p in packets)
     assert [str(p[TCP].flags) for p in packets] == ["S", "SA", "A", "PA", "A"]
@@ -386,7 +386,7 @@ def test_client_port_zero_gets_one_port_per_flow() -> None:
     capture = Capture()
     for t in (0.0, 1.0):
         capture.open(Endpoint(CLIENT, 0), Endpoint(SERVER, 25), t).close(C2S, t + 0.5)
-    syns = [f.packet[TCP] for f in frames(capture) if str(f.packet[TCP].flags) == "S"]
+    syns = [Ether(f.data)[TCP] for f in frames(capture) if str(Ether(f.data)[TCP].flags) == "S"]
     assert [p.sport for p in syns] == [49152, 49153]
     assert syns[0].seq != syns[1].seq
 
@@ -464,3 +464,19 @@ def test_packed_headers_are_what_scapy_builds() -> None:
             del rebuilt[IP].chksum
         del rebuilt[TCP].chksum
         assert bytes(rebuilt) == frame.data
+
+
+def test_file_is_what_scapys_pcap_writer_writes(tmp_path: Path) -> None:
+    """The file is packed with struct; scapy's RawPcapWriter, given the same frames, writes the same bytes."""
+    capture = Capture()
+    flow = capture.open(Endpoint(CLIENT, 40001), Endpoint(SERVER, 25), 0.0)
+    flow.record(S2C, 0.1, b"220 hi\r\n")
+    flow.close(C2S, 0.2)
+    ours, theirs = tmp_path / "ours.pcap", tmp_path / "scapy.pcap"
+    write_pcap(capture, ours)
+    writer = RawPcapWriter(str(theirs), linktype=1, endianness="<", sync=False)
+    writer.write_header(None)
+    for frame in frames(capture):
+        writer.write_packet(frame.data, sec=frame.usec // 1_000_000, usec=frame.usec % 1_000_000)
+    writer.close()
+    assert ours.read_bytes() == theirs.read_bytes()

@@ -15,10 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from lab.appliance.certs import LabCA
-from lab.errors import BadInput, HarnessError
-from lab.peers import (
+from peers import (
     LoopbackAddresses,
     Peer,
     aiosmtpd_peer,
@@ -33,8 +30,11 @@ from lab.peers import (
     stop_all,
     unavailable_reason,
 )
-from lab.peers.aiosmtpd_peer import AiosmtpdPeer
-from lab.peers.postfix import PostfixPeer
+from peers.aiosmtpd_peer import AiosmtpdPeer
+from peers.postfix import PostfixPeer
+
+from lab.errors import BadInput, HarnessError
+from lab.tls.certs import LabCA
 
 DOMAIN = "example.com"
 

@@ -21,10 +21,12 @@ from typing import Any, ClassVar
 
 import pytest
 import pytest_twisted
+from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
+from peers.aiosmtpd_peer import AiosmtpdPeer
+from peers.postfix import PostfixPeer
 from serving import Served, free_port, fresh_loopback, serve
 from twisted.internet import protocol, reactor
 
-from lab.appliance.certs import LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
@@ -44,12 +46,10 @@ from lab.conformance.probe import (
 from lab.conformance.profile import load_profile
 from lab.errors import BadInput
 from lab.net.memory import MemoryNetwork
-from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
-from lab.peers.aiosmtpd_peer import AiosmtpdPeer
-from lab.peers.postfix import PostfixPeer
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
+from lab.tls.certs import LabCA
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -486,7 +486,7 @@ def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> None:
     assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes
 
 
-# -- real peers (lab.peers): the probe sees what the shipped target profiles declare
+# -- real peers (peers): the probe sees what the shipped target profiles declare
 
 PEERS = {
     # name: (kind, setting, policy, verify_client)

@@ -7,8 +7,10 @@ where smtplab is installed (tox), or with ``-p lab.pytest_plugin`` from a bare c
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
@@ -275,3 +277,30 @@ def test_a_missed_should_warns_and_a_harness_error_fails(run: Run, pytester: pyt
     strict = run("--smtplab-select", "should.yaml", "-W", "error::lab.pytest_plugin.SmtplabShouldWarning")
     strict.assert_outcomes(failed=1)
     assert "Verdict: NON-STRICT" in strict.stdout.str() and "Traceback" not in strict.stdout.str()
+
+
+def _record(index: Path) -> dict:
+    """An index.json without what a clock decides (when it started, how long each run took)."""
+    data = json.loads(index.read_text())
+    data.pop("started", None)
+    for record in data["runs"]:
+        record.pop("timings", None)
+    return data
+
+
+def test_the_plugin_and_smtplab_run_make_the_same_record(run: Run, pytester: pytest.Pytester, state_dir: Path) -> None:
+    """One pipeline (lab.pipeline): the same selection gives the same record through either front end."""
+    selection = "3207-4-02,ATK-INJECT-01,POL-HAT"
+    result = run("--smtplab", "--smtplab-select", selection, "--smtplab-report-dir", "plugin")
+    assert result.ret == 0
+    env = {**os.environ, "SMTPLAB_STATE": str(state_dir)}
+    if SUB_PATH:
+        env["PYTHONPATH"] = os.pathsep.join([SUB_PATH[0], *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "run", *selection.split(","), "--report-dir", "cli"],
+        cwd=pytester.path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    plugin, cli = _record(pytester.path / "plugin" / "index.json"), _record(pytester.path / "cli" / "index.json")
+    assert len(plugin["runs"]) > 6
+    assert plugin == cli  # verdicts, observations, transcripts, server logs, capture names

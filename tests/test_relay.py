@@ -18,18 +18,18 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from peers import next_address, require_kind
+from peers.postfix import PostfixPeer
 from test_interop import _smtplab
 from twisted.internet import defer, reactor, task
 from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
-from lab.appliance.certs import LabCA
 from lab.net.middlebox import MAX_HELD, StartTLSStripper
 from lab.net.relay import MiddleboxRelay
-from lab.peers import next_address, require_kind
-from lab.peers.postfix import PostfixPeer
 from lab.scenario.result import CaseRun
 from lab.scenario.verdict import Verdict
+from lab.tls.certs import LabCA
 
 _next = [0]
 CAPABILITIES = b"220 mx ready\r\n250-mx.example\r\n250-PIPELINING\r\n250-STARTTLS\r\n250 8BITMIME\r\n"

@@ -9,14 +9,14 @@ import pytest
 from twisted.internet import task
 from twisted.internet.protocol import ClientFactory, Protocol
 
-from lab.appliance.certs import LabCA
-from lab.appliance.tlsctx import ServerTLS, lab_client_tls
 from lab.errors import BadInput
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.remote_mta import GARBAGE, HANDSHAKE_FAILURE_ALERT, RemoteMTAFactory
 from lab.smtp.steps import steps_from_data
+from lab.tls.certs import LabCA
+from lab.tls.tlsctx import ServerTLS, lab_client_tls
 from lab.yamlsource import parse_yaml
 
 STARTTLS_THEN_EHLO = "[{ehlo: c.example}, {starttls: {}}, {ehlo: c.example}, quit]"

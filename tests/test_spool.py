@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from lab.appliance.spool import Maildir, MaildirNames, Spool, SpoolError, received_header
-from lab.appliance.tlsctx import TLSFacts
 from lab.errors import BadInput
+from lab.tls.tlsctx import TLSFacts
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEN = dt.datetime(2026, 12, 1, 19, 40, 5, tzinfo=dt.UTC)

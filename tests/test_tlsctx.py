@@ -17,10 +17,10 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.certs import CertKey, LabCA, demo_certificate
-from lab.appliance.tlsctx import ClientTLS, ServerTLS, TLSFacts, tls_error_reason, tls_facts
 from lab.errors import BadInput
 from lab.policy.modes import ClientCert
+from lab.tls.certs import CertKey, LabCA, demo_certificate
+from lab.tls.tlsctx import ClientTLS, ServerTLS, TLSFacts, tls_error_reason, tls_facts
 
 
 @implementer(IHandshakeListener)

@@ -105,7 +105,6 @@ def test_default_appliance_host_runs_the_builtin_config_on_its_addresses() -> No
     assert {i.address for i in appliance.interfaces.values()} == set(esa.addresses)
     assert topology.host_by_address("192.168.2.1") is esa
     assert topology.host_by_address("192.0.2.1") is None
-    assert [(p, h.name) for p, h in topology.mx("Example.COM.")] == [(10, "esa")]
 
 
 def test_default_reverse_dns_verifies_except_for_the_sloppy_relay() -> None:
@@ -156,12 +155,10 @@ def test_default_loopback_map_is_distinct_deterministic_and_never_127_0_0_1() ->
 # --- a small topology of our own ------------------------------------------------------------------------------
 
 
-def test_small_topology_mx_order_paths_and_custom_appliance(tmp_path: Path) -> None:
+def test_small_topology_paths_and_custom_appliance(tmp_path: Path) -> None:
     topology = load_topology(write(tmp_path, SMALL))
     assert topology.appliance_host().appliance_config == str(tmp_path / "appliance.yaml")
     assert topology.appliance().hostname == "esa.example.com"
-    assert [(p, h.name) for p, h in topology.mx("example.com")] == [(10, "esa"), (20, "fw")]
-    assert topology.mx("nowhere.example") == []
     assert topology.path("sender", "esa") == ["sender", "fw", "esa"]
     boxes = topology.middleboxes_between("sender", "esa")
     assert [(m.name, m.options) for m in boxes] == [("strip", StripOptions(False, 454))]

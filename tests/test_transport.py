@@ -19,11 +19,11 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.certs import LabCA
-from lab.appliance.tlsctx import ClientTLS, ServerTLS
 from lab.errors import HarnessError
 from lab.net.capture import Direction, Flow
 from lab.net.memory import MemoryNetwork
+from lab.tls.certs import LabCA
+from lab.tls.tlsctx import ClientTLS, ServerTLS
 
 SERVER, CLIENT = "192.168.2.1", "198.51.100.7"
 TLS_RECORD_TYPES = {0x14, 0x15, 0x16, 0x17}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode, parse_tls_mode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
-from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
+from lab.yamlsource import DocumentBuilder, FieldPath, read_yaml
 
 SCHEMA = "appliance.schema.json"
 DEMO = "demo"
@@ -30,7 +30,6 @@ DEMO_LABEL = "demo (INSECURE built-in demo certificate)"
 
 _SIZE = re.compile(r"^\s*(\d{1,12})\s*([kmg]?)i?b?\s*$", re.IGNORECASE)
 MAX_MESSAGE_SIZE = 1024**3  # 1G: a message the lab holds in memory while it spools it
-FieldPath = list[str | int]
 
 
 def default_appliance_path() -> Path:
@@ -50,8 +49,6 @@ def default_appliance() -> Appliance:
 
 def appliance_from_dict(doc: Any, file: str) -> Appliance:
     """Build an appliance from a document of ``lab.yamlsource.parse_yaml``; ``file`` names it in errors."""
-    _normalise(doc, file)
-    validate(doc, load_schema(SCHEMA), file)
     return _Builder(doc, file).build()
 
 
@@ -89,8 +86,9 @@ def _normalise_params(params: Any) -> None:
         params["behaviour"] = _lower(params["behaviour"])
 
 
-def _normalise(doc: Any, file: str) -> None:
+def _normalise(builder: _Builder) -> None:
     """Forgive case, Postfix aliases and YAML 1.1 surprises; reject numbers that YAML made of a HAT member."""
+    doc = builder.doc
     if not isinstance(doc, dict):
         return
     for cert in doc.get("certificates") or []:
@@ -124,12 +122,7 @@ def _normalise(doc: Any, file: str) -> None:
             for m, member in enumerate(members if isinstance(members, list) else []):
                 if isinstance(member, int | float) and not isinstance(member, bool):
                     path: FieldPath = ["listeners", index, "hat", "sender_groups", g, "members", m]
-                    raise BadInput(
-                        f"YAML read {member!r} as a number; quote the member, e.g. '{member}'",
-                        file=file,
-                        line=line_of(doc, path),
-                        field=field_name(path),
-                    )
+                    raise builder.fail(f"YAML read {member!r} as a number; quote the member, e.g. '{member}'", path)
 
 
 # --- building -----------------------------------------------------------------------------------------------
@@ -147,15 +140,12 @@ def parse_size(text: str | int) -> int:
     return size
 
 
-@dataclass
-class _Builder:
-    doc: Any
-    file: str
-
-    def fail(self, problem: str, path: FieldPath) -> BadInput:
-        return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path))
+class _Builder(DocumentBuilder):
+    SCHEMA = SCHEMA
 
     def build(self) -> Appliance:
+        _normalise(self)
+        self.validate()
         doc = self.doc
         self.hostname(doc["hostname"], ["hostname"])
         interfaces = self.interfaces(doc["interfaces"])
@@ -246,7 +236,7 @@ class _Builder:
 
     def check_pem(self, cert_file: str, key_file: str, name: str, path: FieldPath) -> None:
         """Fail at load time, at the YAML line, rather than when the first client connects."""
-        from lab.appliance.certs import load_pem  # cryptography is slow to import; only pem needs it
+        from lab.tls.certs import load_pem  # cryptography is slow to import; only pem needs it
 
         try:
             load_pem(cert_file, key_file, name)
@@ -312,7 +302,7 @@ class _Builder:
 
     def check_tls(self, tls: Any, path: FieldPath) -> None:
         """Build the TLS context the listener will use, now: a bad cipher string or version window fails here."""
-        from lab.appliance.tlsctx import check_tls_settings  # pyOpenSSL is slow to import; only tls needs it
+        from lab.tls.tlsctx import check_tls_settings  # pyOpenSSL is slow to import; only tls needs it
 
         try:
             check_tls_settings(tls.get("min_version", "1.2"), tls.get("max_version"), tls.get("ciphers"))

@@ -1,4 +1,4 @@
-"""The appliance's mail log: one line per event, keyed by connection (ICID), message (MID) and delivery (DCID).
+"""The appliance's mail log: one line per event, keyed by connection (ICID) and message (MID).
 
 The grammar follows what an ESA operator reads (``New SMTP ICID 5 ...``, ``MID 1 ICID 5 From: <...>``) and is
 documented in docs/maillog.md. It is a contract: the runner, the reports and students' grep commands read these
@@ -11,7 +11,7 @@ import calendar
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +21,7 @@ from lab.errors import BadInput
 PREVIEW_BYTES = 64  # how much of discarded injected bytes the log shows
 TAIL_LINES = 1000  # the most recent lines a MailLog keeps in memory (``lines``); everything goes to the sink
 
-_INT_FIELDS = {"icid", "mid", "dcid", "rid", "nbytes", "port"}
+_INT_FIELDS = {"icid", "mid", "rid", "nbytes", "port"}
 
 
 def _rx(pattern: str) -> re.Pattern[str]:
@@ -59,23 +59,9 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "mid_rcpt": _rx(r"MID (?P<mid>\d+) ICID (?P<icid>\d+) RID (?P<rid>\d+) To: (?P<addr><[^>]*>)"),
     "mid_ready": _rx(r"MID (?P<mid>\d+) ready (?P<nbytes>\d+) bytes"),
     "mid_spooled": _rx(r"MID (?P<mid>\d+) spooled (?P<path>.+)"),
-    "mid_deferred": _rx(r"MID (?P<mid>\d+) deferred: (?P<reason>.*)"),
-    "mid_bounced": _rx(r"MID (?P<mid>\d+) bounced: (?P<reason>.*)"),
     "spool_leftover": _rx(
         r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
     ),
-    "dcid_new": _rx(
-        r"New SMTP DCID (?P<dcid>\d+) interface (?P<interface_addr>\S+) address (?P<peer_ip>\S+) port (?P<port>\d+)"
-    ),
-    "dcid_starttls_not_supported": _rx(r"DCID (?P<dcid>\d+) STARTTLS command not supported"),
-    "dcid_tls_success": _rx(r"DCID (?P<dcid>\d+) TLS success protocol (?P<protocol>\S+) cipher (?P<cipher>\S+)"),
-    "dcid_tls_failed": _rx(r"DCID (?P<dcid>\d+) TLS failed: (?P<reason>.*)"),
-    "dcid_tls_required": _rx(
-        r"DCID (?P<dcid>\d+) TLS was required but could not be successfully negotiated for (?P<domain>\S+)"
-    ),
-    "dcid_delivery_start": _rx(r"Delivery start DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>[\d, ]*)\]"),
-    "dcid_message_done": _rx(r"Message done DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>[\d, ]*)\]"),
-    "dcid_close": _rx(r"DCID (?P<dcid>\d+) close"),
 }
 
 _LINE = re.compile(
@@ -131,10 +117,6 @@ def _preview(data: bytes | bytearray | memoryview | str) -> str:
     return "".join(out) + ("..." if len(data) > PREVIEW_BYTES else "")
 
 
-def _rids(rids: Iterable[int]) -> str:
-    return ", ".join(str(int(r)) for r in rids)
-
-
 class MailLog:
     """Appliance-wide log and ID counters; writes each line through to its sink at once.
 
@@ -159,7 +141,7 @@ class MailLog:
             self._sink: TextIO | None = self._owned
         else:
             self._sink = sink
-        self._counters = {"icid": 0, "mid": 0, "dcid": 0}
+        self._counters = {"icid": 0, "mid": 0}
 
     # -- counters -----------------------------------------------------------------------------------------------
     def _next(self, kind: str) -> int:
@@ -171,9 +153,6 @@ class MailLog:
 
     def next_mid(self) -> int:
         return self._next("mid")
-
-    def next_dcid(self) -> int:
-        return self._next("dcid")
 
     # -- output -------------------------------------------------------------------------------------------------
     def write(self, event: str, level: str = "Info") -> str:
@@ -269,12 +248,6 @@ class MailLog:
     def mid_spooled(self, mid: int, path: str | Path) -> str:
         return self.write(f"MID {mid} spooled {_text(path)}")
 
-    def mid_deferred(self, mid: int, reason: str) -> str:
-        return self.write(f"MID {mid} deferred: {_text(reason)}")
-
-    def mid_bounced(self, mid: int, reason: str) -> str:
-        return self.write(f"MID {mid} bounced: {_text(reason)}")
-
     # -- the spool ----------------------------------------------------------------------------------------------
     def spool_leftover(self, path: str | Path, nbytes: int, delivered: bool) -> str:
         """At start: a file an interrupted delivery left in a Maildir's ``tmp/`` was removed.
@@ -285,41 +258,11 @@ class MailLog:
         state = "delivered" if delivered else "incomplete"
         return self.write(f"Spool recovery: removed {_text(path)} ({int(nbytes)} bytes, {state})", level="Warning")
 
-    # -- outgoing deliveries (DCID) -----------------------------------------------------------------------------
-    def dcid_new(self, dcid: int, interface_addr: str, peer_ip: str, port: int) -> str:
-        return self.write(
-            f"New SMTP DCID {dcid} interface {_token(interface_addr)} address {_token(peer_ip)} port {int(port)}"
-        )
-
-    def dcid_starttls_not_supported(self, dcid: int) -> str:
-        return self.write(f"DCID {dcid} STARTTLS command not supported")
-
-    def dcid_tls_success(self, dcid: int, protocol: str, cipher: str) -> str:
-        return self.write(f"DCID {dcid} TLS success protocol {_token(protocol)} cipher {_token(cipher)}")
-
-    def dcid_tls_failed(self, dcid: int, reason: str) -> str:
-        return self.write(f"DCID {dcid} TLS failed: {_text(reason)}")
-
-    def dcid_tls_required(self, dcid: int, domain: str) -> str:
-        return self.write(
-            f"DCID {dcid} TLS was required but could not be successfully negotiated for {_token(domain)}",
-            level="Warning",
-        )
-
-    def dcid_delivery_start(self, dcid: int, mid: int, rids: Iterable[int]) -> str:
-        return self.write(f"Delivery start DCID {dcid} MID {mid} to RID [{_rids(rids)}]")
-
-    def dcid_message_done(self, dcid: int, mid: int, rids: Iterable[int]) -> str:
-        return self.write(f"Message done DCID {dcid} MID {mid} to RID [{_rids(rids)}]")
-
-    def dcid_close(self, dcid: int) -> str:
-        return self.write(f"DCID {dcid} close")
-
 
 def parse_line(line: str) -> dict[str, Any]:
     """A log line back into its fields: ``timestamp``, ``time`` (epoch), ``level``, ``event`` and the event's own.
 
-    IDs and byte counts are ints, ``verified`` a bool, an unknown reverse-DNS name None, ``rids`` a list of ints.
+    IDs and byte counts are ints, ``verified`` a bool, an unknown reverse-DNS name None.
     A line outside the grammar is BadInput (a log file is user input).
     """
     head = _LINE.match(line.rstrip("\r\n"))
@@ -345,8 +288,6 @@ def parse_line(line: str) -> dict[str, Any]:
                 fields[key] = value == "yes"
             elif key == "rdns":
                 fields[key] = None if value == "unknown" else value
-            elif key == "rids":
-                fields[key] = [int(r) for r in value.split(",") if r.strip()]
             else:
                 fields[key] = value
         return fields

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lab.appliance.tlsctx import TLSFacts
 from lab.errors import BadInput
+from lab.tls.tlsctx import TLSFacts
 
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up

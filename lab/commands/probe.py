@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from lab.appliance.certs import load_pem
 from lab.conformance.probe import ProbeSettings, ProbeUnreachable, run_probe
 from lab.conformance.profile import DEFAULT_FROM, parse_address
 from lab.errors import EXIT_HARNESS, BadInput
 from lab.smtp.steps import DEFAULT_EHLO
+from lab.tls.certs import load_pem
 
 HELP = "infer the TLS policy of an SMTP server (No / Preferred / Required) and its deviations from the RFCs"
 

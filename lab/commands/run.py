@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab.errors import BadInput
 from lab.net.carrier import LAB_CARRIERS
-from lab.scenario.model import POLICIES, parse_policies
+from lab.scenario.model import parse_policies
+
+if TYPE_CHECKING:
+    from lab.pipeline import RunRequest
 
 HELP = "run scenarios and write verdict reports (terminal, index.json, junit.xml, index.html, pcaps)"
 
@@ -36,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--carrier",
         choices=LAB_CARRIERS,
-        default="memory",
-        help="how bytes travel between lab hosts (default: memory, virtual time)",
+        default=None,
+        help="how bytes travel between lab hosts (default: memory, virtual time); not with an external target",
     )
     parser.add_argument("--topology", metavar="FILE", help="topology file (default: the built-in topology)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything the lab chooses (default 0)")
@@ -86,40 +90,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _policies(text: str | None) -> list[str]:
-    return list(POLICIES) if text is None else parse_policies(text, "--policy")
+def request_from_args(args: argparse.Namespace) -> RunRequest:
+    """The typed request below the command line (``lab.pipeline``): the only place that reads ``args``."""
+    from lab.conformance.targets import TargetFlags
+    from lab.pipeline import RunRequest
 
-
-def _external_target(args: argparse.Namespace, policies: list[str]):  # type: ignore[no-untyped-def]
-    from lab.conformance.targets import target_from_args, target_from_profile
-
-    if args.profile:
-        return target_from_profile(args.profile, args)
-    if args.target:
-        if len(policies) != 1 or args.policy is None:
-            raise BadInput("an external target needs the one policy it is meant to have", field="--policy")
-        return target_from_args(args, policies[0])
-    return None
+    return RunRequest(
+        selectors=tuple(args.selectors),
+        policies=None if args.policy is None else tuple(parse_policies(args.policy, "--policy")),
+        carrier=args.carrier,
+        topology=args.topology,
+        seed=args.seed,
+        report_dir=Path(args.report_dir),
+        timestamps=not args.no_timestamps,
+        jobs=args.jobs,
+        profiles=(args.profile,) if args.profile else (),
+        flags=TargetFlags.from_namespace(args),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lab.net.topology import default_topology, load_topology
+    from lab.pipeline import execute, make_plan
     from lab.report import write_reports
     from lab.report.terminal import ProgressReporter, make_console, render
-    from lab.scenario.loader import check_client_hosts, load_cases
-    from lab.scenario.runner import RunOptions, run_cases, run_pairs
     from lab.scenario.verdict import Verdict
 
-    policies = _policies(args.policy)
-    if args.jobs is not None and args.jobs < 1:
-        raise BadInput("must be at least 1", field="--jobs")
-    target = _external_target(args, policies)
-    topology = load_topology(args.topology) if args.topology else default_topology()
-    cases = load_cases(args.selectors or None)
-    if not cases:
-        raise BadInput("no case matches " + " ".join(args.selectors), field="selectors")
-    if target is None:
-        check_client_hosts(cases, {host.name for host in topology.hosts})
+    plan = make_plan(request_from_args(args))
     baseline = None
     if args.baseline:
         from lab.scenario.result import load_index
@@ -130,18 +126,8 @@ def run(args: argparse.Namespace) -> int:
         report_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInput(f"cannot create {report_dir}: {exc.strerror or exc}", field="--report-dir") from None
-    with ProgressReporter(len(run_pairs(cases, policies, target))) as progress:
-        options = RunOptions(
-            carrier=args.carrier,
-            topology=topology,
-            seed=args.seed,
-            report_dir=report_dir,
-            timestamps=not args.no_timestamps,
-            target=target,
-            jobs=args.jobs or (target.concurrency if target is not None else 1),
-            progress=progress.advance,
-        )
-        result = run_cases(cases, policies, options)
+    with ProgressReporter(plan.size()) as progress:
+        result = execute(plan, plan.targets[0], progress=progress.advance)
     write_reports(result, report_dir)
     render(result, make_console())
     print(

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lab.appliance.certs import default_state_dir, load_pem
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
 from lab.appliance.spool import Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
+from lab.tls.certs import default_state_dir, load_pem
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts

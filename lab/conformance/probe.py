@@ -25,8 +25,6 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from lab.appliance.certs import CertKey
-from lab.appliance.tlsctx import ClientCerts, ClientTLSFactory
 from lab.conformance.profile import DEFAULT_FROM, default_recipient, format_address
 from lab.errors import EXIT_FAILED, EXIT_OK, HarnessError
 from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
@@ -34,6 +32,8 @@ from lab.policy.modes import TLSMode
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
 from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_TLS
+from lab.tls.certs import CertKey
+from lab.tls.tlsctx import ClientCerts, ClientTLSFactory
 
 #: Longer than the 512 octets RFC 5321 4.5.3.1.4 allows for a command line (CRLF included).
 LONG_LINE = b"NOOP " + b"X" * 600 + b"\r\n"

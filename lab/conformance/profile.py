@@ -21,7 +21,7 @@ from lab.errors import BadInput
 from lab.policy.modes import TLSMode, parse_tls_mode
 from lab.scenario.result import Target
 from lab.smtp.steps import DEFAULT_EHLO
-from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
+from lab.yamlsource import DocumentBuilder, FieldPath, read_yaml
 
 SCHEMA = "profile.schema.json"
 DEFAULT_FROM = "probe@smtplab.invalid"
@@ -126,12 +126,6 @@ def default_recipient(host: str) -> str:
     return f"postmaster@{DEFAULT_DOMAIN}"
 
 
-def _mode(value: str) -> TLSMode:
-    mode = parse_tls_mode(value)
-    assert mode is not None, value  # the schema allows only the names parse_tls_mode knows
-    return mode
-
-
 def _forgive_policy(mapping: Any) -> None:
     """YAML 1.1 reads an unquoted ``no`` as false, and ESA spells ``Preferred``: accept both before the schema."""
     if not isinstance(mapping, dict) or "policy" not in mapping:
@@ -140,46 +134,41 @@ def _forgive_policy(mapping: Any) -> None:
     if value is False:
         mapping["policy"] = "no"
     elif isinstance(value, str) and parse_tls_mode(value) is not None:
-        mapping["policy"] = value.strip().lower()
+        mapping["policy"] = str(parse_tls_mode(value))  # the schema lists the canonical names only
 
 
-def _read(path: Path) -> Any:
-    doc = read_yaml(path)
-    _forgive_policy(doc)
-    if isinstance(doc, dict) and isinstance(doc.get("deviations"), list):
-        for item in doc["deviations"]:
-            _forgive_policy(item)
-    validate(doc, load_schema(SCHEMA), str(path))
-    return doc
+class _Builder(DocumentBuilder):
+    """Turns a profile document into a ``Profile``, naming the line of anything wrong."""
 
-
-class _Builder:
-    """Turns a validated document into a ``Profile``, naming the line of anything wrong."""
+    SCHEMA = SCHEMA
 
     def __init__(self, doc: Any, path: Path) -> None:
-        self.doc = doc
+        super().__init__(doc, str(path))
         self.path = path
-        self.file = str(path)
 
-    def fail(self, problem: str, where: list[str | int]) -> BadInput:
-        return BadInput(problem, file=self.file, line=line_of(self.doc, where), field=field_name(where))
+    def normalise(self) -> None:
+        doc = self.doc
+        _forgive_policy(doc)
+        if isinstance(doc, dict) and isinstance(doc.get("deviations"), list):
+            for item in doc["deviations"]:
+                _forgive_policy(item)
 
-    def file_path(self, value: str, where: list[str | int]) -> Path:
+    def file_path(self, value: str, where: FieldPath) -> Path:
         resolved = (self.path.parent / value).resolve()
         if not resolved.is_file():
             raise self.fail(f"no such file: {value} (paths are relative to the profile)", where)
         return resolved
 
     def deviation(self, item: Any, index: int) -> Deviation:
-        where: list[str | int] = ["deviations", index]
+        where: FieldPath = ["deviations", index]
         pattern = None
         if "match" in item:
             try:
                 pattern = re.compile(item["match"])
             except re.error as exc:
                 raise self.fail(f"not a regular expression: {exc}", [*where, "match"]) from None
-        policy = _mode(item["policy"]) if "policy" in item else None
-        return Deviation(item["case"], item["reason"], policy, pattern, line_of(self.doc, where))
+        policy = TLSMode(item["policy"]) if "policy" in item else None
+        return Deviation(item["case"], item["reason"], policy, pattern, self.line(where))
 
     def default_recipient(self, host: str) -> str:
         """Without ``envelope.to``: postmaster@ the declared accepted domain, else of the server name or host."""
@@ -187,10 +176,12 @@ class _Builder:
         return f"postmaster@{domain}" if domain else default_recipient(self.doc.get("server_name") or host)
 
     def build(self) -> Profile:
+        self.normalise()
+        self.validate()
         doc = self.doc
         allow_remote = bool(doc.get("allow_remote", False))
         host, port = parse_address(
-            doc["address"], allow_remote=allow_remote, file=self.file, line=line_of(doc, ["address"])
+            doc["address"], allow_remote=allow_remote, file=self.file, line=self.line(["address"])
         )
         ca_file = self.file_path(doc["ca_file"], ["ca_file"]) if "ca_file" in doc else None
         cert = key = None
@@ -202,7 +193,7 @@ class _Builder:
         rcpt_to = tuple([to] if isinstance(to, str) else to)
         for i, address in enumerate(rcpt_to):
             if "@" not in address:
-                where: list[str | int] = ["envelope", "to"] if isinstance(to, str) else ["envelope", "to", i]
+                where: FieldPath = ["envelope", "to"] if isinstance(to, str) else ["envelope", "to", i]
                 raise self.fail(f"{address!r} is not a mail address", where)
         mail_from = envelope.get("from", DEFAULT_FROM)
         if mail_from and "@" not in mail_from:
@@ -218,7 +209,7 @@ class _Builder:
             name=doc["name"],
             host=host,
             port=port,
-            policy=_mode(doc["policy"]),
+            policy=TLSMode(doc["policy"]),
             verify_client=bool(doc.get("verify_client", False)),
             description=doc.get("description", ""),
             allow_remote=allow_remote,
@@ -241,7 +232,7 @@ class _Builder:
 def load_profile(path: str | Path) -> Profile:
     """Read, validate and build a target profile; every problem is a ``BadInput`` with file and line."""
     path = Path(path)
-    return _Builder(_read(path), path).build()
+    return _Builder(read_yaml(path), path).build()
 
 
 def load_profiles(paths: Iterable[str | Path]) -> dict[str, Profile]:

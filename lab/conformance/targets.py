@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lab.appliance.certs import CertKey, load_pem
 from lab.conformance.profile import Profile, default_recipient, load_profile, parse_address
 from lab.errors import BadInput
+from lab.names import check_loopback
 from lab.policy.modes import TLSMode
 from lab.scenario.logevents import LOG_DIALECTS, MailLogFile
 from lab.scenario.runner import ExternalTarget
+from lab.tls.certs import CertKey, load_pem
+
+
+@dataclass(frozen=True)
+class TargetFlags:
+    """What a user says about an external target beside (or instead of) a profile: the ``smtplab run`` flags of
+    that name (``--target``, ``--ca``, ``--accepted-domain`` ...), and the plugin's ``--smtplab-*`` equivalents.
+    ``None`` is "not given": a profile's value, or the default, applies."""
+
+    target: str | None = None
+    name: str | None = None
+    ehlo: str | None = None
+    mail_from: str | None = None
+    rcpt_to: str | None = None
+    ca: str | None = None
+    server_name: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+    verify_client: bool = False
+    accepted_domain: str | None = None
+    refused_domain: str | None = None
+    max_message_size: int | None = None
+    max_recipients: int | None = None
+    tls_mandatory_sender: str | None = None
+    blocked_client: str | None = None
+    maillog: str | None = None
+    maillog_dialect: str | None = None
+
+    @classmethod
+    def from_namespace(cls, values: object) -> TargetFlags:
+        """The flags from an object carrying them as attributes (``smtplab run``'s parsed arguments)."""
+        return cls(**{f.name: getattr(values, f.name, f.default) for f in dataclasses.fields(cls)})
+
+
+NO_FLAGS = TargetFlags()
 
 
 def _read_pem(path: str | Path, field: str) -> bytes:
@@ -31,14 +67,14 @@ def _client_cert(cert: str | Path | None, key: str | Path | None, field: str) ->
 
 def declared_facts(
     written: dict[str, Any],
-    args: argparse.Namespace | None,
+    flags: TargetFlags,
     *,
     server_ca: bool,
     client_cert: bool,
     maillog: MailLogFile | None = None,
 ) -> dict[str, Any]:
     """The target facts (lab.scenario.facts) from a profile's ``facts`` and the flags beside it (flags win)."""
-    given = vars(args) if args is not None else {}
+    given = dataclasses.asdict(flags)
     facts: dict[str, Any] = {k: v for k, v in written.items() if k != "tls_mandatory_senders"}
     if written.get("tls_mandatory_senders"):
         facts["tls_mandatory_sender"] = written["tls_mandatory_senders"][0]
@@ -50,8 +86,6 @@ def declared_facts(
         if name in facts and int(facts[name]) < 1:
             raise BadInput("must be at least 1", field=f"--{name.replace('_', '-')}")
     if facts.get("blocked_client") is not None:
-        from lab.peers import check_loopback
-
         facts["blocked_client"] = check_loopback(str(facts["blocked_client"]), field="--blocked-client")
     facts["server_ca"] = True if server_ca else None
     facts["client_cert"] = True if client_cert else None
@@ -59,10 +93,9 @@ def declared_facts(
     return {k: v for k, v in facts.items() if v is not None}
 
 
-def maillog_from_args(args: argparse.Namespace | None, profile: Profile | None = None) -> MailLogFile | None:
+def maillog_from_flags(flags: TargetFlags, profile: Profile | None = None) -> MailLogFile | None:
     """The ``maillog`` fact: ``--maillog FILE --maillog-dialect D`` (flags win) or the profile's ``maillog``."""
-    given = vars(args) if args is not None else {}
-    path, dialect = given.get("maillog"), given.get("maillog_dialect")
+    path, dialect = flags.maillog, flags.maillog_dialect
     if path is None and dialect is not None:
         raise BadInput("names the dialect of a log file: give --maillog FILE too", field="--maillog-dialect")
     if path is not None:
@@ -96,61 +129,62 @@ def check_deviation_cases(profile: Profile) -> None:
         )
 
 
-def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
+def target_from_flags(flags: TargetFlags, policy: str) -> ExternalTarget:
     """``--target HOST:PORT --policy X [--name] [--ehlo] [--from --to] [--ca] [--client-cert --client-key]``
     and the target facts (``--accepted-domain``, ``--max-message-size`` ...)."""
-    host, port = parse_address(args.target, field="--target")
-    client_cert = _client_cert(args.client_cert, args.client_key, "--client-cert")
-    verify = client_cert is not None and bool(getattr(args, "verify_client", False))
-    maillog = maillog_from_args(args)
-    facts = declared_facts({}, args, server_ca=bool(args.ca), client_cert=verify, maillog=maillog)
+    if flags.target is None:
+        raise BadInput("names no target", field="--target")
+    host, port = parse_address(flags.target, field="--target")
+    client_cert = _client_cert(flags.client_cert, flags.client_key, "--client-cert")
+    verify = client_cert is not None and flags.verify_client
+    maillog = maillog_from_flags(flags)
+    facts = declared_facts({}, flags, server_ca=bool(flags.ca), client_cert=verify, maillog=maillog)
     return ExternalTarget(
-        name=args.name or f"{host}:{port}",
+        name=flags.name or f"{host}:{port}",
         host=host,
         port=port,
         policy=TLSMode(policy),
-        ehlo=args.ehlo,
-        mail_from=args.mail_from,
-        rcpt_to=_recipient(args.rcpt_to, facts, default_recipient(host)),
-        trust_pems=(_read_pem(args.ca, "--ca"),) if args.ca else (),
+        ehlo=flags.ehlo,
+        mail_from=flags.mail_from,
+        rcpt_to=_recipient(flags.rcpt_to, facts, default_recipient(host)),
+        trust_pems=(_read_pem(flags.ca, "--ca"),) if flags.ca else (),
         client_cert=client_cert,
-        server_name=args.server_name,
+        server_name=flags.server_name,
         facts=facts,
         maillog=maillog,
     )
 
 
-def target_from_profile(path: str | Path, args: argparse.Namespace | None = None) -> ExternalTarget:
+def target_from_profile(path: str | Path, flags: TargetFlags = NO_FLAGS) -> ExternalTarget:
     """A profile's target; flags given beside ``--profile`` (``--target``, ``--ca``, ``--name`` ...) win."""
     profile: Profile = load_profile(path)
     check_deviation_cases(profile)
-    given = vars(args) if args is not None else {}
-    if given.get("target"):
-        profile = profile.at(given["target"])
-    ca = given.get("ca")
+    if flags.target:
+        profile = profile.at(flags.target)
+    ca = flags.ca
     trust = (_read_pem(ca, "--ca"),) if ca else ((_read_pem(profile.ca_file, "ca"),) if profile.ca_file else ())
-    cert, key = given.get("client_cert"), given.get("client_key")
+    cert, key = flags.client_cert, flags.client_key
     client_cert = (
         _client_cert(cert, key, "--client-cert")
         if cert or key
         else _client_cert(profile.client_cert, profile.client_key, "client_cert")
     )
-    verify = profile.verify_client or bool(given.get("verify_client"))
-    maillog = maillog_from_args(args, profile)
+    verify = profile.verify_client or flags.verify_client
+    maillog = maillog_from_flags(flags, profile)
     verified = client_cert is not None and verify
-    facts = declared_facts(profile.facts, args, server_ca=bool(trust), client_cert=verified, maillog=maillog)
+    facts = declared_facts(profile.facts, flags, server_ca=bool(trust), client_cert=verified, maillog=maillog)
     fallback = profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host)
     return ExternalTarget(
-        name=given.get("name") or profile.name,
+        name=flags.name or profile.name,
         host=profile.host,
         port=profile.port,
         policy=profile.policy,
-        ehlo=given.get("ehlo") or profile.ehlo,
-        mail_from=given.get("mail_from") or profile.mail_from,
-        rcpt_to=given.get("rcpt_to") or fallback,
+        ehlo=flags.ehlo or profile.ehlo,
+        mail_from=flags.mail_from or profile.mail_from,
+        rcpt_to=flags.rcpt_to or fallback,
         trust_pems=trust,
         client_cert=client_cert,
-        server_name=given.get("server_name") or profile.server_name,
+        server_name=flags.server_name or profile.server_name,
         timeout=profile.timeouts.reply,
         concurrency=profile.concurrency,
         deviations=profile.deviations,

@@ -19,14 +19,11 @@ from lab.appliance.model import Appliance
 from lab.errors import BadInput, excerpt
 from lab.names import hostname_problem
 from lab.policy.hat import Peer
-from lab.yamlsource import field_name, line_of, load_schema, read_yaml, validate
+from lab.yamlsource import DocumentBuilder, FieldPath, read_yaml
 
 SCHEMA = "topology.schema.json"
 BUILTIN = "builtin"
-ROLES = ("appliance", "mta", "client", "internal", "firewall")
 _FIRST_LOOPBACK_NET = 10  # 127.10.x.y for the first network: far from 127.0.0.1
-FieldPath = list[str | int]
-IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 @dataclass(frozen=True)
@@ -113,9 +110,6 @@ class Topology:
         canonical = _canonical_ip(ip)
         return next((h for h in self.hosts if canonical in h.addresses), None)
 
-    def network_of(self, ip: str) -> Network | None:
-        return next((n for n in self.networks if n.contains(ip)), None)
-
     def forward(self, name: str) -> tuple[str, ...]:
         """The A and AAAA records of ``name``, in file order."""
         key = _canonical_name(name)
@@ -131,17 +125,6 @@ class Topology:
         """``ip`` as the HAT sees it: with its reverse-DNS name only when that name verifies."""
         name, verified = self.reverse_name(ip)
         return Peer.of(ip, name if verified else None)
-
-    def mx(self, domain: str) -> list[tuple[int, Host]]:
-        """The mail exchangers of ``domain`` as (preference, host), lowest preference first, ties in file order."""
-        key = _canonical_name(domain)
-        found = [(r.preference or 0, r.value) for r in self.records if r.type == "MX" and r.name == key]
-        out: list[tuple[int, Host]] = []
-        for pref, exchange in sorted(found, key=lambda item: item[0]):
-            hosts = [h for h in (self.host_by_address(a) for a in self.forward(exchange)) if h is not None]
-            if hosts:
-                out.append((pref, hosts[0]))
-        return out
 
     def appliance_host(self) -> Host:
         """The host with role ``appliance``."""
@@ -260,28 +243,32 @@ def load_topology(path: str | Path) -> Topology:
 
 def topology_from_dict(doc: Any, file: str) -> Topology:
     """Build a topology from a document of ``lab.yamlsource.parse_yaml``; ``file`` names it in errors."""
-    if isinstance(doc, dict):
+    return _Builder(doc, file).build()
+
+
+class _Builder(DocumentBuilder):
+    SCHEMA = SCHEMA
+
+    def __init__(self, doc: Any, file: str) -> None:
+        super().__init__(doc, file)
+        self.networks: list[Network] = []
+        self.hosts: list[Host] = []
+
+    def normalise(self) -> None:
+        """Forgive the case of roles and record types (keeping line numbers)."""
+        doc = self.doc
+        if not isinstance(doc, dict):
+            return
         for host in doc.get("hosts") or []:
             if isinstance(host, dict) and isinstance(host.get("role"), str):
                 host["role"] = host["role"].strip().lower()
         for record in doc.get("dns") or []:
             if isinstance(record, dict) and isinstance(record.get("type"), str):
                 record["type"] = record["type"].strip().upper()
-    validate(doc, load_schema(SCHEMA), file)
-    return _Builder(doc, file).build()
-
-
-@dataclass
-class _Builder:
-    doc: Any
-    file: str
-    networks: list[Network] = field(default_factory=list)
-    hosts: list[Host] = field(default_factory=list)
-
-    def fail(self, problem: str, path: FieldPath) -> BadInput:
-        return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path))
 
     def build(self) -> Topology:
+        self.normalise()
+        self.validate()
         doc = self.doc
         self.build_networks(doc["networks"])
         self.build_hosts(doc["hosts"])

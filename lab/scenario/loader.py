@@ -52,12 +52,10 @@ from lab.scenario.model import (
     natural_key,
 )
 from lab.scenario.verdict import Verdict
-from lab.yamlsource import describe, field_name, line_of, load_schema, read_yaml
+from lab.yamlsource import DocumentBuilder, FieldPath, describe, line_of, load_schema, read_yaml
 
 STEPS_URI = "https://smtplab.invalid/schemas/steps.schema.json"
 SUFFIXES = (".yaml", ".yml")
-
-Path_ = list[str | int]
 
 
 def catalogue_dir() -> Path:
@@ -98,17 +96,13 @@ def behaviour_names() -> frozenset[str] | None:
     return frozenset(module.BEHAVIOURS)
 
 
-class _CaseReader:
+class _CaseReader(DocumentBuilder):
     """Checks one parsed document and builds its ``Case``; ``fail`` names file, line and field."""
 
     def __init__(self, doc: Any, file: str, facts: Mapping[str, Any] | None = None) -> None:
+        super().__init__(doc, file)
         self.source = copy.deepcopy(doc)
-        self.doc = doc
-        self.file = file
         self.facts = facts  # a target's declared facts; None: the lab's own (the file's ``facts:`` values)
-
-    def fail(self, problem: str, path: Path_) -> BadInput:
-        return BadInput(problem, file=self.file, line=line_of(self.doc, path), field=field_name(path) or None)
 
     def normalise(self) -> None:
         """YAML 1.1 reads the policy name ``no`` as false: give it its name back (keeping line numbers)."""
@@ -142,6 +136,7 @@ class _CaseReader:
                 raise self.fail(f"a placeholder does not fit its fact's value: {exc}", [key]) from None
 
     def validate(self) -> None:
+        """The scenario schema (with the steps schema it refers to), with messages that name known fields."""
         if not isinstance(self.doc, Mapping):
             raise BadInput("a scenario file is a mapping (id, title, refs, ...)", file=self.file, line=1)
         self.normalise()
@@ -152,7 +147,7 @@ class _CaseReader:
         if any(list(e.absolute_path)[:2] == ["client", "steps"] for e in errors):
             self.steps()  # the steps parser names the step and field more precisely; raises if it finds it
         best = jsonschema.exceptions.best_match(errors)
-        path: Path_ = list(best.absolute_path)
+        path: FieldPath = list(best.absolute_path)
         if best.validator == "additionalProperties" and isinstance(best.instance, Mapping):
             allowed = best.schema.get("properties", {})
             extra = [k for k in best.instance if k not in allowed]
@@ -277,7 +272,7 @@ class _CaseReader:
         }
         return Expectation(by_policy)
 
-    def alternative(self, data: Mapping[str, Any], path: Path_) -> Alternative:
+    def alternative(self, data: Mapping[str, Any], path: FieldPath) -> Alternative:
         when = data.get("when") or {}
         conditions = tuple(self.condition(str(k), v, [*path, "when", str(k)]) for k, v in when.items())
         return Alternative(Verdict(data["verdict"]), data["label"], conditions, data.get("ref"))
@@ -288,7 +283,7 @@ class _CaseReader:
         wanted = {Verdict.FAILED: Level.MUST, Verdict.NON_STRICT: Level.SHOULD}
         for policy, alternatives in expect.by_policy.items():
             for i, alt in enumerate(alternatives):
-                where: Path_ = ["expect", policy, i, "ref"]
+                where: FieldPath = ["expect", policy, i, "ref"]
                 levels = {r.level for r in refs if r.ref == alt.ref}
                 if alt.ref is not None and not levels:
                     names = ", ".join(dict.fromkeys(r.ref for r in refs))
@@ -299,7 +294,7 @@ class _CaseReader:
                         f"a {alt.verdict} alternative must cite a {level} ref of the case (ref: ...)", where[:-1]
                     )
 
-    def condition(self, key: str, value: Any, path: Path_) -> Condition:
+    def condition(self, key: str, value: Any, path: FieldPath) -> Condition:
         top, _, sub = key.partition(".")
         if top not in OBSERVATION_KEYS:
             close = difflib.get_close_matches(top, OBSERVATION_KEYS, n=1)
@@ -320,7 +315,7 @@ class _CaseReader:
             raise self.fail(f"{top} is not a mapping: drop {excerpt('.' + sub)}", path)
         return Condition(key, self.test(value, kind, key, path), _plain(value))
 
-    def test(self, value: Any, kind: str, key: str, path: Path_) -> Test:
+    def test(self, value: Any, kind: str, key: str, path: FieldPath) -> Test:
         if isinstance(value, Mapping):
             if not value:
                 raise self.fail("an empty condition; use {absent: true} or a value", path)
@@ -332,7 +327,7 @@ class _CaseReader:
             return OneOf(tuple(self.test(v, kind, key, [*path, i]) for i, v in enumerate(value)))
         return self.scalar(value, kind, key, path)
 
-    def operator(self, op: str, arg: Any, kind: str, key: str, path: Path_) -> Test:
+    def operator(self, op: str, arg: Any, kind: str, key: str, path: FieldPath) -> Test:
         if op == "not":
             return Not(self.test(arg, kind, key, path))
         if op == "absent":
@@ -353,7 +348,7 @@ class _CaseReader:
             return Has(arg) if op == "has" else Match(arg)
         raise self.fail(f"unknown operator {excerpt(op)} (use not, match, has or absent)", path)
 
-    def scalar(self, value: Any, kind: str, key: str, path: Path_) -> Test:
+    def scalar(self, value: Any, kind: str, key: str, path: FieldPath) -> Test:
         if value is None:
             raise self.fail("null is not a value to compare; use {absent: true}", path)
         if kind == "code":

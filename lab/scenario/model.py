@@ -9,12 +9,11 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from lab.errors import BadInput
 from lab.policy.modes import TLS_MODE_SPELLINGS, parse_tls_mode
-from lab.scenario.verdict import Verdict
+from lab.scenario.verdict import Level, SpecRef, Verdict
 
 #: The policy axis, in report order (TLSMode values).
 POLICIES: tuple[str, ...] = ("no", "preferred", "required")
@@ -79,43 +78,6 @@ OBSERVATION_KEYS: dict[str, str] = {
 
 #: Keys whose values only the lab's own target can report, and the requirement they imply.
 LAB_ONLY_KEYS: dict[str, str] = {"spooled": "spool", "server_log": "server-log"}
-
-
-class Level(StrEnum):
-    """How binding the spec sentence at stake is; decides the verdict when no alternative matched."""
-
-    MUST = "MUST"
-    SHOULD = "SHOULD"
-    LOCAL_POLICY = "local-policy"
-
-    @property
-    def rank(self) -> int:
-        return {Level.MUST: 3, Level.SHOULD: 2, Level.LOCAL_POLICY: 1}[self]
-
-    @property
-    def verdict(self) -> Verdict:
-        """MUST -> FAILED, SHOULD -> NON-STRICT, local policy -> INFORMATIONAL (DESIGN.md principle 5)."""
-        return {Level.MUST: Verdict.FAILED, Level.SHOULD: Verdict.NON_STRICT}.get(self, Verdict.INFORMATIONAL)
-
-
-#: Verdicts an expected alternative may carry (the rest are decided by the harness or a deviation list).
-ALTERNATIVE_VERDICTS: tuple[Verdict, ...] = (
-    Verdict.OK,
-    Verdict.NON_STRICT,
-    Verdict.FAILED,
-    Verdict.INFORMATIONAL,
-    Verdict.UNIMPLEMENTED,
-)
-
-
-@dataclass(frozen=True)
-class SpecRef:
-    ref: str  # "RFC 3207 4.2"
-    level: Level
-    text: str  # the sentence at stake, in our words
-
-    def to_dict(self) -> dict[str, str]:
-        return {"ref": self.ref, "level": str(self.level), "text": self.text}
 
 
 # --- conditions -------------------------------------------------------------------------------------------------

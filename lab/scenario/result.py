@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ from typing import Any
 from lab import __version__
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLSMode
-from lab.scenario.verdict import ORDER, Verdict, exit_code
+from lab.scenario.verdict import ORDER, SpecRef, Verdict, exit_code
+from lab.scenario.verdict import Level as Level  # re-exported: the record's readers name it from here
 from lab.yamlsource import load_schema, validate
 
 SCHEMA_VERSION = 1
@@ -27,31 +27,8 @@ SCHEMA_NAME = "index.schema.json"
 TOOL = f"smtplab {__version__}"
 
 
-class Level(StrEnum):
-    """How binding the spec sentence behind a case is (DESIGN.md principle 5)."""
-
-    MUST = "MUST"
-    SHOULD = "SHOULD"
-    LOCAL_POLICY = "local-policy"
-
-
 def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)  # coercion inside __post_init__ of a frozen dataclass
-
-
-@dataclass(frozen=True)
-class SpecRef:
-    """A spec sentence a case checks: ``RFC 3207 4`` / ``MUST`` / the sentence."""
-
-    ref: str
-    level: Level
-    text: str
-
-    def __post_init__(self) -> None:
-        _set(self, "level", Level(self.level))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"ref": self.ref, "level": str(self.level), "text": self.text}
 
 
 @dataclass(frozen=True)

@@ -24,15 +24,12 @@ from typing import Any, NamedTuple
 from twisted.internet.protocol import ClientFactory
 
 from lab import __version__
-from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Listener
 from lab.appliance.spool import MaildirNames, Spool
-from lab.appliance.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
 from lab.errors import HarnessError
 from lab.net.capture import Capture, Direction
 from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
-from lab.net.keylog import KeyLog
 from lab.net.middlebox import StartTLSStripper
 from lab.net.pcap import write_pcap
 from lab.net.topology import Topology, default_topology
@@ -49,6 +46,9 @@ from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.session import ServerSession
+from lab.tls.certs import CertKey, LabCA, default_state_dir
+from lab.tls.keylog import KeyLog
+from lab.tls.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
 WALL_TIMEOUT = 120.0  # wall seconds a loopback or external run may take
@@ -71,7 +71,7 @@ class ExternalTarget:
     server_name: str | None = None
     timeout: float = 30.0
     concurrency: int = 1  # runs at once when ``-j`` is not given (a profile's ``concurrency``)
-    deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
+    deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied by lab.pipeline after the run
     facts: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # declared facts (lab.scenario.facts)
     maillog: MailLogFile | None = None  # the target's mail log (the ``maillog`` fact)
 
@@ -80,8 +80,10 @@ class ExternalTarget:
         return f"{self.host}:{self.port}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
+    """How the runner runs (lab.pipeline builds these from a ``RunRequest``; tests build them directly)."""
+
     carrier: str = "memory"  # lab.net.carrier.LAB_CARRIERS (lab targets); external targets always use "tcp"
     topology: Topology | None = None
     seed: int = 0
@@ -119,7 +121,11 @@ class Runner:
     # -- the whole run
 
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
-        pairs = run_pairs(cases, policies, self.options.target)
+        return self.run_selected(run_pairs(cases, policies, self.options.target))
+
+    def run_selected(self, pairs: Sequence[tuple[Case, str]]) -> RunResult:
+        """Run these (case, policy) pairs, in this order in the record; the target's deviations are the caller's
+        to apply (``lab.pipeline.execute``)."""
         target = self.options.target
         if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
             _check_reachable(target)
@@ -135,11 +141,6 @@ class Runner:
             runs = [by_pair[(case.id, policy)] for case, policy in pairs]
         finally:
             self.close()
-        target = self.options.target
-        if target is not None and target.deviations:
-            from lab.conformance.deviations import apply_deviations
-
-            runs = apply_deviations(runs, target.deviations)
         return RunResult(
             tool=f"smtplab {__version__}",
             seed=self.options.seed,
@@ -579,3 +580,8 @@ def _run_in_worker(options: RunOptions, work_dir: Path, case: Case, policy: str)
 def run_cases(cases: Sequence[Case], policies: Sequence[str], options: RunOptions) -> RunResult:
     """Run every case under every policy it lists (or the external target's declared policy)."""
     return Runner(options).run(cases, policies)
+
+
+def run_selected(pairs: Sequence[tuple[Case, str]], options: RunOptions) -> RunResult:
+    """Run exactly these (case, policy) pairs (from ``run_pairs``, perhaps filtered), in this order."""
+    return Runner(options).run_selected(pairs)

@@ -22,7 +22,6 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.tlsctx import tls_error_reason, tls_facts
 from lab.policy.fallback import ClientTLS as Behaviour
 from lab.policy.fallback import Next, Problem, after, attempts_starttls
 from lab.smtp.steps import (
@@ -42,6 +41,7 @@ from lab.smtp.steps import (
     Wait,
 )
 from lab.smtp.transcript import Transcript
+from lab.tls.tlsctx import tls_error_reason, tls_facts
 
 TLSFactory = Callable[[TLSOptions], IOpenSSLClientConnectionCreator]
 Connect = Callable[[ClientFactory], Deferred[Any]]

@@ -29,16 +29,16 @@ from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.certs import CertKey, LabCA, demo_certificate, load_pem
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
-from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
 from lab.policy import replies
 from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
+from lab.tls.certs import CertKey, LabCA, demo_certificate, load_pem
+from lab.tls.tlsctx import ServerTLS, tls_error_reason, tls_facts
 
 #: After the 421 of a clean stop, how long a TLS connection waits for the client's close_notify before it is
 #: aborted (a TLS close waits for the peer's; one that does not read would otherwise hold the stop up).

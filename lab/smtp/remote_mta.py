@@ -19,9 +19,9 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from lab.appliance.certs import demo_certificate
-from lab.appliance.tlsctx import ServerTLS, tls_error_reason, tls_facts
 from lab.errors import BadInput
+from lab.tls.certs import demo_certificate
+from lab.tls.tlsctx import ServerTLS, tls_error_reason, tls_facts
 
 MODES = ("ok", "absent", "454", "garbage-after-220", "response-injection", "handshake-fail")
 #: A fatal TLS alert, handshake_failure(40): what a server with nothing in common with the ClientHello sends.

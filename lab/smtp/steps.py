@@ -42,7 +42,7 @@ _VERSION_NAMES = {"1": "1.0", "1.0": "1.0", "1.1": "1.1", "1.2": "1.2", "1.3": "
 
 @dataclass(frozen=True)
 class TLSOptions:
-    """How the client does its side of STARTTLS; ``lab.appliance.tlsctx.ClientTLS`` gets most of it.
+    """How the client does its side of STARTTLS; ``lab.tls.tlsctx.ClientTLS`` gets most of it.
 
     ``client_cert``: ``none``, ``lab`` (issued by the lab CA) or ``untrusted`` (issued by a CA nobody trusts).
     ``abort_mid_handshake`` sends the ClientHello and closes; ``plaintext_after_220`` never starts TLS at all.

@@ -3,6 +3,9 @@
 Each peer is a separate process tree with its own temporary configuration under a work directory, bound to one
 127.x.y.z address and a free high port. Nothing here looks processes up by name: a peer remembers the PID it
 started (and, for Postfix, the master's children) and ends exactly those.
+
+A test helper, not part of the installed ``lab`` package (docs/architecture.md, "Package boundaries"): the
+tests import it as ``peers`` from ``tests/``, the benchmarks put ``tests/`` on ``sys.path``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from lab.errors import BadInput, HarnessError
+from lab.names import check_loopback
 
 START_TIMEOUT = 20.0  # seconds a peer may take to answer with 220
 STOP_TIMEOUT = 10.0  # seconds a peer may take to exit after being told to
@@ -36,7 +40,7 @@ LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 def unavailable_reason(kind: str) -> str | None:
     """Why peer ``kind`` (``postfix`` or ``aiosmtpd``) cannot run here, or ``None`` when it can."""
-    from lab.peers import aiosmtpd_peer, postfix  # the peer modules import this package
+    from peers import aiosmtpd_peer, postfix  # the peer modules import this package
 
     return {"postfix": postfix.unavailable_reason, "aiosmtpd": aiosmtpd_peer.unavailable_reason}[kind]()
 
@@ -57,17 +61,6 @@ def require_peer(name: str, available: bool, why: str = "") -> None:
     if os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}:
         pytest.fail(f"{message} (CI=true, so a missing peer is a failure)", pytrace=False)
     pytest.skip(message)
-
-
-def check_loopback(address: str, field: str = "address") -> str:
-    """Peers may only ever bind 127.0.0.0/8; anything else is a user error, not something to try."""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        raise BadInput(f"{address!r} is not an IPv4 address", field=field) from None
-    if ip.version != 4 or ip not in LOOPBACK:
-        raise BadInput(f"{address} is outside 127.0.0.0/8; peers bind loopback addresses only", field=field)
-    return str(ip)
 
 
 def free_port(address: str) -> int:
@@ -128,7 +121,7 @@ def check_searchable(path: Path) -> None:
         if not mode & stat.S_IXOTH:
             raise HarnessError(
                 f"{part} is not searchable by other users (mode {stat.filemode(mode)}), so Postfix's daemons cannot "
-                f"reach {path}; put peer work directories under lab.peers.make_peer_workdir()"
+                f"reach {path}; put peer work directories under peers.make_peer_workdir()"
             )
 
 

@@ -1,12 +1,12 @@
 """An aiosmtpd peer in its own process: plain (no STARTTLS), tls (STARTTLS offered) or require (require_starttls).
 
-``AiosmtpdPeer`` launches ``python -m lab.peers.aiosmtpd_peer`` as a subprocess, so the peer is a real separate
+``AiosmtpdPeer`` launches ``python -m peers.aiosmtpd_peer`` as a subprocess, so the peer is a real separate
 SMTP server with its own event loop, stopped by PID like Postfix. The server stores every message in a Maildir
 under the work directory and stamps it with an ``X-Smtplab-TLS`` header saying whether (and how) TLS carried it.
 
 Run by hand::
 
-    python3 -m lab.peers.aiosmtpd_peer --host 127.25.0.9 --port 2526 --mode require \\
+    PYTHONPATH=tests python3 -m peers.aiosmtpd_peer --host 127.25.0.9 --port 2526 --mode require \\
         --cert host.pem --key host.key --maildir /tmp/box
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import lab
+import peers
 from lab.errors import BadInput, HarnessError
-from lab.peers import START_TIMEOUT, Peer, check_loopback, write_file
+from peers import START_TIMEOUT, Peer, check_loopback, write_file
 
 Mode = Literal["plain", "tls", "require"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -80,7 +81,7 @@ class AiosmtpdPeer(Peer):
     def argv(self) -> list[str]:
         """The command line of the server process (the same one ``docs/peers.md`` shows for running it by hand)."""
         argv = [
-            sys.executable, "-m", "lab.peers.aiosmtpd_peer", "--host", self.address, "--port", str(self.port),
+            sys.executable, "-m", "peers.aiosmtpd_peer", "--host", self.address, "--port", str(self.port),
             "--mode", self.mode, "--maildir", str(self.maildir), "--hostname", self.hostname,
         ]  # fmt: skip
         if self.cert_pem is not None:
@@ -112,10 +113,10 @@ class AiosmtpdPeer(Peer):
 
 
 def _child_env() -> dict[str, str]:
-    """Our environment, with the directory holding the ``lab`` package first on PYTHONPATH for the child."""
+    """Our environment, with the directories holding the ``peers`` and ``lab`` packages first on PYTHONPATH."""
     env = dict(os.environ)
-    root = str(Path(lab.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
+    roots = dict.fromkeys(str(Path(package.__file__).resolve().parent.parent) for package in (peers, lab))
+    env["PYTHONPATH"] = os.pathsep.join([*roots, *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -142,7 +143,7 @@ def _handler(maildir: Path) -> Any:
         def prepare_message(self, session: Any, envelope: Any) -> Any:
             message = super().prepare_message(session, envelope)
             message[TLS_HEADER] = tls_summary(session)
-            logging.getLogger("lab.peers.aiosmtpd").info(
+            logging.getLogger("peers.aiosmtpd").info(
                 "delivered from=<%s> to=%s tls=%s",
                 envelope.mail_from,
                 ",".join(envelope.rcpt_tos),
@@ -160,7 +161,7 @@ def _tls_context(cert: str, key: str) -> ssl.SSLContext:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python3 -m lab.peers.aiosmtpd_peer", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m peers.aiosmtpd_peer", description=__doc__.splitlines()[0])
     parser.add_argument("--host", required=True, help="loopback address to bind (127.0.0.0/8 only)")
     parser.add_argument("--port", required=True, type=int)
     parser.add_argument("--mode", required=True, choices=MODES)
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server = loop.run_until_complete(loop.create_server(factory, host=host, port=args.port))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, loop.stop)
-    logging.getLogger("lab.peers.aiosmtpd").info("serving %s:%d mode=%s", host, args.port, args.mode)
+    logging.getLogger("peers.aiosmtpd").info("serving %s:%d mode=%s", host, args.port, args.mode)
     try:
         loop.run_forever()
     finally:

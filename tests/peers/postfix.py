@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from lab.errors import BadInput, HarnessError
-from lab.peers import (
+from peers import (
     MAX_PROBES,
     POLL,
     START_TIMEOUT,
@@ -217,7 +217,7 @@ class PostfixPeer(Peer):
         if self.relay_for_mynetworks:
             relay_rule = "permit_mynetworks, defer_unauth_destination"
         lines = [
-            "# Written by smtplab (lab.peers.postfix): a throwaway Postfix peer for interop tests.",
+            "# Written by smtplab (peers.postfix): a throwaway Postfix peer for interop tests.",
             "compatibility_level = 3.6",
             f"config_directory = {conf}",
             f"queue_directory = {self.queue_dir}",

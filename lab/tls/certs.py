@@ -211,7 +211,7 @@ class LabCA:
 
 def demo_certificate() -> CertKey:
     """The built-in demo certificate (package data): self-signed, shared by every install, hence insecure."""
-    data = resources.files("lab.appliance").joinpath("data")
+    data = resources.files("lab.tls").joinpath("data")
     cert_pem = data.joinpath("demo-cert.pem").read_bytes()
     key_pem = data.joinpath("demo-key.pem").read_bytes()
     return CertKey("demo", cert_pem, key_pem, insecure_demo=True)

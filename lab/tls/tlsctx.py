@@ -20,9 +20,9 @@ from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from lab.appliance.certs import CertKey, LabCA, default_state_dir
 from lab.errors import BadInput, excerpt
 from lab.policy.modes import ClientCert
+from lab.tls.certs import CertKey, LabCA, default_state_dir
 
 KeyLog = Callable[[bytes], None]
 
