@@ -13,11 +13,9 @@ from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
-from lab.appliance.certs import LabCA
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.spool import Spool
-from lab.appliance.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
 from lab.errors import HarnessError
 from lab.net.carrier import EXTERNAL_CARRIER, LAB_CARRIERS, CarrierTimeout, ICarrier, drive, open_carrier
 from lab.net.loopback import LoopbackNetwork
@@ -31,6 +29,8 @@ from lab.smtp.behaviours import behaviour_steps
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.steps import TLSOptions
+from lab.tls.certs import LabCA
+from lab.tls.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
 
 CLIENT, SERVER = "198.51.100.7", "192.0.2.25"
 

@@ -16,7 +16,6 @@ import pytest_twisted
 from twisted.internet import protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 
-from lab.appliance.tlsctx import lab_client_tls
 from lab.errors import BadInput
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
@@ -24,6 +23,7 @@ from lab.smtp.client import MAX_REPLY_LINE, ClientRecord, ScriptedClient, messag
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.steps import Mail, Step, TLSOptions, code_matches, decode_escapes, steps_from_data
 from lab.smtp.transcript import escape, split_lines
+from lab.tls.tlsctx import lab_client_tls
 from lab.yamlsource import parse_yaml
 
 SERVER, CLIENT = "192.168.2.1", "198.51.100.7"

@@ -7,7 +7,7 @@ A carrier offers one connect path (``connect``: a client protocol factory to a h
 middlebox chain on the path where the topology or the case puts one), one clock (``clock``, an
 ``IReactorTime`` that every wait of the run uses), and one way to drive it (``run_until``). TLS is not the
 carrier's business: every carrier carries the same ``SessionTransport``, which layers TLS from the one client
-factory (``lab.appliance.tlsctx.ClientTLSFactory``) and records the bytes below it into ``capture``.
+factory (``lab.tls.tlsctx.ClientTLSFactory``) and records the bytes below it into ``capture``.
 
 - ``memory`` (``lab.net.memory.MemoryNetwork``): in-process pipes, a virtual clock, no socket; the default.
 - ``loopback`` (``lab.net.loopback.LoopbackNetwork``): real TCP between the topology's hosts on 127.x.y.z.

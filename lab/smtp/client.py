@@ -177,7 +177,7 @@ class ScriptedClient:
     """Runs ``steps`` once: connect (implicit), every step in order, then close.
 
     ``connect`` comes from the carrier (memory, loopback or real TCP), ``tls_factory`` turns a step's
-    ``TLSOptions`` into a connection creator (``lab.appliance.tlsctx.ClientTLSFactory``). ``target`` only labels the
+    ``TLSOptions`` into a connection creator (``lab.tls.tlsctx.ClientTLSFactory``). ``target`` only labels the
     ``=== Trying`` note; ``settle`` is how long to listen after a handshake that followed injected bytes.
     """
 
