@@ -26,6 +26,7 @@ from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.policy.params import EffectiveParams
 from lab.smtp.listener import ApplianceRuntime
+from lab.smtp.core.events import LogEvent
 from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig
 
 SHUTTING_DOWN = b"421 4.3.2 esa.lab.example Service shutting down\r\n"
@@ -43,8 +44,8 @@ class Hooks:
     def new_mid(self) -> int:
         return 1
 
-    def event(self, name: str, **fields: object) -> None:
-        self.events.append((name, fields))
+    def log_event(self, event: LogEvent) -> None:
+        self.events.append((event.kind, event.fields()))
 
 
 def new_session() -> tuple[ServerSession, Hooks]:

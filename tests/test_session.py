@@ -29,7 +29,7 @@ class Recorder:
         self.mids += 1
         return self.mids
 
-    def log(self, event: LogEvent) -> None:
+    def log_event(self, event: LogEvent) -> None:
         self.events.append((event.kind, event.fields()))
 
     def names(self) -> list[str]:

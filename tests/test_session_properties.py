@@ -94,7 +94,7 @@ class Hooks:
         self.mids += 1
         return self.mids
 
-    def log(self, event: LogEvent) -> None:
+    def log_event(self, event: LogEvent) -> None:
         pass
 
 

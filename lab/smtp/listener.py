@@ -479,7 +479,7 @@ class ListenerProtocol(Protocol):
     def new_mid(self) -> int:
         return self.log.next_mid()
 
-    def log(self, event: events.LogEvent) -> None:
+    def log_event(self, event: events.LogEvent) -> None:
         """The session's log event as its mail-log line (docs/maillog.md)."""
         log, icid = self.log, self.icid
         match event:

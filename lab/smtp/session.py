@@ -108,7 +108,7 @@ class Message:
 class SessionHooks(Protocol):
     def new_mid(self) -> int: ...
 
-    def log(self, event: LogEvent) -> None:
+    def log_event(self, event: LogEvent) -> None:
         """A mail-log event (``lab.smtp.core.events``; the listener writes each as one line)."""
 
 
@@ -139,7 +139,6 @@ class ServerSession:
     def __init__(self, config: SessionConfig, hooks: SessionHooks) -> None:
         self.config = config
         self.hooks = hooks
-        self.faults = config.faults
         self.machine = ServerStateMachine()
         self.greeting: str | None = None  # the EHLO/HELO name (GREETING: none yet)
         self.tls: TLSInfo | None = None
@@ -178,7 +177,7 @@ class ServerSession:
         )
 
     def _log(self, event: LogEvent) -> None:
-        self.hooks.log(event)
+        self.hooks.log_event(event)
 
     # -- entry points
 
@@ -222,12 +221,12 @@ class ServerSession:
         self.greeting = None
         self._transaction = None
         self._data = None
-        kept = self._reader.take() if self.faults.execute_injection else b""
+        kept = self._reader.take() if self.config.faults.execute_injection else b""
         self._reader.clear()
         self._log(events.TLSEstablished(info.version, info.cipher))
         if self.config.params.verify_client:
             self._log(events.ClientCertChecked(client_cert.value))
-        if self.faults.keep_state_across_tls:
+        if self.config.faults.keep_state_across_tls:
             self._restore(greeting, transaction)
         if kept:
             return self.receive(kept)
@@ -268,7 +267,7 @@ class ServerSession:
     def _command(self, line: str) -> list[Action]:
         command = parse_command(line)
         verb, argument = command.verb, command.argument
-        bypass = verb in self.faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
+        bypass = verb in self.config.faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
         if not bypass:
             refusal = gate.check(verb, bool(argument), self.facts())
             if refusal is not None:
@@ -306,7 +305,7 @@ class ServerSession:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
-        if gate.advertises_starttls(self.facts()) or (self.tls is not None and self.faults.advertise_starttls_in_tls):
+        if gate.advertises_starttls(self.facts()) or (self.tls is not None and self.config.faults.advertise_starttls_in_tls):
             caps.append("STARTTLS")
         caps.append("HELP")
         return [Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))]
@@ -323,7 +322,7 @@ class ServerSession:
             # docs/rules.md §3.3: plaintext behind STARTTLS is never executed inside TLS (CVE-2011-0411).
             behind = self._reader.take()
             self._log(events.InjectionDiscarded(len(behind), behind[:INJECTION_PREVIEW]))
-            if self.faults.execute_injection:
+            if self.config.faults.execute_injection:
                 self._reader.feed(behind)  # ... but kept after all, and read once TLS is up
         self.machine.move(Move.STARTTLS_ACCEPTED)
         return actions
@@ -378,7 +377,7 @@ class ServerSession:
         if not self._transaction.recipients:
             return [Send.of(Reply(554, "5.5.1", "No valid recipients"))]
         self._data = DataReader(
-            self._reader, self.config.params.max_message_size, bare_lf_ends_data=self.faults.bare_lf_ends_data
+            self._reader, self.config.params.max_message_size, bare_lf_ends_data=self.config.faults.bare_lf_ends_data
         )
         self.machine.move(Move.DATA_ACCEPTED)
         return [Send.of(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))]
