@@ -36,8 +36,8 @@ from lab.peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, post
 from lab.peers.aiosmtpd_peer import AiosmtpdPeer
 from lab.peers.postfix import PostfixPeer
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
-from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.core.state import Move
+from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
 
 REPO = Path(__file__).resolve().parent.parent

@@ -230,7 +230,9 @@ BREAKAGES = {
         {("3207-4.2-06", "preferred"), ("3207-4.2-07", "preferred")},
         {"3207-4.2-04", "3207-4.2-06"},
     ),
-    "starttls-inside-tls": Breakage(STARTTLS_ADVERTISED_INSIDE_TLS, _all("3207-4.2-02", "preferred", "required"), set()),
+    "starttls-inside-tls": Breakage(
+        STARTTLS_ADVERTISED_INSIDE_TLS, _all("3207-4.2-02", "preferred", "required"), set()
+    ),
     "smuggling": Breakage(BARE_LF_END_OF_DATA, _all("ATK-SMUGGLE-02", "no", "preferred", "required"), set()),
 }
 

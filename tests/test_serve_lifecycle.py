@@ -25,8 +25,8 @@ from lab.appliance.spool import Spool
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.policy.params import EffectiveParams
-from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.core.events import LogEvent
+from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig
 
 SHUTTING_DOWN = b"421 4.3.2 esa.lab.example Service shutting down\r\n"

@@ -153,15 +153,18 @@ def test_reply_reader_errors_carry_the_input(wire: bytes, error: type[errors.Rep
 
 
 def test_reply_rendering() -> None:
-    assert Reply(250, "", "HELP", ("esa Hello", "PIPELINING")).render() == b"250-esa Hello\r\n250-PIPELINING\r\n250 HELP\r\n"
+    assert (
+        Reply(250, "", "HELP", ("esa Hello", "PIPELINING")).render()
+        == b"250-esa Hello\r\n250-PIPELINING\r\n250 HELP\r\n"
+    )
     assert Reply(530, "5.7.0", "Must issue a STARTTLS command first").render() == (
         b"530 5.7.0 Must issue a STARTTLS command first\r\n"
     )
     rendered = Reply(250, "", "c", ("a", "b")).render()
-    assert [r.text for r in [ReplyReader_read(rendered)]] == ["250-a\r\n250-b\r\n250 c"]
+    assert [r.text for r in [read_one_reply(rendered)]] == ["250-a\r\n250-b\r\n250 c"]
 
 
-def ReplyReader_read(data: bytes) -> ReceivedReply:  # noqa: N802 - reads what Reply.render wrote
+def read_one_reply(data: bytes) -> ReceivedReply:
     reader = ReplyReader()
     reader.feed(data)
     reply = reader.next_reply()

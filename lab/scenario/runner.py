@@ -47,9 +47,9 @@ from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, T
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
 from lab.smtp.client import ClientRecord, ScriptedClient, make_tls_factory
+from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
-from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.steps import TLSOptions
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error

@@ -23,8 +23,14 @@ from lab.policy.params import EffectiveParams
 from lab.smtp.core import errors, events
 from lab.smtp.core.commands import parse_command, parse_path
 from lab.smtp.core.events import EndOfData, LogEvent, Reply, TextProblem
-from lab.smtp.core.readers import COMMAND_LINE_LIMIT, TEXT_LINE_LIMIT, DataReader, LineReader
-from lab.smtp.core.readers import command_text, next_command_line
+from lab.smtp.core.readers import (
+    COMMAND_LINE_LIMIT,
+    TEXT_LINE_LIMIT,
+    DataReader,
+    LineReader,
+    command_text,
+    next_command_line,
+)
 from lab.smtp.core.state import COMMAND_STATES, Move, ServerState, ServerStateMachine
 from lab.smtp.faults import NO_FAULTS, FaultPolicy
 
@@ -305,7 +311,9 @@ class ServerSession:
             "8BITMIME",
             "ENHANCEDSTATUSCODES",
         ]
-        if gate.advertises_starttls(self.facts()) or (self.tls is not None and self.config.faults.advertise_starttls_in_tls):
+        if gate.advertises_starttls(self.facts()) or (
+            self.tls is not None and self.config.faults.advertise_starttls_in_tls
+        ):
             caps.append("STARTTLS")
         caps.append("HELP")
         return [Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))]
