@@ -47,6 +47,7 @@ from lab.conformance.profile import load_profile
 from lab.errors import BadInput
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
+from lab.smtp.core.state import Move
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
 from lab.tls.certs import LabCA
@@ -254,8 +255,9 @@ class Broken(ServerSession):
     def _cmd_ehlo(self, argument: str) -> list[Action]:
         transaction = self._transaction
         actions = super()._cmd_ehlo(argument)
-        if "envelope-across-tls" in self.faults:
+        if "envelope-across-tls" in self.faults and transaction is not None:
             self._transaction = transaction
+            self.machine.move(Move.MAIL_ACCEPTED)
         if self.tls is not None and "starttls-in-tls-ehlo" in self.faults:
             (reply,) = actions
             assert isinstance(reply, Send)
@@ -265,7 +267,7 @@ class Broken(ServerSession):
 
     def _cmd_mail(self, argument: str) -> list[Action]:
         if self.greeting is None and "mail-without-ehlo" in self.faults:
-            self.greeting = "nobody"
+            self._greet("nobody")
         return super()._cmd_mail(argument)
 
     def _cmd_starttls(self, argument: str) -> list[Action]:
@@ -284,10 +286,10 @@ class Broken(ServerSession):
     def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
         greeting, transaction = self.greeting, self._transaction
         actions = super().tls_started(info, client_cert)
-        if "state-across-tls" in self.faults:
-            self.greeting = greeting
-        if "envelope-across-tls" in self.faults:
-            self._transaction = transaction
+        self._restore(
+            greeting if "state-across-tls" in self.faults else None,
+            transaction if "envelope-across-tls" in self.faults else None,
+        )
         stash = getattr(self, "stash", b"")
         if stash:
             self.stash = b""

@@ -27,11 +27,11 @@ from typing import Any
 import jsonschema
 import pytest
 from broken_sessions import (
-    BareLFEndOfDataSession,
-    GateBypassSession,
-    InjectionExecutingSession,
-    StartTLSAdvertisedInsideTLS,
-    StateKeepingSession,
+    BARE_LF_END_OF_DATA,
+    GATE_BYPASS,
+    INJECTION_EXECUTING,
+    STARTTLS_ADVERTISED_INSIDE_TLS,
+    STATE_KEEPING,
 )
 from scapy.layers.inet import IP, TCP
 from scapy.utils import rdpcap
@@ -43,7 +43,7 @@ from lab.scenario.model import POLICIES
 from lab.scenario.result import RunResult, load_index
 from lab.scenario.runner import RunOptions, run_cases
 from lab.scenario.verdict import Verdict
-from lab.smtp.session import ServerSession
+from lab.smtp.faults import FaultPolicy
 
 REPO = Path(__file__).resolve().parents[1]
 CLEAN = {Verdict.OK, Verdict.INFORMATIONAL}
@@ -193,21 +193,21 @@ def _all(case: str, *policies: str) -> set[Key]:
 
 @dataclass(frozen=True)
 class Breakage:
-    session: type[ServerSession]
+    faults: FaultPolicy
     failed: set[Key]  # exactly these runs must come out FAILED
     may_change: set[str]  # cases whose other runs may change verdict (to a clean one); the rest must not
 
 
 BREAKAGES = {
     "injection": Breakage(
-        InjectionExecutingSession,
+        INJECTION_EXECUTING,
         _all("3207-4.2-03", "preferred", "required")
         | _all("ATK-INJECT-01", "preferred", "required")
         | _all("2920-3.1-01", "preferred", "required"),
         set(),
     ),
     "required-gate": Breakage(
-        GateBypassSession,
+        GATE_BYPASS,
         {
             (case, "required")
             for case in (
@@ -226,12 +226,14 @@ BREAKAGES = {
     # The EHLO name (3207-4.2-06) and the envelope, seen by RCPT right after TLS with no EHLO (3207-4.2-07);
     # under Required the plaintext MAIL got 530, so there is no envelope to keep.
     "state-reset": Breakage(
-        StateKeepingSession,
+        STATE_KEEPING,
         {("3207-4.2-06", "preferred"), ("3207-4.2-07", "preferred")},
         {"3207-4.2-04", "3207-4.2-06"},
     ),
-    "starttls-inside-tls": Breakage(StartTLSAdvertisedInsideTLS, _all("3207-4.2-02", "preferred", "required"), set()),
-    "smuggling": Breakage(BareLFEndOfDataSession, _all("ATK-SMUGGLE-02", "no", "preferred", "required"), set()),
+    "starttls-inside-tls": Breakage(
+        STARTTLS_ADVERTISED_INSIDE_TLS, _all("3207-4.2-02", "preferred", "required"), set()
+    ),
+    "smuggling": Breakage(BARE_LF_END_OF_DATA, _all("ATK-SMUGGLE-02", "no", "preferred", "required"), set()),
 }
 
 
@@ -240,7 +242,7 @@ def test_a_broken_listener_fails_the_right_cases(
     name: str, catalogue: list[Any], state_dir: Path, memory: RunResult
 ) -> None:
     breakage = BREAKAGES[name]
-    result = _in_process(catalogue, state_dir, None, session_class=breakage.session)
+    result = _in_process(catalogue, state_dir, None, faults=breakage.faults)
     broken, sound = verdicts(result), verdicts(memory)
     assert set(broken) == set(sound)
     assert {key for key, verdict in broken.items() if verdict is Verdict.FAILED} == breakage.failed

@@ -25,6 +25,7 @@ from lab.appliance.spool import Spool
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.policy.params import EffectiveParams
+from lab.smtp.core.events import LogEvent
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig
 
@@ -43,8 +44,8 @@ class Hooks:
     def new_mid(self) -> int:
         return 1
 
-    def event(self, name: str, **fields: object) -> None:
-        self.events.append((name, fields))
+    def log_event(self, event: LogEvent) -> None:
+        self.events.append((event.kind, event.fields()))
 
 
 def new_session() -> tuple[ServerSession, Hooks]:

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from lab.policy import replies
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.policy.params import EffectiveParams
+from lab.smtp.core.events import LogEvent
 from lab.smtp.session import Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
 
 
@@ -28,8 +29,8 @@ class Recorder:
         self.mids += 1
         return self.mids
 
-    def event(self, name: str, **fields: Any) -> None:
-        self.events.append((name, fields))
+    def log_event(self, event: LogEvent) -> None:
+        self.events.append((event.kind, event.fields()))
 
     def names(self) -> list[str]:
         return [n for n, _ in self.events]

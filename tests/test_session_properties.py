@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from lab.policy import replies
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.policy.params import EffectiveParams
+from lab.smtp.core.events import LogEvent
 from lab.smtp.session import Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
 
 COMMANDS = [
@@ -93,7 +94,7 @@ class Hooks:
         self.mids += 1
         return self.mids
 
-    def event(self, name: str, **fields: Any) -> None:
+    def log_event(self, event: LogEvent) -> None:
         pass
 
 

@@ -1,29 +1,13 @@
-"""SMTP replies as values, and the ones the policy core gives (SPEC.md 2-3).
+"""The replies the policy core gives (docs/rules.md §2-3), as ``Reply`` values (rendered by ``lab.smtp.core``).
 
 Reply text is ours; the codes and enhanced codes are what the lab's own listener sends.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from lab.smtp.core.events import Reply
 
-
-@dataclass(frozen=True)
-class Reply:
-    code: int
-    enhanced: str = ""
-    text: str = ""
-    lines: tuple[str, ...] = ()  # extra lines of a multi-line reply, before ``text``
-
-    def render(self) -> bytes:
-        """The reply on the wire, CRLF-terminated; multi-line replies use ``code-``."""
-        body = [*self.lines, self.text]
-        out = []
-        for i, line in enumerate(body):
-            sep = " " if i == len(body) - 1 else "-"
-            prefix = f"{self.enhanced} " if self.enhanced and i == len(body) - 1 else ""
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
-        return "".join(out).encode("utf-8")
+__all__ = ["Reply"]
 
 
 MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")

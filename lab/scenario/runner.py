@@ -43,9 +43,9 @@ from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, T
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
 from lab.smtp.client import ClientRecord, ScriptedClient
+from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
-from lab.smtp.session import ServerSession
 from lab.tls.certs import CertKey, LabCA, default_state_dir
 from lab.tls.keylog import KeyLog
 from lab.tls.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
@@ -93,7 +93,7 @@ class RunOptions:
     target: ExternalTarget | None = None
     jobs: int = 1
     progress: Callable[[str], None] | None = None
-    session_class: type[ServerSession] = ServerSession  # the lab listener's session (tests break it on purpose)
+    faults: FaultPolicy = NO_FAULTS  # the lab listener's sessions (tests break them on purpose)
 
 
 class Runner:
@@ -311,7 +311,7 @@ class Runner:
             state_dir=self.state_dir,
             reverse_dns=self.topology.reverse_name,
             keylog=self._keylog.callback,
-            session_class=self.options.session_class,
+            faults=self.options.faults,
             tls_cache=self._server_tls,
         )
         if case.remote_mta is not None:

@@ -24,6 +24,10 @@ from zope.interface import implementer
 
 from lab.policy.fallback import ClientTLS as Behaviour
 from lab.policy.fallback import Next, Problem, after, attempts_starttls
+from lab.smtp.core.errors import ReplyError
+from lab.smtp.core.events import ReceivedReply as Reply
+from lab.smtp.core.readers import MAX_REPLY_LINE as MAX_REPLY_LINE
+from lab.smtp.core.readers import ReplyReader
 from lab.smtp.steps import (
     Ehlo,
     ExpectClose,
@@ -46,30 +50,12 @@ from lab.tls.tlsctx import tls_error_reason, tls_facts
 TLSFactory = Callable[[TLSOptions], IOpenSSLClientConnectionCreator]
 Connect = Callable[[ClientFactory], Deferred[Any]]
 
-#: Longest reply line accepted (RFC 5321 4.5.3.1.5 says 512; real servers exceed it, Postfix accepts 2048).
-MAX_REPLY_LINE = 2048
-#: Most lines in one multi-line reply.
-MAX_REPLY_LINES = 100
 #: Replies received but not yet consumed by a step: past this the connection is not read (a flooding server
 #: cannot grow the client); reading resumes as the steps consume them.
 MAX_QUEUED_REPLIES = 1000
 #: Body lines shown in the transcript before the rest is summarised.
 BODY_LINES_SHOWN = 20
-_REPLY_LINE = re.compile(rb"^([2-5][0-9][0-9])([ -]|$)(.*)$", re.DOTALL)
 _VERB = re.compile(r"^[A-Za-z]{1,16}$")
-
-
-@dataclass
-class Reply:
-    """One (possibly multi-line) SMTP reply."""
-
-    code: int
-    lines: list[bytes]  # the text of each line, after "250-" / "250 "
-    size: int  # bytes on the wire, line endings included
-
-    @property
-    def positive(self) -> bool:
-        return 200 <= self.code < 400
 
 
 @dataclass
@@ -99,19 +85,13 @@ class _End(Exception):
     """The script ends here (the reason is already in the transcript)."""
 
 
-class _ReplyError(Exception):
-    """The server sent something that is not an SMTP reply."""
-
-
 class _Conn:
     """The state of one connection as the engine sees it."""
 
     def __init__(self, protocol: _ClientProtocol, info: ConnectionInfo) -> None:
         self.protocol = protocol
         self.info = info
-        self.buffer = bytearray()
-        self.pending: list[bytes] = []  # lines of a multi-line reply not finished yet
-        self.pending_size = 0
+        self.reader = ReplyReader()
         self.replies: deque[Reply] = deque()
         self.error: str | None = None
         self.tls = False
@@ -249,12 +229,14 @@ class ScriptedClient:
         conn = protocol.conn
         if conn is None or conn.error is not None:
             return
-        conn.buffer += data
+        conn.reader.feed(data)
         try:
             self._parse(conn)
-        except _ReplyError as exc:
+        except ReplyError as exc:
+            if exc.line is not None:
+                self.transcript.received(exc.line, tls=conn.tls)
             conn.error = str(exc)
-            conn.buffer.clear()
+            conn.reader.clear()
             self.transcript.error(f"{exc}; closing the connection")
             self.observed["aborted"] = True
             conn.client_closing = True
@@ -295,29 +277,11 @@ class ScriptedClient:
     # -- reply parsing (RFC 5321 4.2)
 
     def _parse(self, conn: _Conn) -> None:
-        while True:
-            end = conn.buffer.find(b"\n")
-            if end < 0:
-                if len(conn.buffer) > MAX_REPLY_LINE:
-                    raise _ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-                return
-            raw = bytes(conn.buffer[: end + 1])
-            del conn.buffer[: end + 1]
-            line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
-            self.transcript.received(line, tls=conn.tls)
-            if len(raw) > MAX_REPLY_LINE:
-                raise _ReplyError(f"reply line longer than {MAX_REPLY_LINE} bytes")
-            match = _REPLY_LINE.match(line)
-            if match is None:
-                raise _ReplyError("malformed reply line (no 3-digit code)")
-            conn.pending.append(match.group(3))
-            conn.pending_size += len(raw)
-            if len(conn.pending) > MAX_REPLY_LINES:
-                raise _ReplyError(f"reply of more than {MAX_REPLY_LINES} lines")
-            if match.group(2) == b"-":
-                continue
-            conn.replies.append(Reply(int(match.group(1)), conn.pending, conn.pending_size))
-            conn.pending, conn.pending_size = [], 0
+        """Each reply line into the transcript, each complete reply into the queue (``lab.smtp.core``)."""
+        while (event := conn.reader.next_line()) is not None:
+            self.transcript.received(event.line, tls=conn.tls)
+            if event.reply is not None:
+                conn.replies.append(event.reply)
 
     def _injection_executed(self, conn: _Conn) -> None:
         """A reply inside TLS before the client sent anything there: the server ran injected plaintext."""
@@ -605,12 +569,11 @@ class ScriptedClient:
     async def _after_220(self, options: TLSOptions, *, injected: bool) -> bool:
         """Discard what the server sent behind the 220, then do (or fake) the handshake; True if TLS is up."""
         conn = self._need()
-        leftover = sum(r.size for r in conn.replies) + conn.pending_size + len(conn.buffer)
+        leftover = sum(r.size for r in conn.replies) + conn.reader.unconsumed
         if leftover:
             self.transcript.note(f"discarded {leftover} bytes of server data received after 220 (response injection)")
             conn.replies.clear()
-            conn.buffer.clear()
-            conn.pending, conn.pending_size = [], 0
+            conn.reader.clear()
             self._flow(conn)
         self.observed["response_injection_discarded"] = bool(
             leftover or self.observed.get("response_injection_discarded")

@@ -32,10 +32,12 @@ from zope.interface import implementer
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
-from lab.policy import replies
+from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
 from lab.policy.modes import ClientCert
+from lab.smtp.core import events
+from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
 from lab.tls.certs import CertKey, LabCA, demo_certificate, load_pem
 from lab.tls.tlsctx import ServerTLS, tls_error_reason, tls_facts
@@ -70,6 +72,7 @@ class ApplianceRuntime:
         keylog: Callable[[bytes], None] | None = None,
         spool_in_threads: bool = False,
         session_class: type[ServerSession] = ServerSession,
+        faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
         self.appliance = appliance
@@ -80,7 +83,8 @@ class ApplianceRuntime:
         self.reverse_dns = reverse_dns
         self.keylog = keylog
         self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
-        self.session_class = session_class  # tests swap in deliberately broken sessions to prove verdicts fail
+        self.session_class = session_class
+        self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
 
@@ -229,9 +233,9 @@ class ListenerProtocol(Protocol):
         self.log.new_connection(
             self.icid, self.owner.interface.name, self.owner.interface.address, self.peer_ip, name, verified
         )
-        if self.owner.active > self.listener.max_concurrency:
-            self.log.refused(self.icid, f"max concurrency {self.listener.max_concurrency} reached")
-            self._apply([Send(replies.TOO_MANY_CONNECTIONS.render()), Close()])
+        refusal = admission.over_max_concurrency(self.owner.active, self.listener.max_concurrency)
+        if refusal is not None:
+            self._refuse(refusal)
             return
         resolution = self.listener.resolve(Peer.of(self.peer_ip, self.peer_name))
         self.log.policy(
@@ -239,9 +243,9 @@ class ListenerProtocol(Protocol):
         )
         self.owner.per_ip[self.peer_ip] += 1
         self._counted_ip = True
-        if self.owner.per_ip[self.peer_ip] > resolution.params.max_concurrency_per_ip:
-            self.log.refused(self.icid, f"max concurrency per IP {resolution.params.max_concurrency_per_ip} reached")
-            self._apply([Send(replies.TOO_MANY_CONNECTIONS.render()), Close()])
+        refusal = admission.over_per_ip_limit(self.owner.per_ip[self.peer_ip], resolution.params.max_concurrency_per_ip)
+        if refusal is not None:
+            self._refuse(refusal)
             return
         behaviour = resolution.policy.behaviour
         config = SessionConfig(
@@ -249,10 +253,15 @@ class ListenerProtocol(Protocol):
             behaviour=behaviour,
             params=resolution.params,
             accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
+            faults=self.runtime.faults,
         )
         self.session = self.runtime.session_class(config, self)
         self._apply(self.session.start())
         self._arm()
+
+    def _refuse(self, refusal: admission.Refusal) -> None:
+        self.log.refused(self.icid, refusal.reason)
+        self._apply([Send.of(refusal.reply), Close()])
 
     def dataReceived(self, data: bytes) -> None:
         if self.session is None or self._closing:
@@ -470,34 +479,36 @@ class ListenerProtocol(Protocol):
     def new_mid(self) -> int:
         return self.log.next_mid()
 
-    def event(self, name: str, **fields: Any) -> None:
+    def log_event(self, event: events.LogEvent) -> None:
+        """The session's log event as its mail-log line (docs/maillog.md)."""
         log, icid = self.log, self.icid
-        if name == "refused":
-            log.refused(icid, fields["reason"])
-        elif name == "tls_success":
-            log.tls_success(icid, fields["protocol"], fields["cipher"])
-        elif name == "tls_failed":
-            log.tls_failed(icid, fields["reason"])
-        elif name == "client_cert":
-            log.client_cert(icid, fields["state"], None)
-        elif name == "injection_discarded":
-            log.injection_discarded(icid, fields["nbytes"], fields["preview"])
-        elif name == "protocol_error":
-            log.protocol_error(icid, fields["what"])
-        elif name == "mid_start":
-            log.mid_start(fields["mid"], icid)
-        elif name == "mid_from":
-            log.mid_from(fields["mid"], icid, fields["address"])
-        elif name == "mid_rcpt":
-            log.mid_rcpt(fields["mid"], icid, fields["rid"], fields["address"])
-        elif name == "rcpt_refused":
-            log.message_refused(icid, f"RCPT <{fields['address']}> refused ({fields['reason']})")
-        elif name == "mid_ready":
-            log.mid_ready(fields["mid"], fields["nbytes"])
-        elif name == "message_refused":
-            log.message_refused(icid, f"MID {fields['mid']}: {fields['reason']}")
-        else:
-            raise ValueError(f"unknown session event {name!r}")
+        match event:
+            case events.ConnectionRefused(reason=reason):
+                log.refused(icid, reason)
+            case events.TLSEstablished(protocol=protocol, cipher=cipher):
+                log.tls_success(icid, protocol, cipher)
+            case events.TLSFailed(reason=reason):
+                log.tls_failed(icid, reason)
+            case events.ClientCertChecked(state=state):
+                log.client_cert(icid, state, None)
+            case events.InjectionDiscarded(nbytes=nbytes, preview=preview):
+                log.injection_discarded(icid, nbytes, preview)
+            case events.ProtocolViolation(what=what):
+                log.protocol_error(icid, what)
+            case events.MessageStarted(mid=mid):
+                log.mid_start(mid, icid)
+            case events.SenderAccepted(mid=mid, address=address):
+                log.mid_from(mid, icid, address)
+            case events.RecipientAccepted(mid=mid, rid=rid, address=address):
+                log.mid_rcpt(mid, icid, rid, address)
+            case events.RecipientRefused(address=address, reason=reason):
+                log.message_refused(icid, f"RCPT <{address}> refused ({reason})")
+            case events.MessageReady(mid=mid, nbytes=nbytes):
+                log.mid_ready(mid, nbytes)
+            case events.MessageRefused(mid=mid, reason=reason):
+                log.message_refused(icid, f"MID {mid}: {reason}")
+            case _:
+                raise ValueError(f"unknown session event {event!r}")
 
     # -- stopping cleanly (see ListenerFactory.shutdown)
 

@@ -29,6 +29,8 @@ from typing import IO, Self
 
 from lab.errors import BadInput, HarnessError
 from lab.names import check_loopback
+from lab.smtp.core.errors import ReplyError
+from lab.smtp.core.readers import ReplyReader
 
 START_TIMEOUT = 20.0  # seconds a peer may take to answer with 220
 STOP_TIMEOUT = 10.0  # seconds a peer may take to exit after being told to
@@ -155,13 +157,14 @@ def wait_for_banner(address: str, port: int, *, timeout: float, alive: Callable[
 
 def read_reply(sock: socket.socket, deadline: float) -> str:
     """One complete SMTP reply (all continuation lines), as text without the final CRLF."""
-    data = b""
+    reader = ReplyReader()
     for _ in range(MAX_PROBES):
-        end = 0
-        for line in data.split(b"\r\n")[:-1]:
-            end += len(line) + 2
-            if len(line) == 3 or line[3:4] == b" ":  # "250 ok" or a bare "250" ends the reply; "250-" goes on
-                return data[: end - 2].decode("utf-8", "replace")
+        try:
+            reply = reader.next_reply()
+        except ReplyError as exc:
+            raise OSError(str(exc)) from exc
+        if reply is not None:
+            return reply.text
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise OSError("timed out waiting for a reply")
@@ -169,7 +172,7 @@ def read_reply(sock: socket.socket, deadline: float) -> str:
         chunk = sock.recv(4096)
         if not chunk:
             raise EOFError("connection closed before a complete reply")
-        data += chunk
+        reader.feed(chunk)
     raise OSError("reply too long")
 
 
