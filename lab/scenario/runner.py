@@ -42,6 +42,7 @@ from lab.policy.params import MailFlowPolicy
 from lab.scenario.evaluate import Evaluation, evaluate
 from lab.scenario.loader import with_facts
 from lab.scenario.model import Case, ClientSpec
+from lab.scenario.observations import Observations
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
@@ -50,6 +51,7 @@ from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.smtp.session import ServerSession
 from lab.smtp.steps import TLSOptions
+from lab.smtp.transcript import Entry, Kind, error, note
 
 VIRTUAL_TIMEOUT = 600.0  # virtual seconds a memory run may take before it is a harness error
 WALL_TIMEOUT = 120.0  # wall seconds a loopback or external run may take
@@ -190,8 +192,8 @@ class Runner:
     def run_one(self, case: Case, policy: str) -> CaseRun:
         started = time.perf_counter()
         external = self.options.target is not None
-        observed: dict[str, Any] = {}
-        transcript: list[str] = []
+        observed = Observations()
+        transcript: list[Entry] = []
         capture, keylog = Capture(), KeyLog()
         self._keylog.target = keylog
         virtual = 0.0
@@ -204,13 +206,14 @@ class Runner:
                     case = with_facts(case, self.options.target.facts)  # type: ignore[union-attr]
                 outcome = (self._external if external else self._lab)(case, policy, capture)
                 virtual = outcome.seconds
-                transcript = [*outcome.record.transcript, *outcome.notes]
-                observed = {**outcome.record.observed, **outcome.observed}
-                observed["plaintext_exposure"] = self._exposure(case, capture)
+                transcript = [*outcome.record.entries, *outcome.notes]
+                observed = outcome.record.observed
+                observed.spooled, observed.server_log = outcome.spooled, outcome.server_log
+                observed.plaintext_exposure = self._exposure(case, capture)
                 evaluation = evaluate(case, policy, observed, external=external)
         except HarnessError as exc:
             evaluation = Evaluation(Verdict.ERROR, None, f"harness error: {exc}")
-            transcript.append(f"<** harness error: {exc}")
+            transcript.append(error(f"harness error: {exc}", Kind.HARNESS))
         capture_path, keylog_path = self._write_capture(case, policy, capture, keylog)
         tls = None
         if observed.get("tls") and observed.get("tls_version"):
@@ -344,12 +347,9 @@ class Runner:
                 net.run_until(port.stopListening(), timeout=10)
         new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
-        observed: dict[str, Any] = {
-            "spooled": spooled,
-            "server_log": [_LOG_PREFIX.sub("", line) for line in run_log],
-        }
-        notes = [f"=== middlebox: {note}" for box in boxes for note in box.notes]
-        return _Outcome(record, observed, notes, clock.seconds() - begin)
+        server_log = [_LOG_PREFIX.sub("", line) for line in run_log]
+        notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for box in boxes for text in box.notes]
+        return _Outcome(record, notes, clock.seconds() - begin, spooled, server_log)
 
     def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
         boxes = case_middleboxes(case)
@@ -452,8 +452,9 @@ class Runner:
             record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
         finally:
             net.run_until(relay.stop(), timeout=10)
-        notes = [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *relay.notes]]
-        return _Outcome(record, {}, notes, time.monotonic() - begin)
+        texts = [*(n for box in boxes for n in box.notes), *relay.notes]
+        notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in texts]
+        return _Outcome(record, notes, time.monotonic() - begin)
 
     # -- captures
 
@@ -511,9 +512,10 @@ class _Outcome(NamedTuple):
     """What one carried-out run gives the record: the client's view, the lab's own facts, notes, duration."""
 
     record: ClientRecord
-    observed: dict[str, Any]  # facts only the lab knows (spooled, server_log), added to the client's
-    notes: list[str]  # transcript lines from the link (middlebox notes)
+    notes: list[Entry]  # transcript entries from the link (middlebox notes)
     seconds: float  # virtual seconds on the memory carrier, wall seconds otherwise
+    spooled: int | None = None  # facts only the lab knows, added to the client's observations
+    server_log: list[str] | None = None
 
 
 class _KeylogRelay:
