@@ -37,6 +37,8 @@ OPTIONS = (
     "smtplab_carrier",
     "smtplab_select",
     "smtplab_report_dir",
+    "smtplab_maillog",
+    "smtplab_maillog_dialect",
 )
 _ENABLED = pytest.StashKey[bool]()
 _PLAN = pytest.StashKey["Plan"]()
@@ -88,6 +90,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="DIR",
         default=None,
         help="also write the smtplab reports (index.json, junit.xml, index.html, captures) here",
+    )
+    group.addoption(
+        "--smtplab-maillog",
+        metavar="FILE",
+        default=None,
+        help="the target's mail log: cases that look for log evidence read the lines each run adds",
+    )
+    group.addoption(
+        "--smtplab-maillog-dialect",
+        choices=["postfix", "exim", "smtplab"],
+        default=None,
+        help="how the target's mail log writes its lines",
     )
 
 
@@ -166,7 +180,7 @@ def make_plan(config: pytest.Config) -> Plan:
     if profiles:
         if address and len(profiles) > 1:
             raise BadInput("--smtplab-target moves one profile; it cannot place several", field="--smtplab-target")
-        externals = [target_from_profile(path, _run_flags(address)) for path in profiles]
+        externals = [target_from_profile(path, _run_flags(address, config)) for path in profiles]
         for target in externals:
             if policies is not None and policies != [str(target.policy)]:
                 raise BadInput(
@@ -177,7 +191,7 @@ def make_plan(config: pytest.Config) -> Plan:
         if policies is None or len(policies) != 1:
             raise BadInput("an external target needs the one policy it is meant to have", field="--smtplab-policy")
         try:
-            externals = [target_from_args(_run_flags(address), policies[0])]
+            externals = [target_from_args(_run_flags(address, config), policies[0])]
         except BadInput as exc:
             exc.field = "--smtplab-target" if exc.field == "--target" else exc.field
             raise
@@ -203,14 +217,18 @@ def make_plan(config: pytest.Config) -> Plan:
     )
 
 
-def _run_flags(address: str | None) -> argparse.Namespace:
-    """``smtplab run --target ADDRESS`` as its parser reads it, every other flag at its default: what
-    ``lab.conformance.targets`` builds targets from."""
+def _run_flags(address: str | None, config: pytest.Config | None = None) -> argparse.Namespace:
+    """``smtplab run --target ADDRESS [--maillog FILE --maillog-dialect D]`` as its parser reads it, every other
+    flag at its default: what ``lab.conformance.targets`` builds targets from."""
     from lab.commands.run import add_arguments
 
     parser = argparse.ArgumentParser(add_help=False)
     add_arguments(parser)
-    return parser.parse_args(["--target", address] if address else [])
+    argv = ["--target", address] if address else []
+    for option, flag in (("smtplab_maillog", "--maillog"), ("smtplab_maillog_dialect", "--maillog-dialect")):
+        value = config.getoption(option) if config is not None else None
+        argv += [flag, value] if value else []
+    return parser.parse_args(argv)
 
 
 def _load_cases(selectors: list[str]) -> list[Case]:

@@ -156,7 +156,8 @@ def test_human_summary(served: dict[str, Served]) -> None:
     lines = done.stdout.splitlines()
     assert lines[1] == "Policy: Required"
     assert lines[2] == "  because plaintext MAIL/RCPT are refused (530/530) and accepted inside TLS"
-    assert "Deviations from SPEC.md 3: none found" in lines
+    assert "Deviations (an RFC MUST or SHOULD broken): none found" in lines
+    assert "Differences from the lab's own listener (not failures): none" in lines
 
 
 def test_unreachable_target_is_one_line_and_exit_2() -> None:
@@ -376,10 +377,34 @@ async def test_each_deviation_is_found_with_evidence(tmp_path: Path, fault: str,
     assert needle in finding.evidence, finding.evidence
     assert finding.evidence[0].startswith("=== probe ")
     assert set(finding.evidence) <= set(report.transcript)  # the evidence is quoted, never made up
-    assert report.exit_code == 1
     expected_policy = TLSMode.NO if fault == "starttls-refused" else mode
     assert report.policy is expected_policy
-    assert fault in report.to_dict()["deviations"][0]["id"]
+    data = report.to_dict()
+    if fault in DIFFERENCES:  # only the lab listener's own choice: listed, never a failure
+        assert finding.level == "difference" and report.exit_code == 0
+        assert data["deviations"] == [] and data["differences"][0]["id"] == fault
+    else:
+        assert finding.level in ("MUST", "SHOULD") and report.exit_code == 1
+        assert data["differences"] == [] and data["deviations"][0]["id"] == fault
+        assert data["deviations"][0]["level"] == finding.level
+
+
+#: The findings that only differ from the lab listener's own choices (docs/rules.md), with no RFC MUST or
+#: SHOULD behind them: RFC 5321 4.5.3.1 asks implementations to avoid limits, and a second STARTTLS, an argument
+#: or MAIL without EHLO are the client's faults that a server may tolerate.
+DIFFERENCES = {
+    "long-command-line", "nul-in-command", "starttls-twice", "starttls-argument", "mail-without-ehlo",
+    "starttls-refused", "starttls-unadvertised",
+}  # fmt: skip
+
+
+def test_every_rule_names_its_level_and_cites_rfcs_or_the_rules_page() -> None:
+    """Each rule text cites an RFC section or docs/rules.md, never a file users do not get, and says its level."""
+    for check, (_title, rule, level) in CHECKS.items():
+        assert "SPEC" not in rule and ("RFC " in rule or "docs/rules.md §" in rule), check
+        assert (level == "difference") == (check in DIFFERENCES), check
+        if level != "difference":
+            assert f"({level}" in rule, check  # the level is in the text users read too
 
 
 @pytest.mark.parametrize("mode", list(TLSMode))

@@ -18,6 +18,7 @@ from serving import serve
 
 from lab.policy.modes import TLSMode
 from lab.scenario.loader import load_case_file, load_cases
+from lab.scenario.logevents import MailLogFile
 from lab.scenario.result import CaseRun
 from lab.scenario.runner import ExternalTarget, RunOptions, run_cases
 from lab.scenario.verdict import Verdict
@@ -89,15 +90,25 @@ def test_a_harness_fault_is_an_error_not_a_failure(tmp_path: Path) -> None:
 
 def test_lab_only_cases_are_unimplemented_against_an_external_target(tmp_path: Path) -> None:
     """No connection is even tried: the target's port has nothing behind it. (A middlebox is not lab-only: the
-    relay runs it in front of the target, tests/test_relay.py.)"""
+    relay runs it in front of the target, tests/test_relay.py.) A case that reads log events needs the target's
+    mail log (a declared fact); with it, an event the log's dialect has no line for keeps it UNIMPLEMENTED."""
     target = ExternalTarget("nothing", "127.0.0.1", 9, TLSMode.PREFERRED)
-    result = run(load_cases(["ATK-INJECT-01", "POL-LOG-01"]), tmp_path, target=target)
+    result = run(load_cases(["ATK-INJECT-01", "POL-HAT-03"]), tmp_path, target=target)
     assert [(r.case, str(r.policy), r.verdict) for r in result.runs] == [
-        ("POL-LOG-01", "preferred", Verdict.UNIMPLEMENTED),
+        ("POL-HAT-03", "preferred", Verdict.UNIMPLEMENTED),
         ("ATK-INJECT-01", "preferred", Verdict.UNIMPLEMENTED),
     ]
-    assert "the lab's mail log" in one(result, "ATK-INJECT-01", "preferred").reason
-    assert "the lab's mail log" in one(result, "POL-LOG-01", "preferred").reason
+    assert "the lab's mail log" in one(result, "POL-HAT-03", "preferred").reason
+    reason = one(result, "ATK-INJECT-01", "preferred").reason
+    assert "needs a declared target fact" in reason and "--maillog FILE" in reason
+    logged = ExternalTarget(
+        "nothing", "127.0.0.1", 9, TLSMode.PREFERRED,
+        facts={"maillog": True}, maillog=MailLogFile(tmp_path / "maillog", "postfix"),
+    )  # fmt: skip
+    result = run(load_cases(["ATK-INJECT-01"]), tmp_path / "second", target=logged)
+    (only,) = result.runs
+    assert only.verdict is Verdict.UNIMPLEMENTED
+    assert only.reason.startswith("the target's postfix mail log has no line for: plaintext pipelined behind")
 
 
 def smtplab_run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,8 @@
 """``smtplab probe HOST:PORT``: which TLS policy does this target implement, and how does it deviate?
 
 A short battery over real TCP, loopback only (``lab.conformance.probe``). Exit codes: 0 classified and no
-deviation found, 1 deviations found (or the classification is only a best guess), 2 the target cannot be
+deviation found (differences from the lab listener do not count), 1 deviations found (an RFC MUST or
+SHOULD broken) or the classification is only a best guess, 2 the target cannot be
 reached or does not greet with 220 (one line on stderr), 3 bad input.
 """
 
@@ -21,7 +22,7 @@ from lab.conformance.profile import DEFAULT_FROM, parse_address
 from lab.errors import EXIT_HARNESS, BadInput
 from lab.smtp.steps import DEFAULT_EHLO
 
-HELP = "infer the TLS policy of an SMTP server (No / Preferred / Required) and its deviations from SPEC.md 3"
+HELP = "infer the TLS policy of an SMTP server (No / Preferred / Required) and its deviations from the RFCs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

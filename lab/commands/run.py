@@ -76,6 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     facts.add_argument(
         "--tls-mandatory-sender", metavar="ADDR", help="a sender for whom the target makes TLS mandatory (Preferred)"
     )
+    facts.add_argument(
+        "--blocked-client", metavar="ADDR", help="a loopback address the target refuses at connect (POL-HAT-01)"
+    )
+    facts.add_argument("--maillog", metavar="FILE", help="the target's mail log; cases read the lines a run adds")
+    facts.add_argument(
+        "--maillog-dialect", choices=["postfix", "exim", "smtplab"], help="how that log writes its lines"
+    )
 
 
 def _policies(text: str | None) -> list[str]:

@@ -1,4 +1,5 @@
-"""Policy inference: which TLS policy does a target implement, and where does it deviate from SPEC.md 3?
+"""Policy inference: which TLS policy does a target implement, and where does it break an RFC MUST or SHOULD
+(a deviation) or only differ from the lab listener's own choices (a difference, docs/rules.md)?
 
 A short battery of questions, each one connection driven by the lab's one client engine
 (``lab.smtp.client.ScriptedClient`` with steps from ``lab.smtp.steps``) over real TCP to a loopback address.
@@ -39,27 +40,77 @@ from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_
 LONG_LINE = b"NOOP " + b"X" * 600 + b"\r\n"
 STARTTLS_ARGUMENT = "SMTPLAB-PROBE"
 
-#: id -> (title, the rule at stake). The ids are stable: scripts and profiles may rely on them.
-CHECKS: dict[str, tuple[str, str]] = {
-    "starttls-refused": ("advertises STARTTLS but refuses it", "RFC 3207 4 / SPEC.md 2"),
-    "starttls-unadvertised": ("accepts STARTTLS although EHLO does not offer it", "SPEC.md 2 (No)"),
-    "helo-before-starttls": ("serves HELO before STARTTLS under Required", "SPEC.md 2 (Required)"),
+#: What a finding breaks: an RFC MUST or SHOULD (a deviation), or only the lab listener's own choice (a
+#: difference: docs/rules.md says so, and the RFCs leave it to the server).
+MUST, SHOULD, DIFFERENCE = "MUST", "SHOULD", "difference"
+
+#: id -> (title, the rule at stake, its level). The ids are stable: scripts and profiles may rely on them.
+CHECKS: dict[str, tuple[str, str, str]] = {
+    "starttls-refused": (
+        "advertises STARTTLS but refuses it",
+        "RFC 3207 §4 allows 454 (TLS not available); docs/rules.md §2",
+        DIFFERENCE,
+    ),
+    "starttls-unadvertised": (
+        "accepts STARTTLS although EHLO does not offer it",
+        "docs/rules.md §2 (No: STARTTLS gets 502); no RFC asks a server to refuse it",
+        DIFFERENCE,
+    ),
+    "helo-before-starttls": (
+        "serves HELO before STARTTLS under Required",
+        "RFC 3207 §4 (SHOULD: 530 to commands but NOOP, EHLO, STARTTLS, QUIT); docs/rules.md §2",
+        SHOULD,
+    ),
     "starttls-injection": (
         "executes commands pipelined behind STARTTLS inside TLS",
-        "SPEC.md 3.3, RFC 3207 5 (CVE-2011-0411)",
+        "RFC 3207 §4.2 (MUST discard what came before the handshake; CVE-2011-0411); docs/rules.md §3.3",
+        MUST,
     ),
-    "starttls-pipelined-plaintext": ("answers commands pipelined behind STARTTLS in plaintext", "SPEC.md 3.3, 3.7"),
-    "state-across-tls": ("keeps the EHLO state across the TLS handshake", "SPEC.md 3.4, RFC 3207 4.2"),
+    "starttls-pipelined-plaintext": (
+        "answers commands pipelined behind STARTTLS in plaintext",
+        "RFC 3207 §4.2 (MUST), RFC 2920 §3.1; docs/rules.md §3.3, §3.7",
+        MUST,
+    ),
+    "state-across-tls": (
+        "keeps the EHLO state across the TLS handshake",
+        "RFC 3207 §4.2 (MUST discard the EHLO argument); docs/rules.md §3.4",
+        MUST,
+    ),
     "mail-without-ehlo": (
         "accepts MAIL without any EHLO/HELO, so also right after the handshake",
-        "SPEC.md 3.4, RFC 5321 4.1.4",
+        "RFC 5321 §4.1.4 puts EHLO first on the client; requiring it is the server's choice; docs/rules.md §3.4",
+        DIFFERENCE,
     ),
-    "envelope-across-tls": ("keeps the envelope across the TLS handshake", "SPEC.md 3.4, RFC 3207 4.2"),
-    "starttls-twice": ("accepts STARTTLS inside TLS", "SPEC.md 3.2"),
-    "starttls-in-tls-ehlo": ("advertises STARTTLS inside TLS", "SPEC.md 3.2, RFC 3207 4.2"),
-    "starttls-argument": ("accepts STARTTLS with an argument", "SPEC.md 3.1, RFC 3207 4"),
-    "long-command-line": ("accepts a command line longer than 512 octets", "SPEC.md 3.6, RFC 5321 4.5.3.1.4"),
-    "nul-in-command": ("accepts a NUL byte in a command line", "SPEC.md 3.6"),
+    "envelope-across-tls": (
+        "keeps the envelope across the TLS handshake",
+        "RFC 3207 §4.2 (MUST discard knowledge from before the handshake); docs/rules.md §3.4",
+        MUST,
+    ),
+    "starttls-twice": (
+        "accepts STARTTLS inside TLS",
+        "RFC 3207 §4.1 forbids the client to send it; refusing it (503) is the lab's choice; docs/rules.md §3.2",
+        DIFFERENCE,
+    ),
+    "starttls-in-tls-ehlo": (
+        "advertises STARTTLS inside TLS",
+        "RFC 3207 §4.2 (MUST NOT list STARTTLS after the handshake); docs/rules.md §3.2",
+        MUST,
+    ),
+    "starttls-argument": (
+        "accepts STARTTLS with an argument",
+        "RFC 3207 §4 (no parameters; 501 listed, no MUST); docs/rules.md §3.1",
+        DIFFERENCE,
+    ),
+    "long-command-line": (
+        "accepts a command line longer than 512 octets",
+        "RFC 5321 §4.5.3.1 (512 is a minimum; implementations should avoid limits); docs/rules.md §3.6",
+        DIFFERENCE,
+    ),
+    "nul-in-command": (
+        "accepts a NUL byte in a command line",
+        "docs/rules.md §3.6 (the lab refuses NUL; RFC 5321 §4.5.3.1 asks implementations to avoid limits)",
+        DIFFERENCE,
+    ),
 }
 
 
@@ -93,7 +144,8 @@ class ProbeSettings:
 
 @dataclass(frozen=True)
 class Finding:
-    """One deviation from SPEC.md 3, with the transcript lines that prove it."""
+    """One finding (a deviation: an RFC MUST or SHOULD broken; or a difference from the lab's own listener),
+    with the transcript lines that prove it."""
 
     id: str
     evidence: tuple[str, ...]
@@ -106,8 +158,18 @@ class Finding:
     def rule(self) -> str:
         return CHECKS[self.id][1]
 
+    @property
+    def level(self) -> str:
+        """``MUST`` or ``SHOULD`` (a deviation), or ``difference``."""
+        return CHECKS[self.id][2]
+
+    @property
+    def is_deviation(self) -> bool:
+        return self.level != DIFFERENCE
+
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "title": self.title, "rule": self.rule, "evidence": list(self.evidence)}
+        out = {"id": self.id, "title": self.title, "rule": self.rule, "level": self.level}
+        return {**out, "evidence": list(self.evidence)}
 
 
 @dataclass
@@ -159,9 +221,20 @@ class ProbeReport:
     transcript: tuple[str, ...]
 
     @property
+    def deviations(self) -> tuple[Finding, ...]:
+        """Findings that break an RFC MUST or SHOULD."""
+        return tuple(f for f in self.findings if f.is_deviation)
+
+    @property
+    def differences(self) -> tuple[Finding, ...]:
+        """Findings that only differ from the lab listener's own choices (docs/rules.md), not failures."""
+        return tuple(f for f in self.findings if not f.is_deviation)
+
+    @property
     def exit_code(self) -> int:
-        """0: classified, no deviation; 1: deviations found or the classification is a guess."""
-        return EXIT_FAILED if self.findings or not self.conclusive else EXIT_OK
+        """0: classified, no deviation; 1: deviations found or the classification is a guess (differences are
+        not failures)."""
+        return EXIT_FAILED if self.deviations or not self.conclusive else EXIT_OK
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -176,7 +249,8 @@ class ProbeReport:
             "server_cert_verified": self.server_cert_verified,
             "client_cert_requested": self.client_cert_requested,
             "client_ca_names": list(self.client_ca_names),
-            "deviations": [f.to_dict() for f in self.findings],
+            "deviations": [f.to_dict() for f in self.deviations],
+            "differences": [f.to_dict() for f in self.differences],
             "notes": list(self.notes),
             "checks": {name: dict(replies) for name, replies in self.checks.items()},
             "transcript": list(self.transcript),
@@ -196,8 +270,12 @@ class ProbeReport:
         if self.client_cert_requested:
             names = ", ".join(self.client_ca_names) or "no CA names"
             out.append(f"Client certificate: requested by the server ({names})")
-        out.append(f"Deviations from SPEC.md 3: {len(self.findings) or 'none found'}")
-        for finding in self.findings:
+        out.append(f"Deviations (an RFC MUST or SHOULD broken): {len(self.deviations) or 'none found'}")
+        for finding in self.deviations:
+            out.append(f"  {finding.id} [{finding.level}]: {finding.title} ({finding.rule})")
+            out += [f"      {line}" for line in finding.evidence]
+        out.append(f"Differences from the lab's own listener (not failures): {len(self.differences) or 'none'}")
+        for finding in self.differences:
             out.append(f"  {finding.id}: {finding.title} ({finding.rule})")
             out += [f"      {line}" for line in finding.evidence]
         out += [f"Note: {note}" for note in self.notes]

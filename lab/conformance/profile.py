@@ -57,6 +57,7 @@ class Profile:
     concurrency: int = 1
     deviations: tuple[Deviation, ...] = ()
     facts: dict[str, Any] = field(default_factory=dict)  # the profile's ``facts`` mapping, as written
+    maillog: tuple[Path, str] | None = None  # the target's mail log (file, dialect): the ``maillog`` fact
     file: str | None = None
 
     @property
@@ -210,6 +211,9 @@ class _Builder:
         if timeouts.reply > timeouts.case:
             raise self.fail("the reply timeout is longer than the case timeout", ["timeouts", "reply"])
         deviations = tuple(self.deviation(item, i) for i, item in enumerate(doc.get("deviations", [])))
+        maillog = None
+        if "maillog" in doc:  # the file may not exist yet (a log is created on first write): read at run time
+            maillog = ((self.path.parent / doc["maillog"]["file"]).resolve(), doc["maillog"]["dialect"])
         return Profile(
             name=doc["name"],
             host=host,
@@ -229,6 +233,7 @@ class _Builder:
             concurrency=int(doc.get("concurrency", 1)),
             deviations=deviations,
             facts=dict(doc.get("facts", {})),
+            maillog=maillog,
             file=self.file,
         )
 

@@ -10,6 +10,7 @@ from lab.appliance.certs import CertKey, load_pem
 from lab.conformance.profile import Profile, default_recipient, load_profile, parse_address
 from lab.errors import BadInput
 from lab.policy.modes import TLSMode
+from lab.scenario.logevents import LOG_DIALECTS, MailLogFile
 from lab.scenario.runner import ExternalTarget
 
 
@@ -29,22 +30,48 @@ def _client_cert(cert: str | Path | None, key: str | Path | None, field: str) ->
 
 
 def declared_facts(
-    written: dict[str, Any], args: argparse.Namespace | None, *, server_ca: bool, client_cert: bool
+    written: dict[str, Any],
+    args: argparse.Namespace | None,
+    *,
+    server_ca: bool,
+    client_cert: bool,
+    maillog: MailLogFile | None = None,
 ) -> dict[str, Any]:
     """The target facts (lab.scenario.facts) from a profile's ``facts`` and the flags beside it (flags win)."""
     given = vars(args) if args is not None else {}
     facts: dict[str, Any] = {k: v for k, v in written.items() if k != "tls_mandatory_senders"}
     if written.get("tls_mandatory_senders"):
         facts["tls_mandatory_sender"] = written["tls_mandatory_senders"][0]
-    for name in ("accepted_domain", "refused_domain", "max_message_size", "max_recipients", "tls_mandatory_sender"):
+    names = ("accepted_domain", "refused_domain", "max_message_size", "max_recipients", "tls_mandatory_sender")
+    for name in (*names, "blocked_client"):
         if given.get(name) is not None:
             facts[name] = given[name]
     for name in ("max_message_size", "max_recipients"):
         if name in facts and int(facts[name]) < 1:
             raise BadInput("must be at least 1", field=f"--{name.replace('_', '-')}")
+    if facts.get("blocked_client") is not None:
+        from lab.peers import check_loopback
+
+        facts["blocked_client"] = check_loopback(str(facts["blocked_client"]), field="--blocked-client")
     facts["server_ca"] = True if server_ca else None
     facts["client_cert"] = True if client_cert else None
+    facts["maillog"] = True if maillog is not None else None
     return {k: v for k, v in facts.items() if v is not None}
+
+
+def maillog_from_args(args: argparse.Namespace | None, profile: Profile | None = None) -> MailLogFile | None:
+    """The ``maillog`` fact: ``--maillog FILE --maillog-dialect D`` (flags win) or the profile's ``maillog``."""
+    given = vars(args) if args is not None else {}
+    path, dialect = given.get("maillog"), given.get("maillog_dialect")
+    if path is None and dialect is not None:
+        raise BadInput("names the dialect of a log file: give --maillog FILE too", field="--maillog-dialect")
+    if path is not None:
+        if dialect is None:
+            raise BadInput(f"give its dialect: --maillog-dialect {'|'.join(LOG_DIALECTS)}", field="--maillog")
+        return MailLogFile(Path(path), dialect)
+    if profile is not None and profile.maillog is not None:
+        return MailLogFile(*profile.maillog)
+    return None
 
 
 def _recipient(explicit: str | None, facts: dict[str, Any], fallback: str) -> str:
@@ -75,7 +102,8 @@ def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
     host, port = parse_address(args.target, field="--target")
     client_cert = _client_cert(args.client_cert, args.client_key, "--client-cert")
     verify = client_cert is not None and bool(getattr(args, "verify_client", False))
-    facts = declared_facts({}, args, server_ca=bool(args.ca), client_cert=verify)
+    maillog = maillog_from_args(args)
+    facts = declared_facts({}, args, server_ca=bool(args.ca), client_cert=verify, maillog=maillog)
     return ExternalTarget(
         name=args.name or f"{host}:{port}",
         host=host,
@@ -88,6 +116,7 @@ def target_from_args(args: argparse.Namespace, policy: str) -> ExternalTarget:
         client_cert=client_cert,
         server_name=args.server_name,
         facts=facts,
+        maillog=maillog,
     )
 
 
@@ -107,7 +136,9 @@ def target_from_profile(path: str | Path, args: argparse.Namespace | None = None
         else _client_cert(profile.client_cert, profile.client_key, "client_cert")
     )
     verify = profile.verify_client or bool(given.get("verify_client"))
-    facts = declared_facts(profile.facts, args, server_ca=bool(trust), client_cert=client_cert is not None and verify)
+    maillog = maillog_from_args(args, profile)
+    verified = client_cert is not None and verify
+    facts = declared_facts(profile.facts, args, server_ca=bool(trust), client_cert=verified, maillog=maillog)
     fallback = profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host)
     return ExternalTarget(
         name=given.get("name") or profile.name,
@@ -124,4 +155,5 @@ def target_from_profile(path: str | Path, args: argparse.Namespace | None = None
         concurrency=profile.concurrency,
         deviations=profile.deviations,
         facts=facts,
+        maillog=maillog,
     )

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -29,6 +30,7 @@ from lab.peers import (
     START_TIMEOUT,
     STOP_TIMEOUT,
     Peer,
+    check_loopback,
     check_searchable,
     child_pids,
     pid_running,
@@ -144,6 +146,8 @@ class PostfixPeer(Peer):
         verify_client: bool = False,
         client_ca_pem: bytes | None = None,
         relay_for_mynetworks: bool = False,
+        tls_mandatory_senders: Sequence[str] = (),
+        blocked_clients: Sequence[str] = (),
         start_timeout: float = START_TIMEOUT,
     ) -> None:
         super().__init__(workdir, address, port, start_timeout)
@@ -166,6 +170,11 @@ class PostfixPeer(Peer):
         self.verify_client = verify_client
         self.client_ca_pem = client_ca_pem
         self.relay_for_mynetworks = relay_for_mynetworks
+        for sender in tls_mandatory_senders:
+            if not re.fullmatch(r"[^@\s=,{}]+@[^@\s=,{}]+", sender):
+                raise BadInput(f"{sender!r} is not a mail address", field="tls_mandatory_senders")
+        self.tls_mandatory_senders = tuple(tls_mandatory_senders)
+        self.blocked_clients = tuple(check_loopback(a, "blocked_clients") for a in blocked_clients)
         self._children: list[int] = []
 
     # -- layout -------------------------------------------------------------------------------------------------
@@ -259,6 +268,21 @@ class PostfixPeer(Peer):
             lines += ["smtpd_tls_ask_ccert = yes", f"smtpd_tls_CAfile = {conf / 'client-ca.pem'}"]
             if self.tls_level == "encrypt":
                 lines.append("smtpd_tls_req_ccert = yes")
+        if self.blocked_clients or self.tls_mandatory_senders:
+            # Restrictions act at the command they are about (the client at connect: a 554 greeting), as the
+            # appliance's HAT and mail flow policies do, not all deferred to RCPT.
+            lines.append("smtpd_delay_reject = no")
+        if self.blocked_clients:
+            table = ", ".join(f"{address}=REJECT" for address in self.blocked_clients)
+            lines.append(f"smtpd_client_restrictions = check_client_access inline:{{{table}}}")
+        if self.tls_mandatory_senders:
+            # TLS-mandatory senders (ESA: Preferred with a list of senders for whom TLS is mandatory).
+            table = ", ".join(f"{sender}=smtplab_tls_only" for sender in self.tls_mandatory_senders)
+            lines += [
+                "smtpd_restriction_classes = smtplab_tls_only",
+                "smtplab_tls_only = reject_plaintext_session",
+                f"smtpd_sender_restrictions = check_sender_access inline:{{{table}}}",
+            ]
         return "\n".join(lines) + "\n"
 
     def master_cf(self) -> str:

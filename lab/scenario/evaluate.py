@@ -55,9 +55,11 @@ def evaluate(
     *,
     external: bool,
     missing_facts: Sequence[str] = (),
+    unshown: str | None = None,
 ) -> Evaluation:
     """The verdict of ``case`` under ``policy`` given ``observed``; ``external``: the target is not the lab's;
-    ``missing_facts``: target facts the case needs that the target did not declare."""
+    ``missing_facts``: target facts the case needs that the target did not declare; ``unshown``: why the
+    target's mail log cannot show an event the case reads (lab.scenario.logevents.unlogged)."""
     policy = str(policy)
     if policy not in case.policies:
         return Evaluation(Verdict.SKIPPED, None, f"the case does not run under policy {policy!r}")
@@ -65,6 +67,8 @@ def evaluate(
         return Evaluation(Verdict.UNIMPLEMENTED, None, f"{case.lab_only_reason()} (lab targets only)")
     if missing_facts:
         return Evaluation(Verdict.UNIMPLEMENTED, None, describe_missing(list(missing_facts)))
+    if unshown:
+        return Evaluation(Verdict.UNIMPLEMENTED, None, unshown)
     if policy == "required" and observed.get("delivered_plaintext") is True and case.remote_mta is None:
         # SPEC.md 2: Required refuses plaintext mail; whatever else a case expects, taking it is broken.
         return Evaluation(Verdict.FAILED, None, PLAINTEXT_UNDER_REQUIRED)

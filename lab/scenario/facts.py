@@ -29,11 +29,21 @@ FACTS: dict[str, Fact] = {
     "tls_mandatory_sender": Fact(
         "a sender for whom the target makes TLS mandatory", "facts.tls_mandatory_senders", "--tls-mandatory-sender"
     ),
+    "blocked_client": Fact(
+        "a loopback address the target refuses at connect (the client connects from it)",
+        "facts.blocked_client",
+        "--blocked-client",
+    ),
     "server_ca": Fact("the CA (trust anchor) of the target's certificate", "ca_file", "--ca"),
     "client_cert": Fact(
         "a client certificate the target verifies (and that it verifies client certificates)",
         "client_cert + verify_client: true",
         "--client-cert/--client-key --verify-client",
+    ),
+    "maillog": Fact(
+        "the target's mail log file and its dialect (lab.scenario.logevents)",
+        "maillog: {file, dialect}",
+        "--maillog FILE --maillog-dialect postfix|exim|smtplab",
     ),
 }
 

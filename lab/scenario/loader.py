@@ -24,6 +24,7 @@ from referencing import Registry, Resource
 
 from lab.errors import BadInput, excerpt
 from lab.scenario.facts import substitute
+from lab.scenario.logevents import EVENTS
 from lab.scenario.model import (
     CODE_PATTERN,
     LAB_ONLY_KEYS,
@@ -311,6 +312,10 @@ class _CaseReader:
             kind = "bool"
         elif kind == "codes" and sub:
             kind = "code"
+        elif kind == "events":
+            if sub not in EVENTS:
+                raise self.fail(f"log names an event: log.EVENT, one of {', '.join(EVENTS)}", path)
+            kind = EVENTS[sub][0]
         elif sub:
             raise self.fail(f"{top} is not a mapping: drop {excerpt('.' + sub)}", path)
         return Condition(key, self.test(value, kind, key, path), _plain(value))

@@ -20,6 +20,7 @@ from lab.scenario.verdict import Verdict
 #: The policy axis, in report order (TLSMode values).
 POLICIES: tuple[str, ...] = ("no", "preferred", "required")
 
+
 def parse_policies(text: str, field: str) -> list[str]:
     """A comma-separated policy list as a user writes it (``may,encrypt``, ``No``) -> canonical names in report
     order; an unknown word or an empty list is ``BadInput`` naming ``field``."""
@@ -365,9 +366,20 @@ class Case:
     file: str | None = None
     line: int | None = None
 
+    def log_events(self, policy: str | None = None) -> list[str]:
+        """The mail-log events (``log.EVENT``) the alternatives name: for ``policy`` (its own and ``any``), or all."""
+        alternatives = (
+            self.expect.for_policy(policy)
+            if policy is not None
+            else tuple(alt for alts in self.expect.by_policy.values() for alt in alts)
+        )
+        keys = (c.key for alt in alternatives for c in alt.when)
+        return list(dict.fromkeys(key.split(".", 1)[1] for key in keys if key.startswith("log.")))
+
     def missing_facts(self, declared: Mapping[str, Any]) -> list[str]:
-        """The facts this case needs that a target did not declare."""
-        return [name for name in self.facts if declared.get(name) is None]
+        """The facts this case needs that a target did not declare (``maillog`` when it reads log events)."""
+        needed = [*self.facts, *(["maillog"] if self.log_events() else [])]
+        return [name for name in needed if declared.get(name) is None]
 
     @property
     def strongest_level(self) -> Level:

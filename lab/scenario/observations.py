@@ -28,6 +28,7 @@ class ValueKind(StrEnum):
     CODES = "codes"  # {label: code}
     EXPOSURE = "exposure"  # {envelope: bool, body: bool}
     LINES = "lines"  # a list of text lines (regular expressions with `has`)
+    EVENTS = "events"  # {event: bool | int} from a mail log, in any MTA's words (lab.scenario.logevents)
 
 
 _SCHEMA: dict[ValueKind, dict[str, Any]] = {
@@ -42,6 +43,7 @@ _SCHEMA: dict[ValueKind, dict[str, Any]] = {
         "properties": {"envelope": {"type": "boolean"}, "body": {"type": "boolean"}},
     },
     ValueKind.LINES: {"type": "array", "items": {"type": "string"}},
+    ValueKind.EVENTS: {"type": "object", "additionalProperties": {"type": ["boolean", "integer"]}},
 }
 
 _DOCS_TYPE: dict[ValueKind, str] = {
@@ -52,6 +54,7 @@ _DOCS_TYPE: dict[ValueKind, str] = {
     ValueKind.CODES: "{label: int}",
     ValueKind.EXPOSURE: "{`envelope`: bool, `body`: bool}",
     ValueKind.LINES: "[str]",
+    ValueKind.EVENTS: "{event: bool or int}",
 }
 
 
@@ -135,6 +138,14 @@ class Observations(Mapping[str, Any]):
             ValueKind.LINES,
             "the listener's mail log lines for this run (lab targets only)",
             lab_only="server-log",
+        ),
+    )
+    log: dict[str, bool | int] | None = field(
+        default=None,
+        metadata=_meta(
+            ValueKind.EVENTS,
+            "named mail-log events of the run in the target's dialect: seen (bool) or counted (int); "
+            "docs/scenario-format.md, `log.EVENT`",
         ),
     )
     #: Keys no field holds (an index.json written by another tool); kept and shown, never judged.

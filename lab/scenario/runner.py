@@ -41,6 +41,7 @@ from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import MailFlowPolicy
 from lab.scenario.evaluate import Evaluation, evaluate
 from lab.scenario.loader import with_facts
+from lab.scenario.logevents import MailLogFile, observe, unlogged
 from lab.scenario.model import Case, ClientSpec
 from lab.scenario.observations import Observations
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
@@ -76,6 +77,7 @@ class ExternalTarget:
     concurrency: int = 1  # runs at once when ``-j`` is not given (a profile's ``concurrency``)
     deviations: tuple[Any, ...] = ()  # lab.conformance.profile deviations, applied after evaluation
     facts: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # declared facts (lab.scenario.facts)
+    maillog: MailLogFile | None = None  # the target's mail log (the ``maillog`` fact)
 
     @property
     def address(self) -> str:
@@ -123,10 +125,18 @@ class Runner:
     def run(self, cases: Sequence[Case], policies: Sequence[str]) -> RunResult:
         pairs = run_pairs(cases, policies, self.options.target)
         target = self.options.target
-        if target is not None and any(not case.requires and not case.missing_facts(target.facts) for case, _ in pairs):
-            _check_reachable(self.options.target)
+        if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
+            _check_reachable(target)
+        # A target's mail log is one file for every connection: the cases that read it run one at a time,
+        # after the others, so that each sees only its own lines.
+        reads_log = [target is not None and target.maillog is not None and bool(c.log_events()) for c, _ in pairs]
+        alone = [pair for pair, log in zip(pairs, reads_log, strict=True) if log]
+        together = [pair for pair, log in zip(pairs, reads_log, strict=True) if not log]
         try:
-            runs = self._run_parallel(pairs) if self.options.jobs > 1 and len(pairs) > 1 else self._run_serial(pairs)
+            first = self._run_parallel(together) if self.options.jobs > 1 and len(together) > 1 else None
+            done = iter([*(first if first is not None else self._run_serial(together)), *self._run_serial(alone)])
+            by_pair = {(run.case, str(run.policy)): run for run in done}
+            runs = [by_pair[(case.id, policy)] for case, policy in pairs]
         finally:
             self.close()
         target = self.options.target
@@ -197,10 +207,13 @@ class Runner:
         capture, keylog = Capture(), KeyLog()
         self._keylog.target = keylog
         virtual = 0.0
-        missing = case.missing_facts(self.options.target.facts) if self.options.target is not None else []
+        target = self.options.target
+        missing = case.missing_facts(target.facts) if target is not None else []
+        maillog = target.maillog if target is not None else None
+        unshown = unlogged(maillog.dialect, case.log_events(policy)) if maillog is not None else None
         try:
-            if external and (case.requires or missing):
-                evaluation = evaluate(case, policy, observed, external=True, missing_facts=missing)
+            if external and (case.requires or missing or unshown):
+                evaluation = evaluate(case, policy, observed, external=True, missing_facts=missing, unshown=unshown)
             else:
                 if external and case.facts:
                     case = with_facts(case, self.options.target.facts)  # type: ignore[union-attr]
@@ -208,7 +221,7 @@ class Runner:
                 virtual = outcome.seconds
                 transcript = [*outcome.record.entries, *outcome.notes]
                 observed = outcome.record.observed
-                observed.spooled, observed.server_log = outcome.spooled, outcome.server_log
+                observed.spooled, observed.server_log, observed.log = outcome.spooled, outcome.server_log, outcome.log
                 observed.plaintext_exposure = self._exposure(case, capture)
                 evaluation = evaluate(case, policy, observed, external=external)
         except HarnessError as exc:
@@ -348,8 +361,9 @@ class Runner:
         new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
         server_log = [_LOG_PREFIX.sub("", line) for line in run_log]
+        log = observe(server_log, "smtplab") if case.log_events() else None  # lab.scenario.logevents
         notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for box in boxes for text in box.notes]
-        return _Outcome(record, notes, clock.seconds() - begin, spooled, server_log)
+        return _Outcome(record, notes, clock.seconds() - begin, spooled, server_log, log)
 
     def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
         boxes = case_middleboxes(case)
@@ -407,6 +421,21 @@ class Runner:
         target = self.options.target
         assert target is not None
         source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
+        if "blocked_client" in case.facts:  # the case is about that address: the client connects from it
+            source = str(target.facts["blocked_client"])
+        notes: list[Entry] = []
+        trust = target.trust_pems
+        if case.server_cert == "demo":
+            # The demo certificate is one the client does not trust: against another MTA the client trusts only
+            # a CA that issued none of the target's certificates, so whatever the target presents does not verify.
+            trust = (LabCA.untrusted(self.state_dir).ca_pem,)
+            notes.append(
+                note(
+                    "the client trusts only the lab's untrusted CA: the target's certificate stands in for "
+                    "the demo certificate (one the client does not trust)",
+                    Kind.DEMO_CERTIFICATE,
+                )
+            )
         boxes = case_middleboxes(case)  # run by a relay in front of the target, on the client's path to it
         relay = MiddleboxRelay(target.host, target.port, boxes, reactor=reactor, connect_timeout=target.timeout)
         host, port = relay.start() if boxes else (target.host, target.port)
@@ -426,7 +455,7 @@ class Runner:
             return ClientTLS(
                 server_name=options.server_name or target.server_name or target.host,
                 verify=options.verify,
-                trust_pems=target.trust_pems,
+                trust_pems=trust,
                 min_version=options.min_version,
                 max_version=options.max_version,
                 ciphers=options.ciphers,
@@ -447,14 +476,21 @@ class Runner:
             target=target.address,
             settle=0.5,
         )
+        maillog = target.maillog if case.log_events(policy) else None
+        offset = maillog.settle() if maillog is not None else 0  # earlier runs' lines are all in before it
         begin = time.monotonic()
         try:
             record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
         finally:
             net.run_until(relay.stop(), timeout=10)
         texts = [*(n for box in boxes for n in box.notes), *relay.notes]
-        notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in texts]
-        return _Outcome(record, notes, time.monotonic() - begin)
+        notes += [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in texts]
+        log = None
+        if maillog is not None:
+            lines = maillog.lines_since(offset)
+            log = observe(lines, maillog.dialect)
+            notes += [note(f"maillog: {line}", Kind.MAILLOG) for line in lines]
+        return _Outcome(record, notes, time.monotonic() - begin, log=log)
 
     # -- captures
 
@@ -483,6 +519,13 @@ def _check_reachable(target: ExternalTarget) -> None:
         raise HarnessError(f"cannot reach {where}: {exc.strerror or exc}") from None
 
 
+def _connects(case: Case, policy: str, target: ExternalTarget) -> bool:
+    """Does this run talk to the target at all (no lab-only need, every fact declared, its log can show it)?"""
+    if case.requires or case.missing_facts(target.facts):
+        return False
+    return target.maillog is None or unlogged(target.maillog.dialect, case.log_events(policy)) is None
+
+
 def run_pairs(cases: Sequence[Case], policies: Sequence[str], target: ExternalTarget | None) -> list[tuple[Case, str]]:
     """The runs a selection makes: each case under each policy it lists, or under the target's declared one."""
     if target is not None:
@@ -491,13 +534,15 @@ def run_pairs(cases: Sequence[Case], policies: Sequence[str], target: ExternalTa
 
 
 #: Lab-only needs that an external run meets all the same: a relay (lab/net/relay.py) on the client's path to
-#: the target runs the case's middlebox.
+#: the target runs the case's middlebox; the demo certificate is one the client does not trust (``_external``).
 RELAYED = frozenset({"middlebox"})
 
 
 def relayed(case: Case) -> Case:
-    """``case`` as run against an external target: what the relay provides is no longer a lab-only need."""
-    left = tuple(need for need in case.requires if need not in RELAYED)
+    """``case`` as run against an external target: what the relay (or the client's trust) provides is no longer
+    a lab-only need."""
+    met = RELAYED | ({"server-cert"} if case.server_cert == "demo" else set())
+    left = tuple(need for need in case.requires if need not in met)
     return case if left == case.requires else dataclasses.replace(case, requires=left)
 
 
@@ -516,6 +561,7 @@ class _Outcome(NamedTuple):
     seconds: float  # virtual seconds on the memory carrier, wall seconds otherwise
     spooled: int | None = None  # facts only the lab knows, added to the client's observations
     server_log: list[str] | None = None
+    log: dict[str, Any] | None = None  # the mail-log events the case reads (lab.scenario.logevents)
 
 
 class _KeylogRelay:

@@ -58,6 +58,8 @@ class Kind(StrEnum):
     NOT_CONNECTED = "not-connected"
     SUMMARY = "summary"  # the rest of a long message body, counted
     MIDDLEBOX = "middlebox"
+    MAILLOG = "maillog"  # a line the target appended to its mail log during the run
+    DEMO_CERTIFICATE = "demo-certificate"  # how a demo-certificate case stands in against another MTA
     HARNESS = "harness"
 
 
