@@ -38,6 +38,7 @@ from lab.peers.postfix import PostfixPeer
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
+from lab.smtp.transcript import Direction, Entry, Kind, from_legacy_line
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +51,7 @@ def smtplab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 # -- evidence helpers (pure)
 
-LINES = [
+TEXT = [
     "=== Connected to 127.0.0.1.",
     "<-  220 mx ESMTP",
     " -> EHLO c.example",
@@ -64,6 +65,8 @@ LINES = [
     " ~> MAIL FROM:<a@b.invalid>",
     "<~  250 ok",
 ]
+LINES = [from_legacy_line(line) for line in TEXT]
+LINES[7] = Entry(Direction.NOTE, LINES[7].text, kind=Kind.TLS_STARTED)
 
 
 def test_exchange_takes_a_sent_line_and_its_reply() -> None:
@@ -74,7 +77,7 @@ def test_exchange_takes_a_sent_line_and_its_reply() -> None:
 
 
 def test_span_runs_through_the_end_line() -> None:
-    assert span(LINES, sent("STARTTLS"), lambda line: line.startswith("=== TLS")) == LINES[5:8]
+    assert span(LINES, sent("STARTTLS"), lambda entry: entry.kind is Kind.TLS_STARTED) == LINES[5:8]
     assert span(LINES, sent("QUIT"), lambda line: True) == []
 
 
