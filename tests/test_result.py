@@ -256,7 +256,8 @@ def test_json_is_deterministic_with_stable_key_order() -> None:
     assert data["schema_version"] == 2
     assert data["tool"] == "smtplab 0.1.0"
     hostile = data["runs"][2]["transcript"][4]
-    assert hostile["direction"] == "received" and "<-  " + hostile["text"] == HOSTILE  # stored as is: views escape, the record does not
+    # stored as is: views escape, the record does not
+    assert hostile["direction"] == "received" and "<-  " + hostile["text"] == HOSTILE
 
 
 def test_write_index_is_atomic_and_readable(tmp_path: Path) -> None:
