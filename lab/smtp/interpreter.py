@@ -331,7 +331,8 @@ class StepInterpreter:
 
     async def _abort_handshake(self, conn: Conn, options: TLSOptions) -> None:
         """Send a real ClientHello, then close: the server sees a handshake cut short."""
-        tls = self.client.tls_factory(options).clientConnectionForTLS(conn.protocol)
+        creator: Any = self.client.tls_factory(options)  # a zope interface: mypy reads it only with its plugin
+        tls = creator.clientConnectionForTLS(conn.protocol)
         with contextlib.suppress(SSL.WantReadError):
             tls.do_handshake()
         hello = tls.bio_read(65536)

@@ -8,22 +8,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+
+
+class Timer(Protocol):
+    """What ``callLater`` returns (``IDelayedCall``), as far as a wait needs it."""
+
+    def active(self) -> bool: ...
+    def cancel(self) -> None: ...
+
+
+class Clock(Protocol):
+    """The part of ``IReactorTime`` a wait needs (a ``task.Clock`` in the lab, the reactor outside it)."""
+
+    def callLater(self, delay: float, callable: Callable[..., Any], *args: Any, **kw: Any) -> Timer: ...
+    def seconds(self) -> float: ...
 
 
 @dataclass
 class _Waiter:
     ready: Callable[[], bool]
     deferred: Deferred[bool]
-    timer: IDelayedCall
+    timer: Timer
 
 
 class Waits:
     """``until(ready, timeout)``: True as soon as ``ready()`` holds, False when ``timeout`` seconds pass first."""
 
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._waiter: _Waiter | None = None
 
