@@ -385,7 +385,7 @@ def failure_text(run: CaseRun) -> str:
         lines.append(
             f"Transcript ({len(run.transcript)} lines" + (", > marks the failing step):" if step is not None else "):")
         )
-        lines += [("> " if i == step else "  ") + visible(line) for i, line in enumerate(run.transcript)]
+        lines += [("> " if i == step else "  ") + visible(line) for i, line in enumerate(run.lines)]
     return "\n".join(lines)
 
 

@@ -299,7 +299,7 @@ def probes(outcomes: dict[str, Outcome]) -> dict[str, Outcome]:
 
 
 def _show(run: CaseRun) -> str:
-    return f"{run.case} {run.verdict}: {run.reason}\n    " + "\n    ".join(run.transcript[-12:])
+    return f"{run.case} {run.verdict}: {run.reason}\n    " + "\n    ".join(run.lines[-12:])
 
 
 # -- the tests
@@ -384,7 +384,7 @@ def test_complete_postfix_profile_leaves_only_the_documented_cases_unimplemented
     assert not [_show(run) for run in runs.values() if run.verdict in (Verdict.FAILED, Verdict.ERROR)]
     for case in ("3207-4.1-01", "POL-LOG-01"):  # judged from the peer's own log lines
         assert "log" in runs[case].observed and any(
-            line.startswith("=== maillog: ") and "postfix/smtpd" in line for line in runs[case].transcript
+            line.startswith("=== maillog: ") and "postfix/smtpd" in line for line in runs[case].lines
         ), _show(runs[case])
     assert runs["POL-LOG-01"].verdict is Verdict.OK and runs["POL-LOG-01"].observed["log"]["message_queued"] == 1
     assert runs["POL-HAT-01"].verdict is Verdict.OK and runs["POL-HAT-01"].observed["banner"] == 554
@@ -466,7 +466,7 @@ def test_may_declared_required_fails_on_plaintext_mail(fleet: dict[str, Peer], c
         block = outcome.stdout.split(f"FAILED {case}[required]", 1)[1].split("\nFAILED ", 1)[0]
         assert "delivered_plaintext=yes" in block
         assert "plaintext delivery accepted under Required" in run.reason
-        assert any(line.startswith(" -> ") and "SMTPLAB-MARKER" in line for line in run.transcript)
+        assert any(line.startswith(" -> ") and "SMTPLAB-MARKER" in line for line in run.lines)
 
 
 def test_no_case_waits_out_a_reply_timeout(fleet: dict[str, Peer], catalogue: dict[str, Outcome]) -> None:

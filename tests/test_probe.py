@@ -50,6 +50,7 @@ from lab.policy.modes import Behaviour, ClientCert, TLSMode
 from lab.smtp.core.state import Move
 from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
 from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
+from lab.smtp.transcript import Direction, Entry, Kind, from_legacy_line
 from lab.tls.certs import LabCA
 
 REPO = Path(__file__).resolve().parent.parent
@@ -63,7 +64,7 @@ def smtplab(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
 
 # -- evidence helpers (pure)
 
-LINES = [
+TEXT = [
     "=== Connected to 127.0.0.1.",
     "<-  220 mx ESMTP",
     " -> EHLO c.example",
@@ -77,6 +78,8 @@ LINES = [
     " ~> MAIL FROM:<a@b.invalid>",
     "<~  250 ok",
 ]
+LINES = [from_legacy_line(line) for line in TEXT]
+LINES[7] = Entry(Direction.NOTE, LINES[7].text, kind=Kind.TLS_STARTED)
 
 
 def test_exchange_takes_a_sent_line_and_its_reply() -> None:
@@ -87,7 +90,7 @@ def test_exchange_takes_a_sent_line_and_its_reply() -> None:
 
 
 def test_span_runs_through_the_end_line() -> None:
-    assert span(LINES, sent("STARTTLS"), lambda line: line.startswith("=== TLS")) == LINES[5:8]
+    assert span(LINES, sent("STARTTLS"), lambda entry: entry.kind is Kind.TLS_STARTED) == LINES[5:8]
     assert span(LINES, sent("QUIT"), lambda line: True) == []
 
 

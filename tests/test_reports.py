@@ -62,7 +62,8 @@ def test_failing_step_is_the_command_the_expectation_names() -> None:
         expected=Expected(Verdict.FAILED, "second MAIL accepted", {"replies": {"MAIL/tls#2": 250}}),
     )
     assert failing_step(run) == len(transcript) - 3
-    start, window = transcript_window(run)
+    start, entries = transcript_window(run)
+    window = [entry.line for entry in entries]
     assert " ~> MAIL FROM:<c@d>" in window
     assert transcript[0] not in window
     assert start > 0
@@ -344,10 +345,10 @@ def test_smtplab_report_bad_input_is_one_line_and_exit_3(
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "index.json" in err and "no such file" in err
-    (tmp_path / "index.json").write_text('{"schema_version": 2}')
+    (tmp_path / "index.json").write_text('{"schema_version": 3}')
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "schema_version: unsupported schema_version 2" in err
+    assert err.count("\n") == 1 and "schema_version: unsupported schema_version 3" in err
     (tmp_path / "index.json").write_text("{not json")
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     assert "not JSON" in capsys.readouterr().err

@@ -48,11 +48,11 @@ def test_a_run_records_observations_transcript_and_verdict(tmp_path: Path) -> No
     assert tls.observed["plaintext_exposure"] == {"envelope": False, "body": False}
     assert any("TLS success protocol TLSv1.3" in line for line in tls.observed["server_log"])
     assert tls.tls is not None and tls.tls.version == "TLSv1.3"
-    assert any(line.startswith(" ~> MAIL FROM:") for line in tls.transcript)
+    assert any(line.startswith(" ~> MAIL FROM:") for line in tls.lines)
     assert tls.timings.virtual_s > 0 and tls.timings.wall_ms is None  # timestamps off: nothing wall-clock
     plain = one(result, "3207-4-08", "no")
     assert plain.observed["plaintext_exposure"] == {"envelope": True, "body": True}
-    assert any(line.startswith(" -> MAIL FROM:<alice@example.net>") for line in plain.transcript)
+    assert any(line.startswith(" -> MAIL FROM:<alice@example.net>") for line in plain.lines)
     assert result.exit_code() == 0
 
 

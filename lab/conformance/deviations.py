@@ -53,7 +53,7 @@ class Deviation:
             return False
         if self.match is None:
             return True
-        return any(self.match.search(text) for text in [run.reason, *run.transcript])
+        return any(self.match.search(text) for text in [run.reason, *run.lines])
 
     @property
     def label(self) -> str:

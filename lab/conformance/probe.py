@@ -31,7 +31,7 @@ from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
 from lab.policy.modes import TLSMode
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
-from lab.smtp.transcript import ERROR, NOTE, RECEIVED, RECEIVED_TLS, SENT, SENT_TLS
+from lab.smtp.transcript import NOTE, Direction, Entry, Kind, render
 from lab.tls.certs import CertKey
 from lab.tls.tlsctx import ClientCerts, ClientTLSFactory
 
@@ -189,8 +189,9 @@ class Answer:
         return self.record.observed
 
     @property
-    def lines(self) -> list[str]:
-        return self.record.transcript
+    def lines(self) -> list[Entry]:
+        """The transcript entries of this question (the text view is ``render(lines)``)."""
+        return self.record.entries
 
     def code(self, label: str) -> int | None:
         value = self.observed.get("replies", {}).get(label)
@@ -310,45 +311,50 @@ def refused(code: int | None) -> bool:
 # -- evidence: verbatim transcript lines
 
 
-def _is_sent(line: str) -> bool:
-    return line.startswith((SENT, SENT_TLS))
+def _is_sent(entry: Entry) -> bool:
+    return entry.direction is Direction.SENT
 
 
-def exchange(lines: Sequence[str], wanted: Callable[[str], bool], *, after: int = 0) -> list[str]:
-    """The first sent line from ``after`` on that ``wanted`` accepts, and what came back until the next one."""
-    for i in range(after, len(lines)):
-        if _is_sent(lines[i]) and wanted(lines[i]):
-            out = [lines[i]]
-            for line in lines[i + 1 :]:
-                if _is_sent(line):
+def exchange(entries: Sequence[Entry], wanted: Callable[[Entry], bool], *, after: int = 0) -> list[Entry]:
+    """The first sent entry from ``after`` on that ``wanted`` accepts, and what came back until the next one."""
+    for i in range(after, len(entries)):
+        if _is_sent(entries[i]) and wanted(entries[i]):
+            out = [entries[i]]
+            for entry in entries[i + 1 :]:
+                if _is_sent(entry):
                     break
-                out.append(line)
+                out.append(entry)
             return out
     return []
 
 
-def sent(command: str, *, tls: bool | None = None) -> Callable[[str], bool]:
-    """A predicate: a line the client sent (in plaintext, inside TLS, or either) starting with ``command``."""
-    markers = (SENT,) if tls is False else (SENT_TLS,) if tls else (SENT, SENT_TLS)
+def sent(command: str, *, tls: bool | None = None) -> Callable[[Entry], bool]:
+    """A predicate: an entry the client sent (in plaintext, inside TLS, or either) starting with ``command``."""
 
-    def wanted(line: str) -> bool:
-        return any(line.startswith(m) and line[len(m) :].upper().startswith(command.upper()) for m in markers)
+    def wanted(entry: Entry) -> bool:
+        layer = tls is None or entry.tls == tls
+        return _is_sent(entry) and layer and entry.text.upper().startswith(command.upper())
 
     return wanted
 
 
-def tls_started_at(lines: Sequence[str]) -> int | None:
-    return next((i for i, line in enumerate(lines) if line.startswith(NOTE + "TLS started")), None)
+def of_kind(kind: Kind) -> Callable[[Entry], bool]:
+    """A predicate: a note or error of ``kind`` (``Kind.TLS_STARTED``, ...)."""
+    return lambda entry: entry.kind is kind
 
 
-def span(lines: Sequence[str], start: Callable[[str], bool], end: Callable[[str], bool]) -> list[str]:
-    """From the first line ``start`` accepts through the first line after it that ``end`` accepts."""
-    for i, line in enumerate(lines):
-        if start(line):
-            for j in range(i + 1, len(lines)):
-                if end(lines[j]):
-                    return list(lines[i : j + 1])
-            return list(lines[i:])
+def tls_started_at(entries: Sequence[Entry]) -> int | None:
+    return next((i for i, entry in enumerate(entries) if entry.kind is Kind.TLS_STARTED), None)
+
+
+def span(entries: Sequence[Entry], start: Callable[[Entry], bool], end: Callable[[Entry], bool]) -> list[Entry]:
+    """From the first entry ``start`` accepts through the first entry after it that ``end`` accepts."""
+    for i, entry in enumerate(entries):
+        if start(entry):
+            for j in range(i + 1, len(entries)):
+                if end(entries[j]):
+                    return list(entries[i : j + 1])
+            return list(entries[i:])
     return []
 
 
@@ -398,19 +404,19 @@ class Prober:
             raise HarnessError(f"unknown probe check {check!r}")
         evidence: list[str] = []
         for answer, lines in parts:
-            evidence += [answer.header, *lines]
+            evidence += [answer.header, *render(lines)]
         self.findings.append(Finding(check, tuple(evidence)))
 
     def cite(self, answer: Answer | None, *wanted: Callable[[str], bool]) -> None:
         """Quote the exchanges of ``answer`` that the policy decision rests on."""
         if answer is None:
             return
-        lines = [line for predicate in wanted for line in exchange(answer.lines, predicate)]
-        if answer.tls and not any(line.startswith(NOTE + "TLS started") for line in lines):
+        lines = [entry for predicate in wanted for entry in exchange(answer.lines, predicate)]
+        if answer.tls and not any(entry.kind is Kind.TLS_STARTED for entry in lines):
             start = tls_started_at(answer.lines)
             lines += [answer.lines[start]] if start is not None else []
         if lines:
-            self.policy_evidence += [answer.header, *lines]
+            self.policy_evidence += [answer.header, *render(lines)]
 
     # -- steps
 
@@ -487,11 +493,11 @@ class Prober:
     def _check_reachable(self, plain: Answer) -> None:
         obs = plain.observed
         if not obs.get("connected"):
-            errors = [line[len(ERROR) :] for line in plain.lines if line.startswith(ERROR)]
+            errors = [entry.text for entry in plain.lines if entry.direction is Direction.ERROR]
             why = errors[-1] if errors else "no greeting"
             raise ProbeUnreachable(f"cannot probe {self.settings.address}: {why}")
         if obs.get("banner") != 220:
-            greeting = next((line for line in plain.lines if line.startswith(RECEIVED)), "")
+            greeting = next((e.line for e in plain.lines if e.direction is Direction.RECEIVED and not e.tls), "")
             raise ProbeUnreachable(
                 f"cannot probe {self.settings.address}: greeting {obs.get('banner')} ({greeting.strip()})"
             )
@@ -532,7 +538,7 @@ class Prober:
         """Inside TLS: does EHLO list STARTTLS, and is a second STARTTLS accepted?"""
         start = tls_started_at(session.lines) or 0
         ehlo = exchange(session.lines, sent("EHLO", tls=True), after=start)
-        listed = [line for line in ehlo[1:] if line.startswith(RECEIVED_TLS) and "STARTTLS" in line[4:].upper()]
+        listed = [e for e in ehlo[1:] if e.direction is Direction.RECEIVED and e.tls and "STARTTLS" in e.text.upper()]
         if listed:
             self.found("starttls-in-tls-ehlo", (session, [ehlo[0], *listed]))
         if session.code("tls.STARTTLS#2") == 220:
@@ -614,10 +620,10 @@ class Prober:
             ],
         )
         if answer.observed.get("injection_executed"):
-            lines = span(answer.lines, sent("STARTTLS", tls=False), lambda line: line.startswith(ERROR))
+            lines = span(answer.lines, sent("STARTTLS", tls=False), lambda entry: entry.direction is Direction.ERROR)
             self.found("starttls-injection", (answer, lines))
         if answer.observed.get("response_injection_discarded"):
-            lines = span(answer.lines, sent("STARTTLS", tls=False), lambda line: line.startswith(NOTE + "discarded"))
+            lines = span(answer.lines, sent("STARTTLS", tls=False), of_kind(Kind.RESPONSE_INJECTION_DISCARDED))
             self.found("starttls-pipelined-plaintext", (answer, lines))
         if answer.code("STARTTLS") == 220 and not answer.tls:
             self.notes.append("the handshake after STARTTLS+NOOP failed: " + str(answer.observed.get("tls_error")))

@@ -16,6 +16,7 @@ from typing import Any
 from lab.errors import HarnessError
 from lab.scenario.result import CaseRun, Level, RunResult, SpecRef
 from lab.scenario.verdict import Verdict
+from lab.smtp.transcript import Direction, Entry
 
 INDEX_JSON = "index.json"
 JUNIT_XML = "junit.xml"
@@ -62,20 +63,15 @@ def counts_line(result: RunResult) -> str:
     return ", ".join(parts)
 
 
-def line_kind(line: str) -> str:
-    """The swaks marker of a transcript line: ``plain-sent``, ``tls-sent``, ``plain-recv``, ``tls-recv``, ...
-
-    ``->`` / ``<-`` travelled unencrypted, ``~>`` / ``<~`` inside TLS, ``<**`` is an error, ``===`` a note.
+def line_kind(entry: Entry) -> str:
+    """How a view marks a transcript entry: ``plain-sent``, ``tls-sent``, ``plain-recv``, ``tls-recv``, ``error``,
+    ``note``: ``->`` / ``<-`` travelled unencrypted, ``~>`` / ``<~`` inside TLS, ``<**`` is an error, ``===`` a note.
     """
-    head = line.lstrip(" ")
-    for marker, kind in (("->", "plain-sent"), ("~>", "tls-sent"), ("<**", "error"), ("<-", "plain-recv")):
-        if head.startswith(marker):
-            return kind
-    if head.startswith("<~"):
-        return "tls-recv"
-    if head.startswith("==="):
-        return "note"
-    return "other"
+    if entry.direction is Direction.SENT:
+        return "tls-sent" if entry.tls else "plain-sent"
+    if entry.direction is Direction.RECEIVED:
+        return "tls-recv" if entry.tls else "plain-recv"
+    return "error" if entry.direction is Direction.ERROR else "note"
 
 
 def _walk(value: Any) -> Iterable[str]:
@@ -132,29 +128,29 @@ def refs_at_stake(run: CaseRun) -> list[SpecRef]:
 
 
 def failing_step(run: CaseRun) -> int | None:
-    """Index of the transcript line where the case went wrong, or None when nothing points at one.
+    """Index of the transcript entry where the case went wrong, or None when nothing points at one.
 
-    First the command the deciding expectation names (``replies.MAIL``, ``MAIL/tls#2``), then the first ``<**``.
+    First the command the deciding expectation names (``replies.MAIL``, ``MAIL/tls#2``), then the first error.
     """
     words = _walk(run.expected.conditions) if run.expected else []
     labels = [w.split(".", 1)[1] for w in words if w.startswith("replies.")]
     for label in labels:
-        index = _sent_line(run.transcript, label)
+        index = _sent_entry(run.transcript, label)
         if index is not None:
             return index
-    return next((i for i, line in enumerate(run.transcript) if line_kind(line) == "error"), None)
+    return next((i for i, e in enumerate(run.transcript) if e.direction is Direction.ERROR), None)
 
 
-def _sent_line(transcript: list[str], label: str) -> int | None:
+def _sent_entry(transcript: list[Entry], label: str) -> int | None:
+    """The entry that sent the command a reply label names (``MAIL/tls#2``: the second MAIL inside TLS)."""
     base, _, nth = label.partition("#")
     verb, _, layer = base.partition("/")
-    kind = "tls-sent" if layer == "tls" else "plain-sent"
     wanted = int(nth) if nth.isdigit() else 1
     seen = 0
-    for i, line in enumerate(transcript):
-        if line_kind(line) != kind:
+    for i, entry in enumerate(transcript):
+        if entry.direction is not Direction.SENT or entry.tls != (layer == "tls"):
             continue
-        words = line.lstrip(" ")[2:].split()
+        words = entry.text.split()
         if words and words[0].upper() == verb.upper():
             seen += 1
             if seen == wanted:
@@ -162,8 +158,8 @@ def _sent_line(transcript: list[str], label: str) -> int | None:
     return None
 
 
-def transcript_window(run: CaseRun, before: int = 6, after: int = 4) -> tuple[int, list[str]]:
-    """``(first index, lines)`` around the failing step; the closing lines (where it ended) when none is known."""
+def transcript_window(run: CaseRun, before: int = 6, after: int = 4) -> tuple[int, list[Entry]]:
+    """``(first index, entries)`` around the failing step; the closing entries (where it ended) when none is known."""
     step = failing_step(run)
     if step is None:
         start = max(0, len(run.transcript) - before - after - 1)

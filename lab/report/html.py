@@ -28,6 +28,7 @@ from lab.report import (
 )
 from lab.scenario.result import CaseRun, RunResult
 from lab.scenario.verdict import ORDER
+from lab.smtp.transcript import Entry
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _LINE_LABELS = {
@@ -65,9 +66,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
 
 
-def _line(line: str) -> dict[str, str]:
-    kind = line_kind(line)
-    return {"text": line, "kind": kind, "label": _LINE_LABELS[kind]}
+def _line(entry: Entry) -> dict[str, str]:
+    kind = line_kind(entry)
+    return {"text": entry.line, "kind": kind, "label": _LINE_LABELS[kind]}
 
 
 def _run_view(index: int, run: CaseRun) -> dict[str, Any]:
@@ -84,7 +85,7 @@ def _run_view(index: int, run: CaseRun) -> dict[str, Any]:
         if run.expected is None
         else json.dumps(run.expected.conditions, sort_keys=True, ensure_ascii=False),
         "lines": [_line(line) for line in run.transcript],
-        "plaintext_lines": sum(line_kind(line).startswith("plain") for line in run.transcript),
+        "plaintext_lines": sum(entry.plaintext for entry in run.transcript),
         "capture_href": relative_href(run.capture),
         "keylog_href": relative_href(run.keylog),
     }

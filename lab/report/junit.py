@@ -79,7 +79,7 @@ def _testcase(suite: ET.Element, run: CaseRun, several_targets: bool) -> None:
     elif run.verdict in _SKIPS:
         ET.SubElement(case, "skipped", message=visible(f"{run.verdict}: {run.reason}"))
     out = ET.SubElement(case, "system-out")
-    out.text = visible("\n".join(run.transcript)) + "\n" if run.transcript else ""
+    out.text = visible("\n".join(run.lines)) + "\n" if run.transcript else ""
 
 
 def _totals(element: ET.Element, runs: list[CaseRun]) -> None:

@@ -132,8 +132,8 @@ def problem_block(run: CaseRun) -> list[Text]:
     start, window = transcript_window(run)
     if window:
         lines.append(Text(f"  Transcript (lines {start + 1}-{start + len(window)} of {len(run.transcript)}):"))
-        for line in window:
-            lines.append(Text("    ") + Text(visible(line), LINE_STYLES.get(line_kind(line), "")))
+        for entry in window:
+            lines.append(Text("    ") + Text(visible(entry.line), LINE_STYLES.get(line_kind(entry), "")))
     if run.capture:
         keylog = f" (keylog {run.keylog})" if run.keylog else ""
         lines.append(Text(visible(f"  Capture: {run.capture}{keylog}")))

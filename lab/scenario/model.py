@@ -13,6 +13,7 @@ from typing import Any
 
 from lab.errors import BadInput
 from lab.policy.modes import TLS_MODE_SPELLINGS, parse_tls_mode
+from lab.scenario.observations import ValueKind, lab_only_keys, value_kinds
 from lab.scenario.verdict import Level, SpecRef, Verdict
 
 #: The policy axis, in report order (TLSMode values).
@@ -49,35 +50,11 @@ REQUIREMENTS: dict[str, str] = {
     "listener": "a chosen listener of the lab's appliance (not its public one)",
 }
 
-#: The observation keys conditions may name (docs/architecture.md "Observations") and their value type.
-OBSERVATION_KEYS: dict[str, str] = {
-    "connected": "bool",
-    "banner": "code",
-    "starttls_advertised": "bool",
-    "starttls_reply": "code",
-    "tls": "bool",
-    "tls_version": "str",
-    "tls_cipher": "str",
-    "tls_error": "str",
-    "server_cert_verified": "bool",
-    "delivered": "bool",
-    "delivered_tls": "bool",
-    "delivered_plaintext": "bool",
-    "replies": "codes",  # {label: code}
-    "closed_by": "str",
-    "aborted": "bool",
-    "fell_back": "bool",
-    "injection_executed": "bool",
-    "response_injection_discarded": "bool",
-    "plaintext_exposure": "exposure",  # {envelope: bool, body: bool}
-    "connections": "int",
-    "spooled": "int",
-    "server_log": "lines",
-    "log": "events",  # {event: bool | int} from the mail log, in any dialect (lab.scenario.logevents)
-}
+#: The observation keys conditions may name and their value kind, derived from ``Observations``.
+OBSERVATION_KEYS: dict[str, ValueKind] = value_kinds()
 
 #: Keys whose values only the lab's own target can report, and the requirement they imply.
-LAB_ONLY_KEYS: dict[str, str] = {"spooled": "spool", "server_log": "server-log"}
+LAB_ONLY_KEYS: dict[str, str] = lab_only_keys()
 
 
 # --- conditions -------------------------------------------------------------------------------------------------

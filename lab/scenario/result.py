@@ -4,10 +4,13 @@ Every report (terminal, index.json, junit.xml, index.html) is a view of this rec
 rebuilds the views from ``index.json`` alone, so ``to_dict`` / ``from_dict`` must round-trip exactly and write
 the same bytes for the same run: the record's own keys in a fixed order; free-form mappings (``observed``,
 ``conditions``) keep the order the runner built them in (``replies`` in step order), which JSON preserves.
+The observations are typed (``lab.scenario.observations``) and the transcript is structured entries
+(``lab.smtp.transcript.Entry``); schema_version 1 records (rendered transcript lines) are upgraded on reading.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import dataclass, field
@@ -18,11 +21,15 @@ from typing import Any
 from lab import __version__
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLSMode
+from lab.scenario.observations import Observations
 from lab.scenario.verdict import ORDER, SpecRef, Verdict, exit_code
 from lab.scenario.verdict import Level as Level  # re-exported: the record's readers name it from here
+from lab.smtp.transcript import Entry, from_legacy_line, render
 from lab.yamlsource import load_schema, validate
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older versions this smtplab still reads, upgraded by ``upgrade``.
+READABLE_VERSIONS = (1, SCHEMA_VERSION)
 SCHEMA_NAME = "index.schema.json"
 TOOL = f"smtplab {__version__}"
 
@@ -87,6 +94,20 @@ class Target:
         return out
 
 
+def _entry(value: Any) -> Entry:
+    """An ``Entry``, its dict form (index.json), or a rendered line (hand-built records, version 1)."""
+    if isinstance(value, Entry):
+        return value
+    if isinstance(value, dict):
+        return Entry.from_dict(value)
+    if isinstance(value, str):
+        try:
+            return from_legacy_line(value)
+        except ValueError as exc:
+            raise HarnessError(str(exc)) from None
+    raise HarnessError(f"transcript entry expected, got {type(value).__name__}")
+
+
 def _opt_str(value: object) -> str | None:
     return None if value is None else str(value)
 
@@ -123,8 +144,8 @@ class CaseRun:
     verdict: Verdict
     reason: str
     expected: Expected | None = None
-    observed: dict[str, Any] = field(default_factory=dict)
-    transcript: list[str] = field(default_factory=list)
+    observed: Observations = field(default_factory=Observations)
+    transcript: list[Entry] = field(default_factory=list)
     tls: TLSInfo | None = None
     timings: Timings = field(default_factory=Timings)
     capture: str | None = None
@@ -138,6 +159,13 @@ class CaseRun:
         _set(self, "expected", _coerce(self.expected, Expected))
         _set(self, "tls", _coerce(self.tls, TLSInfo))
         _set(self, "timings", _coerce(self.timings, Timings))
+        _set(self, "observed", Observations.from_dict(self.observed))
+        _set(self, "transcript", [_entry(e) for e in self.transcript])
+
+    @property
+    def lines(self) -> list[str]:
+        """The transcript as swaks-style text (a view of the entries)."""
+        return render(self.transcript)
 
     @property
     def name(self) -> str:
@@ -160,8 +188,8 @@ class CaseRun:
             "verdict": str(self.verdict),
             "reason": self.reason,
             "expected": None if self.expected is None else self.expected.to_dict(),
-            "observed": _json_data(self.observed, f"{where}.observed"),
-            "transcript": list(self.transcript),
+            "observed": _json_data(self.observed.to_dict(), f"{where}.observed"),
+            "transcript": [e.to_dict() for e in self.transcript],
             "tls": None if self.tls is None else self.tls.to_dict(),
             "timings": self.timings.to_dict(),
             "capture": self.capture,
@@ -217,7 +245,7 @@ class RunResult:
     @classmethod
     def from_dict(cls, data: Any, file: str | None = None) -> RunResult:
         """Validate against ``lab/schemas/index.schema.json`` and build; a bad record is ``BadInput``."""
-        check_record(data, file)
+        data = check_record(data, file)
         return cls(
             schema_version=data["schema_version"],
             tool=data["tool"],
@@ -235,19 +263,49 @@ def index_schema() -> dict[str, Any]:
     return load_schema(SCHEMA_NAME)
 
 
-def check_record(data: Any, file: str | None = None) -> None:
-    """Raise ``BadInput`` (file, field) unless ``data`` is an index.json record this version reads."""
+def check_record(data: Any, file: str | None = None) -> dict[str, Any]:
+    """The record in the current version (an upgraded copy of an older one); ``BadInput`` (file, field) unless
+    ``data`` is an index.json record this version reads."""
     where = file or "index.json"
     if not isinstance(data, dict):
         raise BadInput("the record must be a JSON object", file=where)
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise BadInput(
-            f"unsupported schema_version {version!r} (this smtplab reads {SCHEMA_VERSION})",
+            f"unsupported schema_version {version!r} (this smtplab reads {readable})",
             file=where,
             field="schema_version",
         )
+    if version != SCHEMA_VERSION:
+        data = copy.deepcopy(data)
+        upgrade(data, where)
     validate(data, index_schema(), where)
+    return data
+
+
+def upgrade(data: dict[str, Any], where: str = "index.json") -> None:
+    """Bring a schema_version 1 record to the current version, in place.
+
+    Version 1 stored each transcript line as its rendered text; the marker (``->``, ``~>``, ``<-``, ``<~``,
+    ``<**``, ``===``) gives the entry's direction and layer, and the fields version 1 never had stay null.
+    """
+    runs = data.get("runs")
+    for i, run in enumerate(runs if isinstance(runs, list) else []):
+        lines = run.get("transcript") if isinstance(run, dict) else None
+        if not isinstance(lines, list):
+            continue
+        entries: list[Any] = []
+        for j, line in enumerate(lines):
+            if not isinstance(line, str):
+                entries.append(line)  # the schema names it
+                continue
+            try:
+                entries.append(from_legacy_line(line).to_dict())
+            except ValueError as exc:
+                raise BadInput(str(exc), file=where, field=f"runs[{i}].transcript[{j}]") from None
+        run["transcript"] = entries
+    data["schema_version"] = SCHEMA_VERSION
 
 
 def load_index(path: str | Path) -> RunResult:

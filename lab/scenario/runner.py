@@ -39,6 +39,7 @@ from lab.scenario.evaluate import Evaluation, evaluate
 from lab.scenario.loader import with_facts
 from lab.scenario.logevents import MailLogFile, observe, unlogged
 from lab.scenario.model import Case, ClientSpec
+from lab.scenario.observations import Observations
 from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, TLSInfo
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import behaviour_steps
@@ -46,6 +47,7 @@ from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
+from lab.smtp.transcript import Entry, Kind, error, note
 from lab.tls.certs import CertKey, LabCA, default_state_dir
 from lab.tls.keylog import KeyLog
 from lab.tls.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
@@ -206,8 +208,8 @@ class Runner:
     def run_one(self, case: Case, policy: str) -> CaseRun:
         started = time.perf_counter()
         external = self.options.target is not None
-        observed: dict[str, Any] = {}
-        transcript: list[str] = []
+        observed = Observations()
+        transcript: list[Entry] = []
         capture, keylog = Capture(), KeyLog()
         self._keylog.target = keylog
         virtual = 0.0
@@ -223,13 +225,14 @@ class Runner:
                     case = with_facts(case, self.options.target.facts)  # type: ignore[union-attr]
                 outcome = (self._external if external else self._lab)(case, policy, capture)
                 virtual = outcome.seconds
-                transcript = [*outcome.record.transcript, *outcome.notes]
-                observed = {**outcome.record.observed, **outcome.observed}
-                observed["plaintext_exposure"] = self._exposure(case, capture)
+                transcript = [*outcome.record.entries, *outcome.notes]
+                observed = outcome.record.observed
+                observed.spooled, observed.server_log, observed.log = outcome.spooled, outcome.server_log, outcome.log
+                observed.plaintext_exposure = self._exposure(case, capture)
                 evaluation = evaluate(case, policy, observed, external=external)
         except HarnessError as exc:
             evaluation = Evaluation(Verdict.ERROR, None, f"harness error: {exc}")
-            transcript.append(f"<** harness error: {exc}")
+            transcript.append(error(f"harness error: {exc}", Kind.HARNESS))
         capture_path, keylog_path = self._write_capture(case, policy, capture, keylog)
         tls = None
         if observed.get("tls") and observed.get("tls_version"):
@@ -351,11 +354,9 @@ class Runner:
         new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
         server_log = [_LOG_PREFIX.sub("", line) for line in run_log]
-        observed: dict[str, Any] = {"spooled": spooled, "server_log": server_log}
-        if case.log_events():  # the events it reads, in the lab's own dialect (lab.scenario.logevents)
-            observed["log"] = observe(server_log, "smtplab")
-        notes = [f"=== middlebox: {note}" for box in boxes for note in box.notes]
-        return _Outcome(record, observed, notes, clock.seconds() - begin)
+        log = observe(server_log, "smtplab") if case.log_events() else None  # lab.scenario.logevents
+        notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for box in boxes for text in box.notes]
+        return _Outcome(record, notes, clock.seconds() - begin, spooled, server_log, log)
 
     def _middleboxes(self, case: Case, client_ip: str) -> list[StartTLSStripper]:
         boxes = case_middleboxes(case)
@@ -411,15 +412,18 @@ class Runner:
         source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
         if "blocked_client" in case.facts:  # the case is about that address: the client connects from it
             source = str(target.facts["blocked_client"])
-        notes: list[str] = []
+        notes: list[Entry] = []
         trust = target.trust_pems
         if case.server_cert == "demo":
             # The demo certificate is one the client does not trust: against another MTA the client trusts only
             # a CA that issued none of the target's certificates, so whatever the target presents does not verify.
             trust = (LabCA.untrusted(self.state_dir).ca_pem,)
             notes.append(
-                "=== the client trusts only the lab's untrusted CA: the target's certificate stands in for "
-                "the demo certificate (one the client does not trust)"
+                note(
+                    "the client trusts only the lab's untrusted CA: the target's certificate stands in for "
+                    "the demo certificate (one the client does not trust)",
+                    Kind.DEMO_CERTIFICATE,
+                )
             )
         boxes = case_middleboxes(case)  # the carrier runs them in a relay on the client's path to the target
         net = self._open_carrier(capture)
@@ -451,13 +455,14 @@ class Runner:
             record = net.run_until(client.run(), timeout=WALL_TIMEOUT)
         finally:
             net.run_until(net.close(abort=False), timeout=10)
-        notes += [f"=== middlebox: {note}" for note in [*(n for box in boxes for n in box.notes), *net.notes()]]
-        observed: dict[str, Any] = {}
+        texts = [*(n for box in boxes for n in box.notes), *net.notes()]
+        notes += [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in texts]
+        log = None
         if maillog is not None:
             lines = maillog.lines_since(offset)
-            observed["log"] = observe(lines, maillog.dialect)
-            notes += [f"=== maillog: {line}" for line in lines]
-        return _Outcome(record, observed, notes, time.monotonic() - begin)
+            log = observe(lines, maillog.dialect)
+            notes += [note(f"maillog: {line}", Kind.MAILLOG) for line in lines]
+        return _Outcome(record, notes, time.monotonic() - begin, log=log)
 
     # -- captures
 
@@ -524,9 +529,11 @@ class _Outcome(NamedTuple):
     """What one carried-out run gives the record: the client's view, the lab's own facts, notes, duration."""
 
     record: ClientRecord
-    observed: dict[str, Any]  # facts only the lab knows (spooled, server_log), added to the client's
-    notes: list[str]  # transcript lines from the link (middlebox notes)
+    notes: list[Entry]  # transcript entries from the link (middlebox notes)
     seconds: float  # virtual seconds on the memory carrier, wall seconds otherwise
+    spooled: int | None = None  # facts only the lab knows, added to the client's observations
+    server_log: list[str] | None = None
+    log: dict[str, Any] | None = None  # the mail-log events the case reads (lab.scenario.logevents)
 
 
 class _KeylogRelay:

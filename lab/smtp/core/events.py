@@ -66,6 +66,7 @@ class ReplyLine:
 
     line: bytes
     reply: ReceivedReply | None = None
+    size: int = 0  # bytes on the wire, line end included
 
 
 # -- commands and message text

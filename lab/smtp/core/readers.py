@@ -247,10 +247,10 @@ class ReplyReader:
         if len(self._texts) > self._max_lines:
             raise TooManyReplyLines(raw, line, f"reply of more than {self._max_lines} lines")
         if match.group(2) == b"-":
-            return ReplyLine(line)
+            return ReplyLine(line, size=len(raw))
         reply = ReceivedReply(int(match.group(1)), tuple(self._texts), b"".join(self._raw))
         self._texts, self._raw = [], []
-        return ReplyLine(line, reply)
+        return ReplyLine(line, reply, len(raw))
 
     def next_reply(self) -> ReceivedReply | None:
         """The next complete reply, skipping the lines before it; None when more input is needed."""
