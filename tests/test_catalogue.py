@@ -1,4 +1,4 @@
-"""The built-in catalogue: it loads, covers what SPEC.md asks for, and its verdicts on the lab are the declared ones.
+"""The built-in catalogue: it loads, covers the rules of docs/rules.md, its verdicts on the lab are the declared ones.
 
 The last tests run the whole catalogue through the runner on the memory carrier (virtual time, real TLS), and
 then again against listeners broken on purpose, to show the expectations can fail.
@@ -22,7 +22,7 @@ from lab.smtp.steps import Raw
 
 FOLDERS = {"starttls", "policy", "clients", "attacks", "limits"}
 
-#: SPEC.md 3: each STARTTLS rule and the cases that test it (all run under no, preferred and required).
+#: docs/rules.md §3: each STARTTLS rule and the cases that test it (all run under no, preferred and required).
 RULES = {
     1: ["3207-4-04"],  # STARTTLS with a parameter: 501
     2: ["3207-4.2-01", "3207-4.2-02"],  # STARTTLS inside TLS refused; EHLO inside TLS without STARTTLS
@@ -36,7 +36,7 @@ RULES = {
     9: [f"ATK-SMUGGLE-{n:02d}" for n in range(1, 13)],  # only <CRLF>.<CRLF> ends the data (SMTP smuggling)
 }
 
-#: SPEC.md 5: each attack and its cases.
+#: docs/rules.md §5: each attack and its cases.
 ATTACKS = {
     "stripping by rewrite": ["ATK-STRIP-01", "ATK-STRIP-02", "ATK-STRIP-05"],
     "stripping by answering 454": ["ATK-STRIP-03", "ATK-STRIP-04"],

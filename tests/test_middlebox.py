@@ -1,4 +1,4 @@
-"""STARTTLS stripping (SPEC.md 5): rewriting the EHLO capability, answering STARTTLS, on the memory carrier."""
+"""STARTTLS stripping (docs/rules.md §5): rewriting the EHLO capability, answering STARTTLS, on the memory carrier."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The command gate per TLS mode, every verb in every state (SPEC.md 2-3), and the fallback table."""
+"""The command gate per TLS mode, every verb in every state (docs/rules.md §2-§3), and the fallback table."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""HAT member syntax and first-match-wins, as tables (SPEC.md 1)."""
+"""HAT member syntax and first-match-wins, as tables (docs/rules.md §1)."""
 
 from __future__ import annotations
 

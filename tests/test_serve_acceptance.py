@@ -1,7 +1,7 @@
 """Issue 2 acceptance: ``smtplab serve`` checked with real clients nobody here wrote.
 
 Python's smtplib, swaks and ``openssl s_client -starttls smtp`` against a served listener on its own
-127.x address; every rule of SPEC.md 3 on the wire; Maildir files and mail log lines on disk.
+127.x address; every rule of docs/rules.md §3 on the wire; Maildir files and mail log lines on disk.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_required_refuses_plaintext_commands_with_530(served: dict[str, Served])
     assert b"ESMTPS" in message and b"version=TLSv1.3" in message
 
 
-# --- SPEC.md 3 on the wire, under preferred and required -------------------------------------------------
+# --- docs/rules.md §3 on the wire, under preferred and required -------------------------------------------------
 
 
 @pytest.mark.parametrize("mode", ["preferred", "required"])

@@ -1,4 +1,4 @@
-"""The sans-IO server session: every STARTTLS rule of SPEC.md 3 and the policy limits, without any I/O."""
+"""The sans-IO server session: every STARTTLS rule of docs/rules.md §3 and the policy limits, without any I/O."""
 
 from __future__ import annotations
 

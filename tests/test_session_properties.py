@@ -1,7 +1,7 @@
 """The server session as a hypothesis state machine: random commands, hostile bytes, random reads, TLS events.
 
 Every TLS mode and policy behaviour, with and without client-certificate verification. The invariants are the
-session's promises (SPEC.md 2-3): a message is delivered only after a 354, an accepted envelope and a proper
+session's promises (docs/rules.md §2-§3): a message is delivered only after a 354, an accepted envelope and a proper
 <CRLF>.<CRLF> (never at an SMTP smuggling variant), never in plaintext under Required; bytes behind STARTTLS get
 no reply; the handshake forgets the greeting and the envelope; and how the stream is cut into reads changes
 nothing, which the teardown checks by replaying the same events in one read per run and a byte per read.

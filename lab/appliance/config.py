@@ -470,7 +470,7 @@ def certificate_label(appliance: Appliance, listener: Listener) -> str:
 
 
 def listener_summary(appliance: Appliance, listener: Listener) -> str:
-    """The listener as the appliance prints it (SPEC.md 1), plus the certificate it presents."""
+    """The listener as the appliance prints it (docs/rules.md §1), plus the certificate it presents."""
     interface = appliance.interfaces[listener.interface]
     domain = f" {listener.default_domain}" if listener.default_domain else ""
     lines = [

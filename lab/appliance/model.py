@@ -1,4 +1,4 @@
-"""The appliance configuration as plain, immutable data (SPEC.md 1).
+"""The appliance configuration as plain, immutable data (docs/rules.md §1).
 
 The loader (``lab.appliance.config``) builds these from YAML; the listener reads them. Resolving a peer to a
 policy is pure and lives here, over the policy core.

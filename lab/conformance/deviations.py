@@ -1,8 +1,9 @@
 """Declared deviations of a target: XFAIL when a case fails as declared, XPASS when the deviation is gone.
 
-Other MTAs differ from SPEC.md in known ways (Postfix answers 454 where the lab answers 502, ...). A target
-profile lists them with a reason, so a run against that target stays clean while the deviation is there and
-says so when it disappears (DESIGN.md principle 5). Pure functions over ``CaseRun``: no I/O.
+Other MTAs differ from the lab's rules (docs/rules.md) in known ways (Postfix answers 454 where the lab answers
+502, ...). A target profile lists them with a reason, so a run against that target stays clean while the
+deviation is there and says so when it disappears (honest verdicts: docs/architecture.md). Pure functions over
+``CaseRun``: no I/O.
 
 Rules (docs/conformance.md):
 

@@ -1,4 +1,4 @@
-"""Middleboxes on a link: byte rewriters between a client and a server (SPEC.md 5, STARTTLS stripping).
+"""Middleboxes on a link: byte rewriters between a client and a server (docs/rules.md §5, STARTTLS stripping).
 
 A middlebox is sans-IO: per connection it is handed the bytes travelling each way and returns what to forward
 and what to answer itself (``Relay``). ``MiddleboxChain`` runs the boxes of one connection in a row; two shells

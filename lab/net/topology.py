@@ -73,7 +73,7 @@ class Link:
 
 @dataclass(frozen=True)
 class StripOptions:
-    """A STARTTLS-stripping middlebox (SPEC.md 5)."""
+    """A STARTTLS-stripping middlebox (docs/rules.md §5)."""
 
     rewrite: bool = True  # rewrite "250-STARTTLS" to the same-length "250-XXXXXXXA"
     answer_starttls: int | None = None  # answer STARTTLS itself with this code (e.g. 454) instead of passing it

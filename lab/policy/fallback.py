@@ -1,4 +1,4 @@
-"""Client-side fallback rules: after a STARTTLS problem, may a client go on in plaintext? (SPEC.md 4)"""
+"""Client-side fallback rules: after a STARTTLS problem, may a client go on in plaintext? (docs/rules.md §4)"""
 
 from __future__ import annotations
 

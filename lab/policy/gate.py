@@ -1,4 +1,4 @@
-"""The command gate: may this command be served now, or what is the refusal? (SPEC.md 2-3)
+"""The command gate: may this command be served now, or what is the refusal? (docs/rules.md §2-§3)
 
 ``check`` answers ``None`` (serve it) or the ``Reply`` to send instead. It knows nothing of sequencing
 (EHLO before MAIL, ...), only of what the TLS setting and the security state allow.
@@ -13,7 +13,7 @@ from lab.policy import replies
 from lab.policy.modes import ClientCert, TLSMode
 from lab.policy.replies import Reply
 
-#: The commands served under Required before TLS is up (SPEC.md 2).
+#: The commands served under Required before TLS is up (docs/rules.md §2).
 SERVED_BEFORE_TLS = frozenset({"EHLO", "NOOP", "QUIT", "STARTTLS"})
 
 #: The verbs the listener knows; anything else is "unknown".

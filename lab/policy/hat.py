@@ -1,4 +1,4 @@
-"""Host Access Table: ordered sender groups, first match wins (SPEC.md 1).
+"""Host Access Table: ordered sender groups, first match wins (docs/rules.md §1).
 
 Member syntax: full IPv4/IPv6 address, partial IPv4 (``10.1.``), ranges (``10.1.1.10-20`` or
 ``10.1.1.10-10.1.2.20``), CIDR (``10.1.0.0/16``), a fully-qualified host name (matched against the

@@ -1,4 +1,4 @@
-"""The enumerations of the appliance model (SPEC.md 1-2)."""
+"""The enumerations of the appliance model (docs/rules.md §1-§2)."""
 
 from __future__ import annotations
 

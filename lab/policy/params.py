@@ -1,4 +1,4 @@
-"""Mail flow policies and parameter inheritance (SPEC.md 1).
+"""Mail flow policies and parameter inheritance (docs/rules.md §1).
 
 A parameter a policy leaves unset (``None``) takes the listener's default policy parameters, which in turn
 fall back to the appliance defaults below. Out of the box every listener's TLS setting is ``No``.

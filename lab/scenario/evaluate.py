@@ -1,4 +1,4 @@
-"""Judge what one run observed against a case's expected alternatives (DESIGN.md principle 5).
+"""Judge what one run observed against a case's expected alternatives (honest verdicts: docs/architecture.md).
 
 Pure: no I/O, no clock. The first alternative whose conditions all hold decides; when none does, the verdict
 is that of the strongest spec level among the case's refs (MUST -> FAILED, SHOULD -> NON-STRICT, local
@@ -17,7 +17,9 @@ from lab.scenario.model import Alternative, Case
 from lab.scenario.verdict import Verdict
 
 NO_MATCH = "no expected alternative matched"
-PLAINTEXT_UNDER_REQUIRED = "plaintext delivery accepted under Required: the message was taken without TLS (SPEC.md 2)"
+PLAINTEXT_UNDER_REQUIRED = (
+    "plaintext delivery accepted under Required: the message was taken without TLS (docs/rules.md §2)"
+)
 
 
 STARTTLS_GATE = 530  # "Must issue a STARTTLS command first": the Required gate, which cases test, not a side issue
@@ -70,7 +72,7 @@ def evaluate(
     if unshown:
         return Evaluation(Verdict.UNIMPLEMENTED, None, unshown)
     if policy == "required" and observed.get("delivered_plaintext") is True and case.remote_mta is None:
-        # SPEC.md 2: Required refuses plaintext mail; whatever else a case expects, taking it is broken.
+        # docs/rules.md §2: Required refuses plaintext mail; whatever else a case expects, taking it is broken.
         return Evaluation(Verdict.FAILED, None, PLAINTEXT_UNDER_REQUIRED)
     alternatives = case.expect.for_policy(policy)
     for alt in alternatives:

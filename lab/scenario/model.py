@@ -1,6 +1,6 @@
 """Scenario cases as plain, immutable data (docs/scenario-format.md).
 
-A case is data, not code (DESIGN.md principle 3): the loader builds these from YAML, the evaluator judges an
+A case is data, not code: the loader builds these from YAML, the evaluator judges an
 ``observed`` mapping against them, the runner reads the client, target and lab-only needs from them.
 """
 

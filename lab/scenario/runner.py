@@ -394,7 +394,7 @@ class Runner:
         )
 
     def _exposure(self, case: Case, capture: Capture) -> dict[str, bool]:
-        """Did an envelope address or the body marker cross the wire unencrypted? (SPEC.md 5)"""
+        """Did an envelope address or the body marker cross the wire unencrypted? (docs/rules.md §5)"""
         wire = b"".join(flow.payload(Direction.C2S) for flow in capture.flows)
         if case.client.steps is None:
             mail_from, rcpt_to = self._envelope(case)

@@ -1,4 +1,4 @@
-"""The named client behaviours (SPEC.md 4) as step lists: what swaks, Postfix and Exim do, and how they fail.
+"""The named client behaviours (docs/rules.md §4) as step lists: what swaks, Postfix and Exim do, and how they fail.
 
 Every behaviour is data built from ``lab.smtp.steps``; the TLS decisions all go through one ``tls_policy`` step,
 so the only rules are the ones in ``lab.policy.fallback``.

@@ -1,6 +1,6 @@
 """The scripted client's step vocabulary: what a scenario file lists, as frozen dataclasses.
 
-Steps are data, not code (DESIGN.md principle 3): the engine in ``lab.smtp.client`` interprets them, and a
+Steps are data, not code: the engine in ``lab.smtp.client`` interprets them, and a
 scenario file lists them under ``steps`` in YAML. ``steps_from_data`` validates against
 ``lab/schemas/steps.schema.json`` (so every error names file, line and field) and builds the dataclasses.
 """
