@@ -14,9 +14,9 @@ import json
 import math
 import re
 import stat
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jsonschema
