@@ -43,14 +43,14 @@ MAX_INT_DIGITS = 100
 FieldPath = list[str | int]
 
 
-class _Located(dict):  # type: ignore[type-arg]
+class _Located(dict[Any, Any]):  # YAML keys may be numbers too
     """A mapping that remembers the line of each key and of itself."""
 
     line: int
     key_lines: dict[str, int]
 
 
-class _LocatedList(list):  # type: ignore[type-arg]
+class _LocatedList(list[Any]):
     line: int
     item_lines: list[int]
 
@@ -206,7 +206,7 @@ def field_name(path: list[str | int]) -> str:
 def load_schema(name: str) -> dict[str, Any]:
     """A JSON Schema shipped in ``lab/schemas``."""
     text = resources.files("lab").joinpath("schemas", name).read_text(encoding="utf-8")
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)  # type: ignore[no-any-return]  # every shipped schema is a JSON object
 
 
 _MESSAGES = {  # jsonschema's wording, with the value as an excerpt

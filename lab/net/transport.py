@@ -39,7 +39,7 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITLSTransport,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
@@ -53,7 +53,7 @@ class _TLSLayer(typing.Protocol):
 
     def makeConnection(self, transport: ITCPTransport) -> None: ...
     def dataReceived(self, data: bytes) -> None: ...
-    def connectionLost(self, reason: Failure | None) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
     def write(self, data: bytes) -> None: ...
     def loseConnection(self) -> None: ...
     def abortConnection(self) -> None: ...
@@ -190,7 +190,7 @@ class SessionTransport(Protocol):
         else:
             self.protocol.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # Twisted's signature
         if self._lost:
             return
         unread, self._unread = self._unread, []

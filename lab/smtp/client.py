@@ -111,7 +111,7 @@ class _ClientProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.engine._handshake_done(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.engine._lost(self, reason)
 
 

@@ -288,7 +288,7 @@ class ListenerProtocol(Protocol):
         self._apply(self.session.tls_started(facts, state))
         self._feed()  # application data that came with the end of the handshake
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._cancel_timer()
         self.owner.active -= 1
