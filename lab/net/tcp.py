@@ -15,7 +15,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.protocol import ClientFactory
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from lab.errors import BadInput
 from lab.net.capture import Capture

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
+from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
@@ -194,6 +195,8 @@ class ListenerFactory(ServerFactory):
 class ListenerProtocol(Protocol):
     """One SMTP connection to a listener."""
 
+    transport: SessionTransport  # what every carrier connects a protocol to; set before connectionMade
+
     def __init__(self, factory: ListenerFactory) -> None:
         self.owner = factory
         self.runtime = factory.runtime
@@ -277,6 +280,7 @@ class ListenerProtocol(Protocol):
         if self.session is None or self._closing:
             return
         connection = self.transport.getHandle()
+        assert connection is not None  # a handshake completed, so startTLS made one
         facts = tls_facts(connection)
         state = ClientCert.NONE
         if self.session.config.params.verify_client:
@@ -284,7 +288,7 @@ class ListenerProtocol(Protocol):
         self._apply(self.session.tls_started(facts, state))
         self._feed()  # application data that came with the end of the handshake
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._cancel_timer()
         self.owner.active -= 1
