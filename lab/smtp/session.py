@@ -273,8 +273,10 @@ class ServerSession:
         self._log(events.TLSEstablished(info.version, info.cipher))
         if self.config.params.verify_client:
             self._log(events.ClientCertChecked(client_cert.value))
-        if self.config.faults.keep_state_across_tls:
-            self._restore(greeting, transaction)
+        faults = self.config.faults
+        keep_greeting = faults.keep_state_across_tls or faults.keep_greeting_across_tls
+        keep_envelope = faults.keep_state_across_tls or faults.keep_envelope_across_tls
+        self._restore(greeting if keep_greeting else None, transaction if keep_envelope else None)
         if kept:
             return self.receive(kept)
         return []
@@ -307,6 +309,11 @@ class ServerSession:
         try:
             text = command_text(line, overlong)
         except errors.CommandLineError as error:
+            faults = self.config.faults
+            if (isinstance(error, errors.CommandLineTooLong) and faults.long_command_lines and not overlong) or (
+                isinstance(error, errors.NulInCommand) and faults.nul_in_commands
+            ):
+                return self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", errors="replace"))
             self._log(events.ProtocolViolation(error.what))
             return [Send.of(COMMAND_LINE_REFUSALS[type(error)])]
         return self._command(text)
@@ -316,16 +323,29 @@ class ServerSession:
             self.config.on_command(line)
         command = parse_command(line)
         verb, argument = command.verb, command.argument
-        bypass = verb in self.config.faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
+        faults = self.config.faults
+        unverified = self.tls is not None and self.client_cert is not ClientCert.VERIFIED
+        if verb == "EHLO" and faults.close_unverified is not None and unverified:
+            return [Send.of(faults.close_unverified), *self._close()]
+        bypass = verb in faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
         if not bypass:
             refusal = gate.check(verb, bool(argument), self.facts())
-            if refusal is not None:
+            if refusal is not None and not self._served_by_fault(verb, refusal):
                 return [Send.of(refusal)]
         handler = getattr(self, f"_cmd_{verb.lower()}", None) if verb in gate.KNOWN_VERBS else None
         if handler is None:
             return [Send.of(replies.UNRECOGNIZED)]
         result: list[Action] = handler(argument)
         return result
+
+    def _served_by_fault(self, verb: str, refusal: Reply) -> bool:
+        """A fault of ``config.faults`` serves a STARTTLS the command gate refuses with ``refusal``."""
+        faults = self.config.faults
+        return verb == "STARTTLS" and (
+            (refusal == replies.STARTTLS_NOT_IMPLEMENTED and faults.serve_unadvertised_starttls)
+            or (refusal == replies.STARTTLS_NO_PARAMETERS and faults.starttls_takes_argument)
+            or (refusal == replies.TLS_ALREADY_ACTIVE and faults.starttls_in_tls is not None)
+        )
 
     def _greet(self, name: str) -> None:
         """EHLO/HELO accepted: a new greeting and no transaction (RFC 5321 4.1.4)."""
@@ -334,7 +354,7 @@ class ServerSession:
         self.machine.move(Move.GREETED)
 
     def _restore(self, greeting: str | None, transaction: _Transaction | None) -> None:
-        """The ``keep_state_across_tls`` fault: put back what the client said before the handshake."""
+        """The ``keep_*_across_tls`` faults: put back what the client said before the handshake."""
         if greeting is not None:
             self._greet(greeting)
         if transaction is not None:
@@ -346,7 +366,11 @@ class ServerSession:
     def _cmd_ehlo(self, argument: str) -> list[Action]:
         if not argument:
             return [Send.of(Reply(501, "5.5.4", "Syntax: EHLO hostname"))]
+        faults, transaction = self.config.faults, self._transaction
         self._greet(argument.split()[0])
+        if faults.keep_envelope_across_tls and transaction is not None:
+            self._transaction = transaction
+            self.machine.move(Move.MAIL_ACCEPTED)
         texts, size = self.config.texts, self.config.params.max_message_size
         caps = [texts.ehlo_first.format(hostname=self.config.hostname, greeting=self.greeting)]
         caps += [extension.format(size=size) for extension in texts.extensions]
@@ -367,8 +391,12 @@ class ServerSession:
         faults = self.config.faults
         if faults.refuse_starttls is not None:
             return [Send.of(faults.refuse_starttls)]
-        ready = replies.READY_TO_START_TLS
-        actions: list[Action] = [Send(ready.render() + faults.behind_starttls_220, ready), StartTLS()]
+        if faults.starttls_in_tls is not None and self.tls is not None:
+            return [Send.of(faults.starttls_in_tls)]
+        ready, behind_220 = replies.READY_TO_START_TLS, faults.behind_starttls_220
+        if faults.answer_behind_starttls is not None and self._reader:
+            behind_220 += faults.answer_behind_starttls.render() * self._reader.take().count(b"\n")
+        actions: list[Action] = [Send(ready.render() + behind_220, ready), StartTLS()]
         if faults.answer_client_hello is not None:
             self._reader.clear()
             self._answer_hello = faults.answer_client_hello
@@ -384,6 +412,8 @@ class ServerSession:
         return actions
 
     def _cmd_mail(self, argument: str) -> list[Action]:
+        if self.state is ServerState.GREETING and self.config.faults.mail_without_greeting:
+            self._greet("nobody")
         if self.state is ServerState.GREETING:
             return [Send.of(replies.SEND_EHLO_FIRST)]
         if self.state is ServerState.TRANSACTION:
@@ -528,6 +558,8 @@ class ServerSession:
         listener asks again then). A TLS handshake in progress is aborted: there is no channel to answer on.
         """
         if self.closed or self.state is ServerState.DELIVERING:
+            return []
+        if self.greeting is not None and self.greeting in self.config.faults.ignore_shutdown_from:
             return []
         if self.tls_pending:
             return self._close(abort=True)
