@@ -11,11 +11,12 @@ carries out the session's actions and keeps a record of each connection for the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Protocol as TypingProtocol
+from typing import cast
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IAddress, IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -112,14 +113,28 @@ class RemoteMTAFactory(ServerFactory):
             self._tls_server = ServerTLS(demo_certificate())
         return self._tls_server
 
-    def buildProtocol(self, addr: IAddress) -> RemoteMTAProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RemoteMTAProtocol:
         protocol = RemoteMTAProtocol(self)
         protocol.factory = self
         return protocol
 
 
+class _Transport(TypingProtocol):
+    """What this protocol asks of its transport (docs/architecture.md, "Transport contract")."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def startTLS(self, creator: object) -> None: ...
+    def getHandle(self) -> SSL.Connection: ...
+
+
 @implementer(IHandshakeListener, IPushProducer)
-class RemoteMTAProtocol(Protocol, TimeoutMixin):
+class RemoteMTAProtocol(Protocol):
     """One connection: bytes to the session, the session's actions to the transport."""
 
     def __init__(self, factory: RemoteMTAFactory) -> None:
@@ -136,8 +151,11 @@ class RemoteMTAProtocol(Protocol, TimeoutMixin):
         )
         self.session = ServerSession(config, self)
         self._tls_pending = False
-        if factory.clock is not None:
-            self.callLater = factory.clock.callLater
+        self._idle: IDelayedCall | None = None
+
+    @property
+    def wire(self) -> _Transport:
+        return cast(_Transport, self.transport)
 
     # -- SessionHooks
 
@@ -155,27 +173,30 @@ class RemoteMTAProtocol(Protocol, TimeoutMixin):
     def connectionMade(self) -> None:
         # a push producer: paused (its transport's output full) it stops reading, so a client that pipelines
         # and never reads cannot grow this MTA
-        self.transport.registerProducer(self, True)
+        self.wire.registerProducer(self, True)
         if self.owner.clock is not None:
-            self.setTimeout(self.owner.idle_timeout)
+            self._idle = self.owner.clock.callLater(self.owner.idle_timeout, self._idle_expired)
         self._apply(self.session.start())
 
-    def timeoutConnection(self) -> None:
+    def _idle_expired(self) -> None:
+        self._idle = None
         self._apply(self.session.deadline_expired("idle timeout", IDLE_TIMEOUT))
 
     def dataReceived(self, data: bytes) -> None:
-        if self.owner.clock is not None:
-            self.resetTimeout()
+        if self._idle is not None:
+            self._idle.reset(self.owner.idle_timeout)
         self._apply(self.session.receive(data))
 
     def handshakeCompleted(self) -> None:
         self.log.tls = True
-        facts = tls_facts(self.transport.getHandle())
+        facts = tls_facts(self.wire.getHandle())
         self.log.tls_version, self.log.client_cert_subject = facts.version, facts.peer_subject
         self._apply(self.session.tls_started(facts))
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # Protocol's default
-        self.setTimeout(None)
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         self.log.closed = True
         if self._tls_pending and not self.log.tls and reason is not None:
             value = reason.value
@@ -185,10 +206,10 @@ class RemoteMTAProtocol(Protocol, TimeoutMixin):
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Send):
-                self.transport.write(action.data)
+                self.wire.write(action.data)
             elif isinstance(action, StartTLS):
                 self._tls_pending = True
-                self.transport.startTLS(self.owner.tls_server)
+                self.wire.startTLS(self.owner.tls_server)
             elif isinstance(action, Deliver):
                 message = action.message
                 received = ReceivedMessage(
@@ -197,21 +218,21 @@ class RemoteMTAProtocol(Protocol, TimeoutMixin):
                 self.owner.messages.append(received)
                 self._apply(self.session.delivered())
             elif isinstance(action, Close):
-                self.transport.unregisterProducer()  # a registered producer would hold the close open
+                self.wire.unregisterProducer()  # a registered producer would hold the close open
                 if action.abort:
-                    self.transport.abortConnection()
+                    self.wire.abortConnection()
                 else:
-                    self.transport.loseConnection()
+                    self.wire.loseConnection()
 
     # -- IPushProducer
 
     def pauseProducing(self) -> None:
         if self._tls_pending and not self.log.tls:
             return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
-        self.transport.pauseProducing()
+        self.wire.pauseProducing()
 
     def resumeProducing(self) -> None:
-        self.transport.resumeProducing()
+        self.wire.resumeProducing()
 
     def stopProducing(self) -> None:
         """``connectionLost`` follows."""

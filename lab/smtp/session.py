@@ -103,8 +103,11 @@ Action = Send | StartTLS | Close | Deliver
 
 
 class TLSInfo(Protocol):
-    version: str
-    cipher: str
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def cipher(self) -> str: ...
 
 
 @dataclass(frozen=True)
