@@ -72,7 +72,6 @@ class ApplianceRuntime:
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
         spool_in_threads: bool = False,
-        session_class: type[ServerSession] = ServerSession,
         faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
@@ -84,7 +83,6 @@ class ApplianceRuntime:
         self.reverse_dns = reverse_dns
         self.keylog = keylog
         self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
-        self.session_class = session_class
         self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
@@ -258,7 +256,7 @@ class ListenerProtocol(Protocol):
             accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
             faults=self.runtime.faults,
         )
-        self.session = self.runtime.session_class(config, self)
+        self.session = ServerSession(config, self)
         self._apply(self.session.start())
         self._arm()
 
