@@ -17,9 +17,9 @@ class EndOfInput(Exception):
 
 
 class Terminal:
-    def __init__(self, answers: Iterable[str] | None, out: TextIO = sys.stdout) -> None:
+    def __init__(self, answers: Iterable[str] | None, out: TextIO | None = None) -> None:
         """``answers`` None: ask a person with ``input()``; otherwise read one answer per item."""
-        self.out = out
+        self.out = out or sys.stdout
         self.scripted = answers is not None
         self._answers: Iterator[str] | None = iter(answers) if answers is not None else None
         self.refused = 0  # answers refused (a scripted session with any ends with exit code 3)
