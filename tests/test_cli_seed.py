@@ -9,7 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from peers import free_port
 from serving import fresh_loopback, serve
 

@@ -15,8 +15,8 @@ from ruamel.yaml.error import YAMLError
 
 from lab.appliance.config import hat_summary
 from lab.appliance.model import Appliance, Listener
-from lab.appliance_cli.context import Context
 from lab.appliance_cli.checks import check_name
+from lab.appliance_cli.context import Context
 from lab.appliance_cli.params import ParamWalk, describe, tls_label
 from lab.appliance_cli.prompts import ask_choice, ask_item, ask_operation, ask_value, ask_yes_no
 from lab.errors import BadInput

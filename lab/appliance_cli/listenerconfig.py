@@ -13,6 +13,7 @@ from lab.appliance_cli.context import Context
 from lab.appliance_cli.prompts import ask_choice, ask_item, ask_number, ask_operation, ask_value, ask_yes_no
 from lab.names import hostname_problem
 
+
 def listing(appliance: Appliance) -> list[str]:
     lines = []
     for number, item in enumerate(appliance.listeners, 1):

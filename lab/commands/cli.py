@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from lab.appliance_cli.context import Context
 from lab.appliance_cli.document import ConfigDocument
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if path.exists() and not path.is_file():
         raise BadInput("not a regular file", file=str(path), field="--config")
     doc = ConfigDocument(path)
+    stream: TextIO
     if args.script:
         try:
             stream = open(args.script, encoding="utf-8")  # noqa: SIM115 - closed below, after the session
