@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "probe": "probe",
     "serve": "serve",
     "listeners": "listeners",
+    "cli": "cli",
 }
 
 

@@ -22,7 +22,7 @@ from lab.policy.deadlines import Timeouts
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode, parse_tls_mode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
-from lab.yamlsource import DocumentBuilder, FieldPath, read_yaml
+from lab.yamlsource import DocumentBuilder, FieldPath, parse_yaml, read_yaml
 
 SCHEMA = "appliance.schema.json"
 DEMO = "demo"
@@ -41,6 +41,12 @@ def load_appliance(path: str | Path) -> Appliance:
     """Read, check and build an appliance from a YAML file; ``builtin`` names the built-in default."""
     path = default_appliance_path() if str(path) == "builtin" else Path(path)
     return appliance_from_dict(read_yaml(path), str(path))
+
+
+def appliance_from_text(text: str, file: str) -> Appliance:
+    """Check and build an appliance from YAML text not yet on disk (``smtplab cli`` before it commits);
+    ``file`` is where it will be written: errors name it, and certificate paths are relative to it."""
+    return appliance_from_dict(parse_yaml(text, file), file)
 
 
 def default_appliance() -> Appliance:

@@ -1,0 +1,30 @@
+"""What every dialog works with: the terminal and the document, and the pending configuration as the loader
+builds it (the summaries and the values in brackets come from there, so they are what ``serve`` would run)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lab.appliance.model import Appliance
+from lab.appliance_cli.document import ConfigDocument
+from lab.appliance_cli.terminal import Terminal
+from lab.errors import BadInput
+
+
+@dataclass
+class Context:
+    term: Terminal
+    doc: ConfigDocument
+
+    def appliance(self) -> Appliance | None:
+        """The pending configuration built by the loader; None (and its one line said) if it would be refused."""
+        try:
+            return self.doc.appliance()
+        except BadInput as exc:
+            self.term.say()
+            self.term.say(f"Error: the pending changes do not load: {exc}")
+            self.term.say("Change them back, or use 'clear' to drop every pending change.")
+            return None
+
+    def change(self, what: str) -> None:
+        self.doc.note(what)
