@@ -166,7 +166,7 @@ def text_lines(ladder: Ladder, width: int = 100) -> list[tuple[str, str]]:
     """``(line, style)`` pairs: a header, the legend, one line per row line. ``style`` is a transcript line kind
     (``plain-sent``, ``tls-recv``, ``error``, ``note``) or ``header``, so the terminal colours it like the
     transcript. Text longer than ``width`` is cut with ``...`` (the transcript holds it whole)."""
-    room = max(10, width - 9 - TEXT_SPAN - 3)
+    room = max(10, width - 9 - (TEXT_SPAN + 1) - 3)  # time, lanes, gap
     lanes = "lanes, left to right: " + " | ".join(ladder.labels)
     out = [(_cut(lanes, width), "header"), (_cut(TEXT_LEGEND, width), "note")]
     out.append((f"{'time':>8} {_blank(ladder)}", "header"))
