@@ -308,7 +308,7 @@ def _row_svg(ladder: Ladder, y: float, row: Row) -> tuple[str, float]:
     return f'<g class="row r-{kind}">{"".join(parts)}</g>', height
 
 
-def _legend() -> str:
+def _legend(middlebox: bool) -> str:
     y = 18
     return (
         f'<g class="legend" font-size="12">'
@@ -324,9 +324,13 @@ def _legend() -> str:
         f'<text x="460" y="{y}" fill="{NOTE_TEXT}">=== note</text>'
         f'<circle cx="550" cy="{y - 4}" r="5" fill="{ERROR_COLOUR}"/>'
         f'<text x="560" y="{y}" fill="{ERROR_COLOUR}">&lt;** error</text>'
-        f'<rect x="650" y="{y - 8}" width="8" height="8" fill="#fff" stroke="#333"/>'
-        f'<text x="664" y="{y}" fill="#333">passes the firewall</text>'
-        "</g>"
+        + (
+            f'<rect x="650" y="{y - 8}" width="8" height="8" fill="#fff" stroke="#333"/>'
+            f'<text x="664" y="{y}" fill="#333">passes the firewall</text>'
+            if middlebox
+            else ""
+        )
+        + "</g>"
     )
 
 
@@ -353,5 +357,5 @@ def svg(ladder: Ladder, title: str = "ladder diagram") -> Markup:
         f'<svg class="ladder" role="img" aria-label="{_e(title)}" '
         f'viewBox="0 0 {WIDTH} {height:.0f}" width="{WIDTH}" height="{height:.0f}" '
         f'font-family="DejaVu Sans Mono, Menlo, Consolas, monospace" font-size="{FONT}">'
-        f"<title>{_e(title)}</title>{_legend()}{''.join(heads)}{''.join(body)}</svg>"
+        f"<title>{_e(title)}</title>{_legend(ladder.middlebox)}{''.join(heads)}{''.join(body)}</svg>"
     )
