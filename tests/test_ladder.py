@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import re
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
-from test_result import HOSTILE
+from test_reports import _result
+from test_result import HOSTILE, _run
 
+import lab.cli
+from lab.report import write_reports
 from lab.report.ladder import Lane, Row, RowKind, build, svg, text_lines
+from lab.scenario.verdict import Verdict
 from lab.smtp.transcript import Direction, Entry, Kind
 
 
@@ -227,3 +232,25 @@ def test_svg_draws_tls_differently_from_plaintext() -> None:
     tls_row = tls_row[: tls_row.index("</g>")]
     assert tls_row.count("<line") == 2  # a double line, and a lock drawn with shapes
     assert "<rect" in tls_row and "<path" in tls_row
+
+
+def test_smtplab_report_ladder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``smtplab report DIR --ladder RUN``: the named runs' ladders (no summary); bad names exit 3 in one line."""
+    runs = [
+        _run("C-1", "no", Verdict.OK, transcript=STARTTLS),
+        _run("C-1", "required", Verdict.FAILED),
+        _run("C-2", "no", Verdict.OK),
+    ]
+    write_reports(_result(runs), tmp_path)
+    assert lab.cli.main(["report", str(tmp_path), "--ladder", "C-1[no]"]) == 1  # the record's exit code
+    out = capsys.readouterr().out
+    assert out.startswith("OK C-1[no] title of C-1\nlanes, left to right: client misbehaving-mail-first | listener")
+    assert "|=========[=TLS=]=========|   TLS started" in out and "C-1[required]" not in out
+    assert lab.cli.main(["report", str(tmp_path), "--ladder"]) == 1  # alone: the FAILED / XPASS / ERROR runs
+    out = capsys.readouterr().out
+    assert out.startswith("FAILED C-1[required]") and "C-1[no]" not in out and "passed" not in out
+    assert lab.cli.main(["report", str(tmp_path), "--ladder", "C-1", "--ladder", "C-1[no]"]) == 1
+    assert capsys.readouterr().out.count("lanes, left to right") == 2  # a case id: all its runs, each once
+    assert lab.cli.main(["report", str(tmp_path), "--ladder", "C-9[no]"]) == 3
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--ladder: no run named 'C-9[no]'" in err

@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     """``BadInput`` (missing or malformed index.json) propagates: the dispatcher prints one line and exits 3."""
     report_dir = Path(args.dir)
     result = load_index(report_dir / INDEX_JSON)
-    runs = select_runs(result, args.ladder) if args.ladder else None
+    wanted = getattr(args, "ladder", None)  # callers that build the Namespace themselves may leave it out
+    runs = select_runs(result, wanted) if wanted else None
     write_views(result, report_dir)
     console = make_console()
     if runs is None:
