@@ -20,6 +20,7 @@ from lab.report import (
     PROBLEMS,
     atomic_write,
     counts_line,
+    ladder,
     line_kind,
     observed_facts,
     referenced_keys,
@@ -27,9 +28,21 @@ from lab.report import (
     visible,
 )
 from lab.scenario.result import CaseRun, RunResult
-from lab.scenario.verdict import ORDER
+from lab.scenario.verdict import ORDER, Verdict
 from lab.smtp.transcript import Entry
 
+#: Which verdict colours a matrix cell holding several: the most serious one present.
+SEVERITY = (
+    Verdict.FAILED,
+    Verdict.XPASS,
+    Verdict.ERROR,
+    Verdict.NON_STRICT,
+    Verdict.INFORMATIONAL,
+    Verdict.UNIMPLEMENTED,
+    Verdict.SKIPPED,
+    Verdict.XFAIL,
+    Verdict.OK,
+)
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 _LINE_LABELS = {
     "plain-sent": "PLAIN",
@@ -72,6 +85,7 @@ def _line(entry: Entry) -> dict[str, str]:
 
 
 def _run_view(index: int, run: CaseRun) -> dict[str, Any]:
+    diagram = ladder.of_run(run)
     return {
         "anchor": f"run-{index}-{_slug(run.name)}",
         "run": run,
@@ -85,6 +99,8 @@ def _run_view(index: int, run: CaseRun) -> dict[str, Any]:
         if run.expected is None
         else json.dumps(run.expected.conditions, sort_keys=True, ensure_ascii=False),
         "lines": [_line(line) for line in run.transcript],
+        "middlebox": diagram.middlebox,
+        "ladder": ladder.svg(diagram, title=f"ladder diagram of {run.name} against {run.target}"),
         "plaintext_lines": sum(entry.plaintext for entry in run.transcript),
         "capture_href": relative_href(run.capture),
         "keylog_href": relative_href(run.keylog),
@@ -103,12 +119,22 @@ def _matrices(result: RunResult, views: list[dict[str, Any]]) -> list[dict[str, 
         rows = [
             {
                 "behaviour": behaviour,
-                "cells": [[v for v in items if (v["run"].client, v["run"].policy) == (behaviour, p)] for p in policies],
+                "cells": [
+                    _cell([v for v in items if (v["run"].client, v["run"].policy) == (behaviour, p)]) for p in policies
+                ],
             }
             for behaviour in behaviours
         ]
         out.append({"target": target, "policies": [str(p) for p in policies], "rows": rows})
     return out
+
+
+def _cell(views: list[dict[str, Any]]) -> dict[str, Any]:
+    """A matrix cell: its runs (glyph links), the count per verdict, and the most serious verdict (its colour)."""
+    verdicts = [v["run"].verdict for v in views]
+    worst = next((v for v in SEVERITY if v in verdicts), None)
+    counts = [(verdict, verdicts.count(verdict)) for verdict in SEVERITY if verdict in verdicts]
+    return {"runs": views, "counts": counts, "worst": worst}
 
 
 def render_html(result: RunResult) -> str:

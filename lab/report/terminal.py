@@ -22,6 +22,7 @@ from lab.report import (
     GLYPHS,
     PROBLEMS,
     counts_line,
+    ladder,
     line_kind,
     observed_facts,
     referenced_keys,
@@ -165,6 +166,15 @@ def render(result: RunResult, console: Console) -> None:
     console.print()
     counts_style = "bold red" if result.exit_code() == 1 else ("bold magenta" if result.exit_code() else "bold green")
     console.print(Text(counts_line(result), counts_style), soft_wrap=True)
+
+
+def print_ladder(run: CaseRun, console: Console) -> None:
+    """One run's ladder diagram (``smtplab report DIR --ladder RUN``), coloured like its transcript on a TTY."""
+    title = Text.assemble((f"{run.verdict} ", STYLES[run.verdict]), visible(f"{run.name} {run.title}"))
+    console.print(title, soft_wrap=True)
+    for line, style in ladder.text_lines(ladder.of_run(run), console.width):
+        console.print(Text(line, LINE_STYLES.get(style, "bold")), soft_wrap=True)
+    console.print()
 
 
 def summary_text(result: RunResult) -> str:
