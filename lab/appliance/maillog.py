@@ -81,6 +81,8 @@ def parse_timestamp(stamp: str) -> float:
 def _text(value: object) -> str:
     """Printable ASCII: anything else (CR, LF, NUL, U+2028...) becomes an escape, so one event is one line."""
     raw = str(value.value if isinstance(value, Enum) else value)
+    if raw.isascii() and raw.isprintable():  # the common case: nothing to escape (0x20-0x7e)
+        return raw
     return "".join(ch if 0x20 <= ord(ch) < 0x7F else ascii(ch)[1:-1] for ch in raw)
 
 
