@@ -95,13 +95,13 @@ def main() -> None:
         captured = [in_memory(cases, state, scratch / f"report-{i}") for i in range(repeat)]
         runs = bare[0][0]
         print(f"catalogue: {len(cases)} cases, {runs} runs (case x policy); load average {os.getloadavg()[0]:.2f}")
-        for label, figures in (("no captures", bare), ("with captures", captured)):
+        target = f"   target > {RUNS_PER_SECOND_TARGET}"  # the target is for the runs alone, without captures
+        for label, figures, wanted in (("no captures", bare, target), ("with captures", captured, "")):
             rates = [n / wall for n, wall, _ in figures]
             per_cpu = statistics.median(n / cpu for n, _, cpu in figures)
             print(
                 f"in memory, {label:>13}: {statistics.median(rates):6.0f} runs/s (median of {repeat}; "
-                f"min {min(rates):.0f}, max {max(rates):.0f}); {per_cpu:.0f} runs per CPU second"
-                f"   target > {RUNS_PER_SECOND_TARGET}"
+                f"min {min(rates):.0f}, max {max(rates):.0f}); {per_cpu:.0f} runs per CPU second{wanted}"
             )
         if not args.no_cli:
             walls = [cli_default(scratch, i) for i in range(repeat)]
