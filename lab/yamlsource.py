@@ -14,6 +14,7 @@ import json
 import math
 import re
 import stat
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,14 +43,14 @@ MAX_INT_DIGITS = 100
 FieldPath = list[str | int]
 
 
-class _Located(dict):  # type: ignore[type-arg]
+class _Located(dict[Any, Any]):  # YAML keys may be numbers too
     """A mapping that remembers the line of each key and of itself."""
 
     line: int
     key_lines: dict[str, int]
 
 
-class _LocatedList(list):  # type: ignore[type-arg]
+class _LocatedList(list[Any]):
     line: int
     item_lines: list[int]
 
@@ -77,7 +78,7 @@ class _LineLoader(yaml.SafeLoader):
             raise BadInput(f"more than {MAX_TOTAL_CHARS} characters once aliases are expanded", line=_line(mark))
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # types-PyYAML leaves Parser.peek_event bare
         if isinstance(event, yaml.AliasEvent):
             target = self.anchors.get(event.anchor)
             if target is not None:
@@ -126,7 +127,7 @@ def _construct_sequence(loader: _LineLoader, node: yaml.SequenceNode) -> _Locate
 def _construct_int(loader: _LineLoader, node: yaml.ScalarNode) -> int:
     if sum(ch.isdigit() for ch in node.value) > MAX_INT_DIGITS:
         raise BadInput(f"a number of more than {MAX_INT_DIGITS} digits", line=node.start_mark.line + 1)
-    return loader.construct_yaml_int(node)  # type: ignore[no-any-return]
+    return loader.construct_yaml_int(node)
 
 
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -205,7 +206,7 @@ def field_name(path: list[str | int]) -> str:
 def load_schema(name: str) -> dict[str, Any]:
     """A JSON Schema shipped in ``lab/schemas``."""
     text = resources.files("lab").joinpath("schemas", name).read_text(encoding="utf-8")
-    return json.loads(text)  # type: ignore[no-any-return]
+    return json.loads(text)  # type: ignore[no-any-return]  # every shipped schema is a JSON object
 
 
 _MESSAGES = {  # jsonschema's wording, with the value as an excerpt
@@ -227,14 +228,17 @@ def describe(error: jsonschema.ValidationError) -> str:
 
     jsonschema's own messages repeat the whole instance, which for a hostile file can be megabytes.
     """
-    value, rule, kind = error.instance, error.validator_value, error.validator
+    # A validator sets all three on every error it yields; the stubs also allow jsonschema's "unset" marker.
+    value: Any = error.instance
+    rule: Any = error.validator_value
+    kind = str(error.validator)
     shown = excerpt(value)
     if kind == "enum":
         return f"{shown} is not one of {', '.join(str(c) for c in rule)}"
     if kind == "type":
         return f"{shown} is not of type {', '.join(repr(t) for t in ([rule] if isinstance(rule, str) else rule))}"
     if kind in ("additionalProperties", "unevaluatedProperties") and isinstance(value, dict):
-        allowed = error.schema.get("properties", {})
+        allowed = error.schema.get("properties", {}) if isinstance(error.schema, Mapping) else {}
         extra = [excerpt(k) for k in value if k not in allowed]
         return f"unknown field(s) ({', '.join(extra[:3])} {'was' if len(extra) == 1 else 'were'} unexpected)"
     if kind == "required" and isinstance(value, dict):

@@ -168,3 +168,14 @@ def test_tls_through_a_passive_middlebox_still_works(tls_pair: Pair) -> None:
     assert server.handshakes == client.handshakes == 1
     assert client.handle is not None and client.handle.get_protocol_version_name() == "TLSv1.3"
     assert (True, b"221 bye") in client.replies and box.notes == []
+
+
+def test_lines_are_read_as_the_smtp_core_reads_them() -> None:
+    """A line is STARTTLS (or the 250 listing it) for the middlebox exactly when the lab's SMTP core says so."""
+    box = StartTLSStripper(rewrite=True, answer_starttls=454)
+    state = box.open()
+    relay = state.from_client(b"STARTTLSX\r\nSTARTTLS now\r\n")
+    assert relay.forward == b"STARTTLSX\r\n" and relay.reply.startswith(b"454 ")  # a verb, and a verb with argument
+    lines = [b"250-starttls \t\r\n", b"250-STARTTLS2\r\n", b"251 STARTTLS\r\n", b"250STARTTLS\r\n"]
+    out = state.from_server(b"".join(lines)).forward
+    assert out == b"250-XXXXXXXA \t\r\n" + b"".join(lines[1:])

@@ -2,8 +2,8 @@
 
 The lab's listener is served as a real process (``smtplab serve``) for each policy, and the probe's CLI reads
 it over loopback TCP. Each deviation is proven against a deliberately broken listener made here: the real
-``ListenerProtocol`` whose ``ServerSession`` is a subclass with exactly one fault, served in-process on the memory
-carrier: real TLS, virtual time (every reply timeout and settle window passes on a ``task.Clock``).
+listener whose session runs with exactly one fault policy (``tests/broken_sessions.py``), served in-process on
+the memory carrier: real TLS, virtual time (every reply timeout and settle window passes on a ``task.Clock``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 import pytest_twisted
+from broken_sessions import PROBE_FAULTS
 from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
 from peers.aiosmtpd_peer import AiosmtpdPeer
 from peers.postfix import PostfixPeer
@@ -46,10 +47,9 @@ from lab.conformance.probe import (
 from lab.conformance.profile import load_profile
 from lab.errors import BadInput
 from lab.net.memory import MemoryNetwork
-from lab.policy.modes import Behaviour, ClientCert, TLSMode
-from lab.smtp.core.state import Move
-from lab.smtp.listener import ApplianceRuntime, ListenerFactory, ListenerProtocol
-from lab.smtp.session import Action, Close, Send, ServerSession, StartTLS, TLSInfo
+from lab.policy.modes import Behaviour, TLSMode
+from lab.smtp.faults import NO_FAULTS
+from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.transcript import Direction, Entry, Kind, from_legacy_line
 from lab.tls.certs import LabCA
 
@@ -231,98 +231,6 @@ def test_flags_become_settings(tmp_path: Path) -> None:
 # -- broken listeners of our own making: one fault each
 
 
-class Broken(ServerSession):
-    """The lab's session with the faults named in ``faults``; everything else as the real one does it."""
-
-    faults: ClassVar[frozenset[str]] = frozenset()
-
-    def _command(self, line: str) -> list[Action]:
-        verb, _, argument = line.strip().partition(" ")
-        verb = verb.upper()
-        unverified = self.tls is not None and self.client_cert is not ClientCert.VERIFIED
-        if verb == "EHLO" and unverified and "close-unverified" in self.faults:
-            return [Send(b"421 4.7.1 Client certificate required\r\n"), Close()]  # Postfix smtpd_tls_req_ccert
-        if verb == "HELO" and "helo-before-starttls" in self.faults:
-            return self._cmd_helo(argument.strip())
-        if verb == "STARTTLS":
-            if "starttls-refused" in self.faults:
-                return [Send(b"454 4.7.0 TLS not available due to local problem\r\n")]
-            if self.tls is None and argument and "starttls-argument" in self.faults:
-                return self._cmd_starttls("")
-            if self.tls is None and "starttls-unadvertised" in self.faults:
-                return self._cmd_starttls("")
-            if self.tls is not None and "starttls-twice" in self.faults:
-                return [Send(b"220 2.0.0 Ready to start TLS again\r\n")]
-        return super()._command(line)
-
-    def _cmd_ehlo(self, argument: str) -> list[Action]:
-        transaction = self._transaction
-        actions = super()._cmd_ehlo(argument)
-        if "envelope-across-tls" in self.faults and transaction is not None:
-            self._transaction = transaction
-            self.machine.move(Move.MAIL_ACCEPTED)
-        if self.tls is not None and "starttls-in-tls-ehlo" in self.faults:
-            (reply,) = actions
-            assert isinstance(reply, Send)
-            first, rest = reply.data.split(b"\r\n", 1)
-            actions = [Send(first + b"\r\n250-STARTTLS\r\n" + rest)]
-        return actions
-
-    def _cmd_mail(self, argument: str) -> list[Action]:
-        if self.greeting is None and "mail-without-ehlo" in self.faults:
-            self._greet("nobody")
-        return super()._cmd_mail(argument)
-
-    def _cmd_starttls(self, argument: str) -> list[Action]:
-        behind = self._reader.take()
-        actions = super()._cmd_starttls(argument)
-        if "starttls-injection" in self.faults:
-            self.stash = behind  # executed once TLS is up: CVE-2011-0411
-        if "starttls-pipelined-plaintext" in self.faults and behind:
-            # the 220 and the answers in one write, as a server that runs its input buffer before the handshake
-            # puts them in one segment (the memory carrier delivers each write as a segment of its own)
-            (ready,) = (a for a in actions if isinstance(a, Send))
-            answers = b"250 2.0.0 OK\r\n" * behind.count(b"\n")
-            actions = [Send(ready.data + answers), *(a for a in actions if isinstance(a, StartTLS))]
-        return actions
-
-    def tls_started(self, info: TLSInfo, client_cert: ClientCert = ClientCert.NONE) -> list[Action]:
-        greeting, transaction = self.greeting, self._transaction
-        actions = super().tls_started(info, client_cert)
-        self._restore(
-            greeting if "state-across-tls" in self.faults else None,
-            transaction if "envelope-across-tls" in self.faults else None,
-        )
-        stash = getattr(self, "stash", b"")
-        if stash:
-            self.stash = b""
-            actions += self.receive(stash)
-        return actions
-
-    def _command_line(self, line: bytes, overlong: bool = False) -> list[Action]:
-        too_long = len(line) > 512 and "long-command-line" in self.faults
-        nul = b"\x00" in line and "nul-in-command" in self.faults
-        if too_long or nul:
-            return self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", "replace"))
-        return super()._command_line(line, overlong)
-
-
-class BrokenProtocol(ListenerProtocol):
-    def connectionMade(self) -> None:
-        super().connectionMade()
-        if self.session is not None:
-            self.session.__class__ = self.owner.session_class  # type: ignore[attr-defined]
-
-
-class BrokenFactory(ListenerFactory):
-    session_class: type[ServerSession] = ServerSession
-
-    def buildProtocol(self, addr: Any) -> BrokenProtocol:
-        protocol = BrokenProtocol(self)
-        protocol.factory = self
-        return protocol
-
-
 #: Where the broken listener and the probe sit on the memory network (any addresses do: nothing leaves the process).
 LAB = ("192.0.2.25", 25)
 PROBER = "198.51.100.7"
@@ -331,13 +239,13 @@ PROBER = "198.51.100.7"
 def broken_lab(
     tmp_path: Path,
     tls: TLSMode,
-    faults: set[str],
+    fault: str | None,
     *,
     verify_client: bool = False,
     behaviour: Behaviour | None = None,
     rat: tuple[str, ...] | None = None,
 ) -> MemoryNetwork:
-    """The real listener on the memory carrier (virtual time, real TLS), its session broken by ``faults``."""
+    """The real listener on the memory carrier (virtual time, real TLS), its session broken by ``fault``."""
     net = MemoryNetwork()
     host, port = LAB
     appliance = quick_appliance(host, port, tls, verify_client=verify_client)
@@ -354,10 +262,9 @@ def broken_lab(
         maillog=MailLog(None, clock=net.clock.seconds),
         spool=Spool(tmp_path / "spool"),
         state_dir=tmp_path / "state",
+        faults=NO_FAULTS if fault is None else PROBE_FAULTS[fault],
     )
-    factory = BrokenFactory(runtime, listener, appliance.interfaces[listener.interface])
-    factory.session_class = type("BrokenSession", (Broken,), {"faults": frozenset(faults)})
-    net.listen(host, port, factory)
+    net.listen(host, port, runtime.factory(listener))
     return net
 
 
@@ -366,8 +273,8 @@ def in_memory(**kwargs: Any) -> ProbeSettings:
     return ProbeSettings(host=LAB[0], port=LAB[1], source=PROBER, **kwargs)
 
 
-def probe_broken(tmp_path: Path, tls: TLSMode, faults: set[str], **kwargs: Any) -> ProbeReport:
-    net = broken_lab(tmp_path, tls, faults, **kwargs.pop("listener", {}))
+def probe_broken(tmp_path: Path, tls: TLSMode, fault: str | None, **kwargs: Any) -> ProbeReport:
+    net = broken_lab(tmp_path, tls, fault, **kwargs.pop("listener", {}))
     return run_probe(in_memory(**kwargs), net)
 
 
@@ -395,7 +302,7 @@ def test_every_check_has_a_broken_listener() -> None:
 
 @pytest.mark.parametrize(("fault", "mode", "needle"), BROKEN, ids=[b[0] for b in BROKEN])
 def test_each_deviation_is_found_with_evidence(tmp_path: Path, fault: str, mode: TLSMode, needle: str) -> None:
-    report = probe_broken(tmp_path, mode, {fault})
+    report = probe_broken(tmp_path, mode, fault)
     assert [f.id for f in report.findings] == [fault], report.summary()
     (finding,) = report.findings
     assert needle in finding.evidence, finding.evidence
@@ -433,12 +340,12 @@ def test_every_rule_names_its_level_and_cites_rfcs_or_the_rules_page() -> None:
 
 @pytest.mark.parametrize("mode", list(TLSMode))
 def test_the_correct_listener_shows_no_deviation_in_process(tmp_path: Path, mode: TLSMode) -> None:
-    report = probe_broken(tmp_path, mode, set())
+    report = probe_broken(tmp_path, mode, None)
     assert (report.policy, report.findings, report.conclusive, report.exit_code) == (mode, (), True, 0)
 
 
 def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_path: Path) -> None:
-    report = probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"verify_client": True})
+    report = probe_broken(tmp_path, TLSMode.PREFERRED, None, listener={"verify_client": True})
     assert (report.policy, report.verify_client, report.findings) == (TLSMode.PREFERRED, True, ())
     assert report.checks["tls"]["tls.MAIL"] == 250  # no certificate: still welcome
     assert report.checks["tls-untrusted"]["tls.MAIL"] == 554
@@ -446,7 +353,7 @@ def test_preferred_with_verification_refuses_an_untrusted_certificate(tmp_path: 
 
 
 def test_required_closing_after_an_unverified_handshake(tmp_path: Path) -> None:
-    report = probe_broken(tmp_path, TLSMode.REQUIRED, {"close-unverified"}, listener={"verify_client": True})
+    report = probe_broken(tmp_path, TLSMode.REQUIRED, "close-unverified", listener={"verify_client": True})
     assert (report.policy, report.verify_client, report.conclusive) == (TLSMode.REQUIRED, True, True)
     assert "inside TLS too (EHLO 421)" in report.basis
     assert "<~  421 4.7.1 Client certificate required" in report.evidence
@@ -454,7 +361,7 @@ def test_required_closing_after_an_unverified_handshake(tmp_path: Path) -> None:
 
 
 def test_rejecting_greeting_is_unreachable(tmp_path: Path) -> None:
-    net = broken_lab(tmp_path, TLSMode.PREFERRED, set(), behaviour=Behaviour.REJECT)
+    net = broken_lab(tmp_path, TLSMode.PREFERRED, None, behaviour=Behaviour.REJECT)
     with pytest.raises(ProbeUnreachable, match=f"cannot probe {LAB[0]}:{LAB[1]}: greeting 554"):
         run_probe(in_memory(), net)
 
@@ -477,7 +384,7 @@ def test_the_probe_waits_on_the_carriers_clock(tmp_path: Path) -> None:
 def test_the_memory_probe_settles_virtually(tmp_path: Path) -> None:
     """Against a correct listener nothing answers the injected NOOP: the probe listens the whole settle window,
     on the virtual clock."""
-    net = broken_lab(tmp_path, TLSMode.REQUIRED, set())
+    net = broken_lab(tmp_path, TLSMode.REQUIRED, None)
     report = run_probe(in_memory(settle=5.0), net)
     assert report.findings == () and report.checks["injection"]["STARTTLS"] == 220
     assert net.clock.seconds() >= 5.0
@@ -485,7 +392,7 @@ def test_the_memory_probe_settles_virtually(tmp_path: Path) -> None:
 
 
 def test_recipient_refused_everywhere_is_only_a_guess(tmp_path: Path) -> None:
-    report = probe_broken(tmp_path, TLSMode.PREFERRED, set(), listener={"rat": ("example.org",)})
+    report = probe_broken(tmp_path, TLSMode.PREFERRED, None, listener={"rat": ("example.org",)})
     assert report.checks["plain"]["plain.RCPT"] == report.checks["tls"]["tls.RCPT"] == 550
     assert (report.policy, report.conclusive, report.findings, report.exit_code) == (TLSMode.PREFERRED, False, (), 1)
     assert "the recipient <postmaster@example.com> is refused everywhere: give --to" in report.notes

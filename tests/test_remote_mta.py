@@ -87,7 +87,7 @@ def test_plaintext_behind_starttls_is_discarded_unless_vulnerable(tmp_path: Path
     _, _, safe = run(script, tmp_path)
     assert all("evil" not in line for _, line in safe.sessions[0].commands)
     record, _, vulnerable = run(script, tmp_path, injection_vulnerable=True)
-    assert (False, "MAIL FROM:<evil@example.net>") in vulnerable.sessions[0].commands
+    assert (True, "MAIL FROM:<evil@example.net>") in vulnerable.sessions[0].commands  # executed inside TLS
     assert record.observed["injection_executed"] is True
 
 

@@ -26,6 +26,7 @@ from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.policy.params import EffectiveParams
 from lab.smtp.core.events import LogEvent
+from lab.smtp.faults import FaultPolicy
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig
 
@@ -108,11 +109,8 @@ class Talker(Protocol):
         self.closed = True
 
 
-class StuckSession(ServerSession):
-    """Ignores the stop when greeted as ``stuck``: the grace period must still end its connection."""
-
-    def shutdown(self) -> list[Action]:
-        return [] if self.greeting == "stuck" else super().shutdown()
+#: A session greeted as ``stuck`` ignores the stop: the grace period must still end its connection.
+STUCK = FaultPolicy(ignore_shutdown_from=frozenset({"stuck"}))
 
 
 def test_listener_shutdown_ends_every_session_within_the_grace_period(tmp_path: Path) -> None:
@@ -125,7 +123,7 @@ def test_listener_shutdown_ends_every_session_within_the_grace_period(tmp_path: 
         maillog=log,
         spool=Spool(tmp_path / "spool"),
         state_dir=tmp_path / "state",
-        session_class=StuckSession,
+        faults=STUCK,
     )
     factory = runtime.factory(appliance.listeners[0])
     port = net.listen("192.168.2.1", 25, factory)

@@ -17,9 +17,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lab.errors import BadInput
-from lab.tls.tlsctx import TLSFacts
+
+if TYPE_CHECKING:
+    from lab.smtp.session import TLSInfo  # the version and cipher a session carries (lab.tls.tlsctx.TLSFacts)
 
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up
@@ -216,7 +219,7 @@ def received_header(
     from_addr: str,
     helo: str,
     by_host: str,
-    tls: TLSFacts | None,
+    tls: TLSInfo | None,
     mid: int,
     recipient: str | None,
     when: dt.datetime | float,

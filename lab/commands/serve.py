@@ -189,6 +189,7 @@ def _report_errors_to_stderr() -> None:
 def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
+    from twisted.internet.interfaces import IReactorThreads
 
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = ApplianceRuntime(
         appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, spool_in_threads=True
     )
-    reactor.suggestThreadPoolSize(32)  # spool writes wait on fsync; let concurrent sessions overlap them
+    IReactorThreads(reactor).suggestThreadPoolSize(32)  # spool writes wait on fsync; let sessions overlap them
 
     ports: list[Any] = []
     factories: list[ListenerFactory] = []

@@ -29,6 +29,7 @@ from lab.conformance.profile import DEFAULT_FROM, default_recipient, format_addr
 from lab.errors import EXIT_FAILED, EXIT_OK, HarnessError
 from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
 from lab.policy.modes import TLSMode
+from lab.scenario.observations import Observations
 from lab.smtp.client import ClientRecord, ScriptedClient
 from lab.smtp.steps import DEFAULT_EHLO, Ehlo, Helo, Quit, Raw, Send, StartTLS, Step, TLSOptions
 from lab.smtp.transcript import NOTE, Direction, Entry, Kind, render
@@ -185,7 +186,7 @@ class Answer:
     ca_names: list[str] = field(default_factory=list)
 
     @property
-    def observed(self) -> dict[str, Any]:
+    def observed(self) -> Observations:
         return self.record.observed
 
     @property
@@ -398,7 +399,7 @@ class Prober:
         self.transcript += record.transcript
         return answer
 
-    def found(self, check: str, *parts: tuple[Answer, Sequence[str]]) -> None:
+    def found(self, check: str, *parts: tuple[Answer, Sequence[Entry]]) -> None:
         """Record a deviation; each part is the lines of one question, shown under that question's header."""
         if check not in CHECKS:  # pragma: no cover - a typo in this module
             raise HarnessError(f"unknown probe check {check!r}")
@@ -407,7 +408,7 @@ class Prober:
             evidence += [answer.header, *render(lines)]
         self.findings.append(Finding(check, tuple(evidence)))
 
-    def cite(self, answer: Answer | None, *wanted: Callable[[str], bool]) -> None:
+    def cite(self, answer: Answer | None, *wanted: Callable[[Entry], bool]) -> None:
         """Quote the exchanges of ``answer`` that the policy decision rests on."""
         if answer is None:
             return

@@ -44,7 +44,8 @@ class TargetFlags:
     @classmethod
     def from_namespace(cls, values: object) -> TargetFlags:
         """The flags from an object carrying them as attributes (``smtplab run``'s parsed arguments)."""
-        return cls(**{f.name: getattr(values, f.name, f.default) for f in dataclasses.fields(cls)})
+        flags: dict[str, Any] = {f.name: getattr(values, f.name, f.default) for f in dataclasses.fields(cls)}
+        return cls(**flags)
 
 
 NO_FLAGS = TargetFlags()

@@ -25,7 +25,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface  # type: ignore[import-untyped]
+from zope.interface import Attribute, Interface
 
 from lab.errors import HarnessError
 from lab.net.capture import Capture

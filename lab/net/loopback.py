@@ -21,9 +21,10 @@ from typing import Any
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IAddress
 from twisted.internet.protocol import ClientFactory, Factory, ServerFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
@@ -62,7 +63,7 @@ class _ServerSide(Factory):
     def doStop(self) -> None:
         self.wrapped.doStop()
 
-    def buildProtocol(self, addr: IPv4Address) -> SessionTransport | None:  # type: ignore[override]
+    def buildProtocol(self, addr: IPv4Address) -> SessionTransport | None:  # type: ignore[override]  # TCP: IPv4
         peer = IPv4Address("TCP", self.net.virtual_of(addr.host), addr.port)
         app = self.wrapped.buildProtocol(peer)
         if app is None:
@@ -104,7 +105,7 @@ class _ClientSide(ClientFactory):
         self.flow: Flow | None = None
         self.own_key: tuple[str, int] | None = None
 
-    def buildProtocol(self, addr: IPv4Address) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> Any:
         assert self.flow is not None
         app = self.wrapped.buildProtocol(self.peer)
         if app is None:
@@ -156,7 +157,7 @@ class LoopbackNetwork:
         *,
         port_map: Mapping[int, int] | None = None,
         capture: Capture | None = None,
-        reactor: Any = None,
+        reactor: Any = None,  # IReactorTCP and IReactorTime, which one annotation cannot say
         allow_localhost: bool = False,
         connect_timeout: float = 30.0,
     ) -> None:
@@ -172,7 +173,7 @@ class LoopbackNetwork:
         }
         self.capture = capture if capture is not None else Capture()
         self.connect_timeout = connect_timeout
-        self.epoch = reactor.seconds()
+        self.epoch: float = reactor.seconds()
         self.ports: dict[tuple[str, int], tuple[str, int]] = {}  # virtual (ip, port) -> real (ip, port) listening
         self._listening: list[LoopbackPort] = []
         self._own: dict[tuple[str, int], Flow] = {}  # real (ip, port) of this network's clients -> their flow
@@ -207,7 +208,7 @@ class LoopbackNetwork:
         return self._virtual.get(loopback_ip, loopback_ip)
 
     def now(self) -> float:
-        return self.reactor.seconds() - self.epoch
+        return float(self.reactor.seconds()) - self.epoch
 
     @property
     def clock(self) -> Any:

@@ -27,16 +27,16 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error, task
 from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IProtocol
+from twisted.internet.interfaces import IProtocol, ITransport
 from twisted.internet.protocol import ClientFactory, ServerFactory
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture, Direction, Endpoint, Flow
@@ -64,6 +64,7 @@ def check_port(port: int, field: str, *, zero: bool = False) -> int:
     return port
 
 
+@implementer(ITransport)
 class _End:
     """One end of a memory link: the raw pipe its protocol (a SessionTransport or a MiddleboxPipe) writes to."""
 
@@ -86,7 +87,7 @@ class _End:
         assert self.other is not None
         self.net.clock.callLater(self.net.latency, self.other._receive, bytes(data))
 
-    def writeSequence(self, seq: Sequence[bytes]) -> None:
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
         self.write(b"".join(seq))
 
     def loseConnection(self) -> None:

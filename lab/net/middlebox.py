@@ -14,7 +14,6 @@ collects what it did over all connections (the runner prints them as ``=== middl
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -25,6 +24,8 @@ from twisted.python.failure import Failure
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Direction
+from lab.smtp.core.commands import parse_command
+from lab.smtp.core.readers import ReplyLineFields, parse_reply_line
 
 MAX_HELD = 4096  # a "line" longer than this is passed on as is: never stall a stream that is not SMTP text
 TLS_RECORD_TYPES = frozenset({0x14, 0x15, 0x16, 0x17})  # ChangeCipherSpec, Alert, Handshake, ApplicationData
@@ -88,10 +89,31 @@ class _LineBuffer:
         return held
 
 
-_CAPABILITY = re.compile(rb"250([- ])STARTTLS([ \t]*\r?\n)", re.IGNORECASE)
-_STARTTLS_VERB = re.compile(rb"STARTTLS(?:[ \t].*)?\r?\n", re.IGNORECASE | re.DOTALL)
-_DATA_VERB = re.compile(rb"DATA[ \t]*\r?\n", re.IGNORECASE)
 _REWRITTEN = b"XXXXXXXA"  # same length as STARTTLS, as Cisco PIX/ASA "ESMTP inspection" writes it
+
+
+def _without_line_end(line: bytes) -> bytes:
+    return line[:-2] if line.endswith(b"\r\n") else line[:-1] if line.endswith(b"\n") else line
+
+
+def _reply_fields(line: bytes) -> ReplyLineFields | None:
+    """A server line (with its line end) as the SMTP core reads it."""
+    return parse_reply_line(_without_line_end(line))
+
+
+def _lists_starttls(fields: ReplyLineFields | None) -> bool:
+    """``250-STARTTLS`` or ``250 STARTTLS`` (any case, trailing blanks): the EHLO reply's STARTTLS line."""
+    return (
+        fields is not None
+        and fields.code == 250
+        and fields.separator in (b"-", b" ")
+        and fields.text.rstrip(b" \t").upper() == b"STARTTLS"
+    )
+
+
+def _is_starttls(line: bytes) -> bool:
+    """A client line (with its line end) the SMTP core reads as the STARTTLS command."""
+    return parse_command(_without_line_end(line).decode("utf-8", errors="replace")).verb == "STARTTLS"
 
 
 class StartTLSStripper:
@@ -130,11 +152,11 @@ class _StripperSession:
         lines, rest = self.server.feed(data)
         out = []
         for line in lines:
-            if line.startswith(b"354"):
+            fields = _reply_fields(line)
+            if fields is not None and fields.code == 354:
                 self.in_body = True
-            match = _CAPABILITY.fullmatch(line) if self.box.rewrite else None
-            if match:
-                new = b"250" + match.group(1) + _REWRITTEN + match.group(2)
+            if self.box.rewrite and _lists_starttls(fields):
+                new = line[:4] + _REWRITTEN + line[4 + len(_REWRITTEN) :]
                 self.box.notes.append(
                     f"middlebox rewrote STARTTLS: {line.rstrip().decode('ascii')} -> {new.rstrip().decode('ascii')}"
                 )
@@ -149,7 +171,7 @@ class _StripperSession:
             if self.in_body:
                 if line.rstrip(b"\r\n") == b".":
                     self.in_body = False
-            elif self.box.answer_starttls is not None and _STARTTLS_VERB.fullmatch(line):
+            elif self.box.answer_starttls is not None and _is_starttls(line):
                 answer = self.box.answer_line()
                 self.box.notes.append(
                     f"middlebox answered STARTTLS itself: {answer.rstrip().decode('ascii')} (not forwarded)"

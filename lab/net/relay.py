@@ -70,7 +70,7 @@ class _End(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.splice.received(self, data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.closed = True
         self.splice.lost(self)
 

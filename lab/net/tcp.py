@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from lab.errors import BadInput
 from lab.net.capture import Capture

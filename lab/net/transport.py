@@ -23,6 +23,8 @@ memory wire) until ``resumeProducing``. ``startTLS`` moves a registered producer
 
 from __future__ import annotations
 
+import typing
+from collections.abc import Iterable
 from typing import Any
 
 from OpenSSL import SSL
@@ -37,13 +39,28 @@ from twisted.internet.interfaces import (
     ITCPTransport,
     ITLSTransport,
 )
-from twisted.internet.protocol import Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from zope.interface import alsoProvides, implementer
 
 from lab.errors import HarnessError
 from lab.net.capture import Direction, Flow
+
+
+class _TLSLayer(typing.Protocol):
+    """What this transport uses of ``TLSMemoryBIOProtocol``, whose methods Twisted leaves unannotated."""
+
+    def makeConnection(self, transport: ITCPTransport) -> None: ...
+    def dataReceived(self, data: bytes) -> None: ...
+    def connectionLost(self, reason: Failure) -> None: ...
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def getHandle(self) -> SSL.Connection: ...
+    def getPeerCertificate(self) -> Any: ...
+    def registerProducer(self, producer: Any, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
 
 
 def other(direction: Direction) -> Direction:
@@ -89,7 +106,7 @@ class _BelowTLS:
     def write(self, data: bytes) -> None:
         self.session._raw_write(data)
 
-    def writeSequence(self, seq: list[bytes]) -> None:
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
         self.session._raw_write(b"".join(seq))
 
     def loseConnection(self) -> None:
@@ -146,7 +163,7 @@ class SessionTransport(Protocol):
         self.outbound = Direction.C2S if is_client else Direction.S2C
         self.pipe: Any = None
         self.disconnecting = False
-        self._tls: TLSMemoryBIOProtocol | None = None
+        self._tls: _TLSLayer | None = None
         self._lost = False
         self._producer: tuple[Any, bool] | None = None  # the application's (producer, streaming)
         self._paused = False  # the application asked us to stop reading
@@ -173,7 +190,7 @@ class SessionTransport(Protocol):
         else:
             self.protocol.dataReceived(data)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure = connectionDone) -> None:  # Twisted's signature
         if self._lost:
             return
         unread, self._unread = self._unread, []
@@ -201,7 +218,7 @@ class SessionTransport(Protocol):
         else:
             self._raw_write(data)
 
-    def writeSequence(self, seq: list[bytes]) -> None:
+    def writeSequence(self, seq: Iterable[bytes]) -> None:
         self.write(b"".join(seq))
 
     def loseConnection(self) -> None:
@@ -244,8 +261,9 @@ class SessionTransport(Protocol):
         if self._lost:
             return
         is_client = self.is_client if normal else not self.is_client
+        # No wrapped factory: the protocol is built here around the already connected application.
         factory = TLSMemoryBIOFactory(creator, is_client, None, clock=self.clock)  # type: ignore[arg-type]
-        tls = factory.protocol(factory, _AppSide(self.protocol))
+        tls: _TLSLayer = factory.protocol(factory, _AppSide(self.protocol))
         producer = self._producer
         if producer is not None:  # hooked up under TLS below, as _newtls does
             self.unregisterProducer()

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lab.errors import HarnessError
-from lab.scenario.result import CaseRun, Level, RunResult, SpecRef
-from lab.scenario.verdict import Verdict
+from lab.scenario.result import CaseRun, Level, RunResult
+from lab.scenario.verdict import SpecRef, Verdict
 from lab.smtp.transcript import Direction, Entry
 
 INDEX_JSON = "index.json"

@@ -40,18 +40,16 @@ from lab.scenario.model import (
     Equals,
     Expectation,
     Has,
-    Level,
     Match,
     Middlebox,
     Not,
     OneOf,
     RemoteMTA,
-    SpecRef,
     Test,
     id_section,
     natural_key,
 )
-from lab.scenario.verdict import Verdict
+from lab.scenario.verdict import Level, SpecRef, Verdict
 from lab.yamlsource import DocumentBuilder, FieldPath, describe, line_of, load_schema, read_yaml
 
 STEPS_URI = "https://smtplab.invalid/schemas/steps.schema.json"
@@ -300,7 +298,7 @@ class _CaseReader(DocumentBuilder):
             close = difflib.get_close_matches(top, OBSERVATION_KEYS, n=1)
             hint = f"did you mean {close[0]!r}?" if close else "known: " + ", ".join(sorted(OBSERVATION_KEYS))
             raise self.fail(f"unknown observation key {excerpt(top)} ({hint})", path)
-        kind = OBSERVATION_KEYS[top]
+        kind: str = OBSERVATION_KEYS[top]
         if kind == "exposure" and sub:
             if sub not in ("envelope", "body"):
                 raise self.fail(f"plaintext_exposure has envelope and body, not {excerpt(sub)}", path)

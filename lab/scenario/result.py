@@ -265,7 +265,7 @@ def index_schema() -> dict[str, Any]:
     return load_schema(SCHEMA_NAME)
 
 
-def check_record(data: Any, file: str | None = None) -> dict[str, Any]:
+def check_record(data: object, file: str | None = None) -> dict[str, Any]:
     """The record in the current version (an upgraded copy of an older one); ``BadInput`` (file, field) unless
     ``data`` is an index.json record this version reads."""
     where = file or "index.json"

@@ -22,6 +22,7 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from lab.net.transport import SessionTransport
 from lab.smtp.core.errors import ReplyError
 from lab.smtp.core.events import ReceivedReply as Reply
 from lab.smtp.core.readers import MAX_REPLY_LINE as MAX_REPLY_LINE
@@ -76,7 +77,7 @@ class Conn:
         self.reading_paused = False
 
     @property
-    def transport(self) -> Any:
+    def transport(self) -> SessionTransport:
         return self.protocol.transport
 
     @property
@@ -95,6 +96,8 @@ class Conn:
 class _ClientProtocol(Protocol):
     """A thin shell: every event goes to the engine."""
 
+    transport: SessionTransport  # what every carrier connects a protocol to; set before connectionMade
+
     def __init__(self, engine: ScriptedClient) -> None:
         self.engine = engine
         self.conn: Conn | None = None
@@ -108,7 +111,7 @@ class _ClientProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.engine._handshake_done(self)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self.engine._lost(self, reason)
 
 

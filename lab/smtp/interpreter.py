@@ -312,6 +312,7 @@ class StepInterpreter:
 
     def _tls_up(self, conn: Conn, creator: Any) -> None:
         handle = conn.transport.getHandle()
+        assert handle is not None  # called once the handshake completed
         facts = tls_facts(handle)
         self.transcript.note(f"TLS started with cipher {facts.version}:{facts.cipher}:{facts.bits}", Kind.TLS_STARTED)
         verified = None

@@ -32,6 +32,7 @@ from zope.interface import implementer
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
 from lab.appliance.spool import Spool, received_header
+from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
@@ -71,7 +72,6 @@ class ApplianceRuntime:
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
         spool_in_threads: bool = False,
-        session_class: type[ServerSession] = ServerSession,
         faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
@@ -83,7 +83,6 @@ class ApplianceRuntime:
         self.reverse_dns = reverse_dns
         self.keylog = keylog
         self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
-        self.session_class = session_class
         self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
@@ -194,6 +193,8 @@ class ListenerFactory(ServerFactory):
 class ListenerProtocol(Protocol):
     """One SMTP connection to a listener."""
 
+    transport: SessionTransport  # what every carrier connects a protocol to; set before connectionMade
+
     def __init__(self, factory: ListenerFactory) -> None:
         self.owner = factory
         self.runtime = factory.runtime
@@ -255,7 +256,7 @@ class ListenerProtocol(Protocol):
             accepts_recipient=lambda address: self.listener.accepts_recipient(address, behaviour),
             faults=self.runtime.faults,
         )
-        self.session = self.runtime.session_class(config, self)
+        self.session = ServerSession(config, self)
         self._apply(self.session.start())
         self._arm()
 
@@ -277,6 +278,7 @@ class ListenerProtocol(Protocol):
         if self.session is None or self._closing:
             return
         connection = self.transport.getHandle()
+        assert connection is not None  # a handshake completed, so startTLS made one
         facts = tls_facts(connection)
         state = ClientCert.NONE
         if self.session.config.params.verify_client:
@@ -284,7 +286,7 @@ class ListenerProtocol(Protocol):
         self._apply(self.session.tls_started(facts, state))
         self._feed()  # application data that came with the end of the handshake
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         self._lost = True
         self._cancel_timer()
         self.owner.active -= 1

@@ -1,32 +1,64 @@
-"""A small receiving MTA with a configurable STARTTLS misbehaviour, to test the CLIENT side.
+"""A receiving MTA with a configurable STARTTLS misbehaviour, to test the CLIENT side.
 
-It is deliberately not the appliance listener (``lab.smtp.session`` + ``listener``): it knows just enough SMTP
-to take a message, and its STARTTLS can be absent, refused with 454, followed by garbage, followed by an injected
-response, or doomed to a failed handshake. ``injection_vulnerable`` makes it execute plaintext sent behind
-STARTTLS inside TLS (CVE-2011-0411), so the client's ``injection_executed`` detection has something to detect.
+It is the lab's server session (``lab.smtp.session.ServerSession``) with another MTA's reply texts and one of
+the fault policies of ``lab.smtp.faults``: its STARTTLS can be absent (a server without TLS), refused with 454,
+followed by garbage, followed by an injected response, or doomed to a failed handshake.
+``injection_vulnerable`` makes it execute plaintext sent behind STARTTLS inside TLS (CVE-2011-0411), so the
+client's ``injection_executed`` detection has something to detect. The protocol here is a thin shell: it
+carries out the session's actions and keeps a record of each connection for the tests; it parses nothing.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Protocol as TypingProtocol
+from typing import cast
 
 from OpenSSL import SSL
-from twisted.internet.interfaces import IHandshakeListener, IReactorTime
-from twisted.internet.protocol import ServerFactory
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lab.errors import BadInput
+from lab.policy.modes import Behaviour, TLSMode
+from lab.policy.params import EffectiveParams
+from lab.smtp import faults
+from lab.smtp.core.events import LogEvent, Reply
+from lab.smtp.faults import GARBAGE, HANDSHAKE_FAILURE_ALERT, NO_FAULTS, FaultPolicy
+from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig, StartTLS, Texts
 from lab.tls.certs import demo_certificate
 from lab.tls.tlsctx import ServerTLS, tls_error_reason, tls_facts
 
-MODES = ("ok", "absent", "454", "garbage-after-220", "response-injection", "handshake-fail")
-#: A fatal TLS alert, handshake_failure(40): what a server with nothing in common with the ClientHello sends.
-HANDSHAKE_FAILURE_ALERT = b"\x15\x03\x03\x00\x02\x02\x28"
-GARBAGE = b"500 this is not a TLS ServerHello\r\n"
+__all__ = ["GARBAGE", "HANDSHAKE_FAILURE_ALERT", "MODES", "RemoteMTAFactory", "RemoteMTAProtocol"]
+
+#: Each STARTTLS mode: the fault policy it runs with ("absent": a server without STARTTLS, see ``TLS_MODES``).
+FAULTS: dict[str, FaultPolicy] = {
+    "ok": NO_FAULTS,
+    "absent": NO_FAULTS,
+    "454": faults.STARTTLS_454,
+    "garbage-after-220": faults.GARBAGE_AFTER_220,
+    "response-injection": faults.RESPONSE_INJECTION,
+    "handshake-fail": faults.HANDSHAKE_FAIL,
+}
+MODES = tuple(FAULTS)
+
+#: The remote MTA's replies, as the lab has always written them (transcripts stay comparable across versions).
+TEXTS = Texts(
+    ehlo_first="{hostname}",
+    extensions=("PIPELINING", "SIZE {size}", "8BITMIME"),
+    last_extensions=(),
+    sender_ok=Reply(250, "2.1.0", "Ok"),
+    recipient_ok=Reply(250, "2.1.5", "Ok"),
+    ok=Reply(250, "2.0.0", "Ok"),
+)
+PARAMS = EffectiveParams(
+    banner_text="ESMTP smtplab remote MTA",
+    max_message_size=10240000,
+    max_msgs_per_connection=1_000_000,
+    tls=TLSMode.PREFERRED,
+)
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout")
 
 
 @dataclass
@@ -63,13 +95,14 @@ class RemoteMTAFactory(ServerFactory):
         injection_vulnerable: bool = False,
         idle_timeout: float = 300.0,
     ) -> None:
-        if starttls not in MODES:
+        if starttls not in FAULTS:
             raise BadInput(f"{starttls!r} is not one of {', '.join(MODES)}", field="starttls")
         self.hostname = hostname
         self.starttls = starttls
         self._tls_server = tls_server
         self.clock = clock
-        self.injection_vulnerable = injection_vulnerable
+        self.faults = replace(FAULTS[starttls], execute_injection=injection_vulnerable)
+        self.params = replace(PARAMS, tls=TLSMode.NO if starttls == "absent" else TLSMode.PREFERRED)
         self.idle_timeout = idle_timeout
         self.sessions: list[SessionLog] = []
         self.messages: list[ReceivedMessage] = []
@@ -80,178 +113,126 @@ class RemoteMTAFactory(ServerFactory):
             self._tls_server = ServerTLS(demo_certificate())
         return self._tls_server
 
-    def buildProtocol(self, addr: Any) -> RemoteMTAProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> RemoteMTAProtocol:
         protocol = RemoteMTAProtocol(self)
         protocol.factory = self
         return protocol
 
 
-@implementer(IHandshakeListener)
-class RemoteMTAProtocol(LineReceiver, TimeoutMixin):
-    delimiter = b"\n"
-    MAX_LENGTH = 4096
+class _Transport(TypingProtocol):
+    """What this protocol asks of its transport (docs/architecture.md, "Transport contract")."""
+
+    def write(self, data: bytes) -> None: ...
+    def loseConnection(self) -> None: ...
+    def abortConnection(self) -> None: ...
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+    def startTLS(self, creator: object) -> None: ...
+    def getHandle(self) -> SSL.Connection: ...
+
+
+@implementer(IHandshakeListener, IPushProducer)
+class RemoteMTAProtocol(Protocol):
+    """One connection: bytes to the session, the session's actions to the transport."""
 
     def __init__(self, factory: RemoteMTAFactory) -> None:
         self.owner = factory
         self.log = SessionLog()
         factory.sessions.append(self.log)
-        self.tls = False
-        self.tls_pending = False
-        self.after_220: bytes | None = None  # garbage-after-220 / handshake-fail: what to answer the ClientHello
-        self._reset()
-        if factory.clock is not None:
-            self.callLater = factory.clock.callLater
+        config = SessionConfig(
+            hostname=factory.hostname,
+            behaviour=Behaviour.ACCEPT,
+            params=factory.params,
+            faults=factory.faults,
+            texts=TEXTS,
+            on_command=self._command,
+        )
+        self.session = ServerSession(config, self)
+        self._tls_pending = False
+        self._idle: IDelayedCall | None = None
 
-    def _reset(self) -> None:
-        self.helo: str | None = None
-        self.mail_from: str | None = None
-        self.rcpt_to: list[str] = []
-        self.data: list[bytes] | None = None
+    @property
+    def wire(self) -> _Transport:
+        return cast(_Transport, self.transport)
 
-    def reply(self, text: str) -> None:
-        self.transport.write(text.encode("ascii") + b"\r\n")
+    # -- SessionHooks
+
+    def new_mid(self) -> int:
+        return len(self.owner.messages) + 1
+
+    def log_event(self, event: LogEvent) -> None:
+        """This MTA keeps no mail log."""
+
+    def _command(self, line: str) -> None:
+        self.log.commands.append((self.log.tls, line))
+
+    # -- the connection
 
     def connectionMade(self) -> None:
-        # LineReceiver is a push producer: paused (its transport's output full) it stops reading, so a client
-        # that pipelines and never reads cannot grow this MTA
-        self.transport.registerProducer(self, True)
+        # a push producer: paused (its transport's output full) it stops reading, so a client that pipelines
+        # and never reads cannot grow this MTA
+        self.wire.registerProducer(self, True)
         if self.owner.clock is not None:
-            self.setTimeout(self.owner.idle_timeout)
-        self.reply(f"220 {self.owner.hostname} ESMTP smtplab remote MTA")
+            self._idle = self.owner.clock.callLater(self.owner.idle_timeout, self._idle_expired)
+        self._apply(self.session.start())
 
-    def timeoutConnection(self) -> None:
-        self.reply("421 4.4.2 Idle timeout")
-        self._close()
+    def _idle_expired(self) -> None:
+        self._idle = None
+        self._apply(self.session.deadline_expired("idle timeout", IDLE_TIMEOUT))
 
     def dataReceived(self, data: bytes) -> None:
-        if self.owner.clock is not None:
-            self.resetTimeout()
-        if self.after_220 is not None and data:  # (resumeProducing re-enters with b"")
-            self.transport.write(self.after_220)  # the ClientHello is answered with something that is not TLS
-            self.after_220 = None
-            self._close()
-            return
-        super().dataReceived(data)
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.reply("500 5.5.2 Line too long")
-        self._close()
-
-    def lineReceived(self, raw: bytes) -> None:
-        line = raw[:-1] if raw.endswith(b"\r") else raw
-        if self.data is not None:
-            return self._data_line(line)
-        text = line.decode("utf-8", "replace")
-        self.log.commands.append((self.tls, text))
-        verb, _, argument = text.partition(" ")
-        handler = getattr(self, f"smtp_{verb.upper()}", None)
-        if handler is None:
-            return self.reply("500 5.5.1 Command unrecognized")
-        handler(argument.strip())
-
-    def _data_line(self, line: bytes) -> None:
-        assert self.data is not None
-        if line == b".":
-            message = ReceivedMessage(self.mail_from or "", list(self.rcpt_to), b"".join(self.data), self.tls)
-            self.owner.messages.append(message)
-            self._reset_envelope()
-            self.reply(f"250 2.0.0 Ok: queued as {len(self.owner.messages)}")
-            return
-        self.data.append((line[1:] if line.startswith(b".") else line) + b"\r\n")
-
-    def _reset_envelope(self) -> None:
-        self.mail_from, self.rcpt_to, self.data = None, [], None
-
-    # -- commands
-
-    def smtp_EHLO(self, argument: str) -> None:
-        self.helo = argument
-        self._reset_envelope()
-        lines = [self.owner.hostname, "PIPELINING", "SIZE 10240000", "8BITMIME"]
-        if self.owner.starttls != "absent" and not self.tls:
-            lines.append("STARTTLS")
-        for i, line in enumerate(lines):
-            self.reply(f"250{'-' if i < len(lines) - 1 else ' '}{line}")
-
-    def smtp_HELO(self, argument: str) -> None:
-        self.helo = argument
-        self._reset_envelope()
-        self.reply(f"250 {self.owner.hostname}")
-
-    def smtp_STARTTLS(self, argument: str) -> None:
-        mode = self.owner.starttls
-        if mode == "absent":
-            return self.reply("502 5.5.1 STARTTLS not implemented")
-        if argument:
-            return self.reply("501 5.5.4 Syntax error (no parameters allowed)")
-        if self.tls:
-            return self.reply("503 5.5.1 TLS already active")
-        if mode == "454":
-            return self.reply("454 4.7.0 TLS not available due to local problem")
-        if mode == "response-injection":
-            self.transport.write(b"220 2.0.0 Ready to start TLS\r\n250 2.0.0 injected\r\n")
-        else:
-            self.reply("220 2.0.0 Ready to start TLS")
-        if mode in ("garbage-after-220", "handshake-fail"):
-            self.clearLineBuffer()
-            self.after_220 = GARBAGE if mode == "garbage-after-220" else HANDSHAKE_FAILURE_ALERT
-            return
-        if not self.owner.injection_vulnerable:
-            self.clearLineBuffer()  # RFC 3207 / CVE-2011-0411: plaintext behind STARTTLS is never executed
-        self._reset()
-        self.tls_pending = True
-        self.transport.startTLS(self.owner.tls_server)
+        if self._idle is not None:
+            self._idle.reset(self.owner.idle_timeout)
+        self._apply(self.session.receive(data))
 
     def handshakeCompleted(self) -> None:
-        self.tls = self.log.tls = True
-        facts = tls_facts(self.transport.getHandle())
+        self.log.tls = True
+        facts = tls_facts(self.wire.getHandle())
         self.log.tls_version, self.log.client_cert_subject = facts.version, facts.peer_subject
+        self._apply(self.session.tls_started(facts))
 
-    def smtp_MAIL(self, argument: str) -> None:
-        if self.helo is None:
-            return self.reply("503 5.5.1 Send EHLO first")
-        if not argument.upper().startswith("FROM:"):
-            return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>")
-        self.mail_from = argument[5:].strip().split(" ")[0].strip("<>")
-        self.reply("250 2.1.0 Ok")
-
-    def smtp_RCPT(self, argument: str) -> None:
-        if self.mail_from is None:
-            return self.reply("503 5.5.1 Need MAIL first")
-        if not argument.upper().startswith("TO:"):
-            return self.reply("501 5.5.4 Syntax: RCPT TO:<address>")
-        self.rcpt_to.append(argument[3:].strip().strip("<>"))
-        self.reply("250 2.1.5 Ok")
-
-    def smtp_DATA(self, argument: str) -> None:
-        if not self.rcpt_to:
-            return self.reply("503 5.5.1 Need RCPT first")
-        self.data = []
-        self.reply("354 End data with <CR><LF>.<CR><LF>")
-
-    def smtp_RSET(self, argument: str) -> None:
-        self._reset_envelope()
-        self.reply("250 2.0.0 Ok")
-
-    def smtp_NOOP(self, argument: str) -> None:
-        self.reply("250 2.0.0 Ok")
-
-    def smtp_QUIT(self, argument: str) -> None:
-        self.reply("221 2.0.0 Bye")
-        self._close()
-
-    def pauseProducing(self) -> None:
-        if self.tls_pending and not self.tls:
-            return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
-        super().pauseProducing()
-
-    def _close(self) -> None:
-        self.transport.unregisterProducer()  # a registered producer would hold the close open
-        self.transport.loseConnection()
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.setTimeout(None)
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]  # Protocol's default
+        if self._idle is not None:
+            self._idle.cancel()
+            self._idle = None
         self.log.closed = True
-        if self.tls_pending and not self.tls and reason is not None:
+        if self._tls_pending and not self.log.tls and reason is not None:
             value = reason.value
             self.log.tls_error = tls_error_reason(value) if isinstance(value, SSL.Error) else type(value).__name__
+        self.session.connection_lost()
+
+    def _apply(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, Send):
+                self.wire.write(action.data)
+            elif isinstance(action, StartTLS):
+                self._tls_pending = True
+                self.wire.startTLS(self.owner.tls_server)
+            elif isinstance(action, Deliver):
+                message = action.message
+                received = ReceivedMessage(
+                    message.sender, list(message.recipients), message.data, message.tls is not None
+                )
+                self.owner.messages.append(received)
+                self._apply(self.session.delivered())
+            elif isinstance(action, Close):
+                self.wire.unregisterProducer()  # a registered producer would hold the close open
+                if action.abort:
+                    self.wire.abortConnection()
+                else:
+                    self.wire.loseConnection()
+
+    # -- IPushProducer
+
+    def pauseProducing(self) -> None:
+        if self._tls_pending and not self.log.tls:
+            return  # the TLS layer holds writes until its handshake is done, and that needs reading to go on
+        self.wire.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.wire.resumeProducing()
+
+    def stopProducing(self) -> None:
+        """``connectionLost`` follows."""

@@ -34,7 +34,15 @@ from lab.smtp.core.readers import (
 from lab.smtp.core.state import COMMAND_STATES, Move, ServerState, ServerStateMachine
 from lab.smtp.faults import NO_FAULTS, FaultPolicy
 
-__all__ = ["COMMAND_LINE_LIMIT", "TEXT_LINE_LIMIT", "ServerSession", "SessionConfig", "SessionHooks"]
+__all__ = [
+    "COMMAND_LINE_LIMIT",
+    "LAB_TEXTS",
+    "TEXT_LINE_LIMIT",
+    "ServerSession",
+    "SessionConfig",
+    "SessionHooks",
+    "Texts",
+]
 
 INJECTION_PREVIEW = 60
 
@@ -95,8 +103,11 @@ Action = Send | StartTLS | Close | Deliver
 
 
 class TLSInfo(Protocol):
-    version: str
-    cipher: str
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def cipher(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -118,15 +129,44 @@ class SessionHooks(Protocol):
         """A mail-log event (``lab.smtp.core.events``; the listener writes each as one line)."""
 
 
+SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+
+
+@dataclass(frozen=True)
+class Texts:
+    """The texts of the session's positive replies: the lab's listener's, or another MTA's (the remote MTA's).
+
+    ``ehlo_first`` is formatted with ``hostname`` and ``greeting`` (the client's EHLO name); ``extensions``
+    (listed before STARTTLS) and ``last_extensions`` (after it) with ``size``, the maximum message size.
+    """
+
+    ehlo_first: str = "{hostname} Hello {greeting}"
+    extensions: tuple[str, ...] = ("PIPELINING", "SIZE {size}", "8BITMIME", "ENHANCEDSTATUSCODES")
+    last_extensions: tuple[str, ...] = ("HELP",)
+    sender_ok: Reply = SENDER_OK
+    recipient_ok: Reply = RECIPIENT_OK
+    ok: Reply = replies.OK
+
+
+LAB_TEXTS = Texts()
+
+
 @dataclass(frozen=True)
 class SessionConfig:
-    """Everything a session needs to know about its listener and the policy its peer matched."""
+    """Everything a session needs to know about its listener and the policy its peer matched.
+
+    ``on_command`` is told every command line taken (as text, before it is checked), for a shell that keeps a
+    record of what its clients said.
+    """
 
     hostname: str
     behaviour: Behaviour
     params: EffectiveParams
     accepts_recipient: Callable[[str], bool] = lambda _address: True
     faults: FaultPolicy = NO_FAULTS
+    texts: Texts = LAB_TEXTS
+    on_command: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -154,6 +194,7 @@ class ServerSession:
         self._transaction: _Transaction | None = None  # TRANSACTION, DATA: the envelope
         self._data: DataReader | None = None  # DATA: the message text so far
         self._delivering: Message | None = None  # DELIVERING: the message the spool is writing
+        self._answer_hello: bytes | None = None  # the ``answer_client_hello`` fault, armed by the 220
 
     # -- state and facts
 
@@ -202,6 +243,9 @@ class ServerSession:
 
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client (plaintext, or decrypted inside TLS)."""
+        if self._answer_hello is not None and data and not self.closed:
+            answer, self._answer_hello = self._answer_hello, None
+            return [Send(answer), *self._close()]  # the ClientHello answered with what is not a ServerHello
         if self.closed or self.tls_pending:
             return []
         self._reader.feed(data)
@@ -232,8 +276,10 @@ class ServerSession:
         self._log(events.TLSEstablished(info.version, info.cipher))
         if self.config.params.verify_client:
             self._log(events.ClientCertChecked(client_cert.value))
-        if self.config.faults.keep_state_across_tls:
-            self._restore(greeting, transaction)
+        faults = self.config.faults
+        keep_greeting = faults.keep_state_across_tls or faults.keep_greeting_across_tls
+        keep_envelope = faults.keep_state_across_tls or faults.keep_envelope_across_tls
+        self._restore(greeting if keep_greeting else None, transaction if keep_envelope else None)
         if kept:
             return self.receive(kept)
         return []
@@ -266,23 +312,43 @@ class ServerSession:
         try:
             text = command_text(line, overlong)
         except errors.CommandLineError as error:
+            faults = self.config.faults
+            if (isinstance(error, errors.CommandLineTooLong) and faults.long_command_lines and not overlong) or (
+                isinstance(error, errors.NulInCommand) and faults.nul_in_commands
+            ):
+                return self._command(line[:-2].replace(b"\x00", b"").decode("utf-8", errors="replace"))
             self._log(events.ProtocolViolation(error.what))
             return [Send.of(COMMAND_LINE_REFUSALS[type(error)])]
         return self._command(text)
 
     def _command(self, line: str) -> list[Action]:
+        if self.config.on_command is not None:
+            self.config.on_command(line)
         command = parse_command(line)
         verb, argument = command.verb, command.argument
-        bypass = verb in self.config.faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
+        faults = self.config.faults
+        unverified = self.tls is not None and self.client_cert is not ClientCert.VERIFIED
+        if verb == "EHLO" and faults.close_unverified is not None and unverified:
+            return [Send.of(faults.close_unverified), *self._close()]
+        bypass = verb in faults.served_before_tls and self.mode is TLSMode.REQUIRED and self.tls is None
         if not bypass:
             refusal = gate.check(verb, bool(argument), self.facts())
-            if refusal is not None:
+            if refusal is not None and not self._served_by_fault(verb, refusal):
                 return [Send.of(refusal)]
         handler = getattr(self, f"_cmd_{verb.lower()}", None) if verb in gate.KNOWN_VERBS else None
         if handler is None:
             return [Send.of(replies.UNRECOGNIZED)]
         result: list[Action] = handler(argument)
         return result
+
+    def _served_by_fault(self, verb: str, refusal: Reply) -> bool:
+        """A fault of ``config.faults`` serves a STARTTLS the command gate refuses with ``refusal``."""
+        faults = self.config.faults
+        return verb == "STARTTLS" and (
+            (refusal == replies.STARTTLS_NOT_IMPLEMENTED and faults.serve_unadvertised_starttls)
+            or (refusal == replies.STARTTLS_NO_PARAMETERS and faults.starttls_takes_argument)
+            or (refusal == replies.TLS_ALREADY_ACTIVE and faults.starttls_in_tls is not None)
+        )
 
     def _greet(self, name: str) -> None:
         """EHLO/HELO accepted: a new greeting and no transaction (RFC 5321 4.1.4)."""
@@ -291,7 +357,7 @@ class ServerSession:
         self.machine.move(Move.GREETED)
 
     def _restore(self, greeting: str | None, transaction: _Transaction | None) -> None:
-        """The ``keep_state_across_tls`` fault: put back what the client said before the handshake."""
+        """The ``keep_*_across_tls`` faults: put back what the client said before the handshake."""
         if greeting is not None:
             self._greet(greeting)
         if transaction is not None:
@@ -303,19 +369,19 @@ class ServerSession:
     def _cmd_ehlo(self, argument: str) -> list[Action]:
         if not argument:
             return [Send.of(Reply(501, "5.5.4", "Syntax: EHLO hostname"))]
+        faults, transaction = self.config.faults, self._transaction
         self._greet(argument.split()[0])
-        caps = [
-            f"{self.config.hostname} Hello {self.greeting}",
-            "PIPELINING",
-            f"SIZE {self.config.params.max_message_size}",
-            "8BITMIME",
-            "ENHANCEDSTATUSCODES",
-        ]
+        if faults.keep_envelope_across_tls and transaction is not None:
+            self._transaction = transaction
+            self.machine.move(Move.MAIL_ACCEPTED)
+        texts, size = self.config.texts, self.config.params.max_message_size
+        caps = [texts.ehlo_first.format(hostname=self.config.hostname, greeting=self.greeting)]
+        caps += [extension.format(size=size) for extension in texts.extensions]
         if gate.advertises_starttls(self.facts()) or (
             self.tls is not None and self.config.faults.advertise_starttls_in_tls
         ):
             caps.append("STARTTLS")
-        caps.append("HELP")
+        caps += [extension.format(size=size) for extension in texts.last_extensions]
         return [Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))]
 
     def _cmd_helo(self, argument: str) -> list[Action]:
@@ -325,7 +391,20 @@ class ServerSession:
         return [Send.of(Reply(250, "", self.config.hostname))]
 
     def _cmd_starttls(self, _argument: str) -> list[Action]:
-        actions: list[Action] = [Send.of(replies.READY_TO_START_TLS), StartTLS()]
+        faults = self.config.faults
+        if faults.refuse_starttls is not None:
+            return [Send.of(faults.refuse_starttls)]
+        if faults.starttls_in_tls is not None and self.tls is not None:
+            return [Send.of(faults.starttls_in_tls)]
+        ready, behind_220 = replies.READY_TO_START_TLS, faults.behind_starttls_220
+        if faults.answer_behind_starttls is not None and self._reader:
+            behind_220 += faults.answer_behind_starttls.render() * self._reader.take().count(b"\n")
+        actions: list[Action] = [Send(ready.render() + behind_220, ready), StartTLS()]
+        if faults.answer_client_hello is not None:
+            self._reader.clear()
+            self._answer_hello = faults.answer_client_hello
+            self.machine.move(Move.STARTTLS_ACCEPTED)
+            return actions[:1]
         if self._reader:
             # docs/rules.md §3.3: plaintext behind STARTTLS is never executed inside TLS (CVE-2011-0411).
             behind = self._reader.take()
@@ -336,6 +415,8 @@ class ServerSession:
         return actions
 
     def _cmd_mail(self, argument: str) -> list[Action]:
+        if self.state is ServerState.GREETING and self.config.faults.mail_without_greeting:
+            self._greet("nobody")
         if self.state is ServerState.GREETING:
             return [Send.of(replies.SEND_EHLO_FIRST)]
         if self.state is ServerState.TRANSACTION:
@@ -358,7 +439,7 @@ class ServerSession:
         self.machine.move(Move.MAIL_ACCEPTED)
         self._log(events.MessageStarted(mid))
         self._log(events.SenderAccepted(mid, path.address))
-        return [Send.of(Reply(250, "2.1.0", "Sender OK"))]
+        return [Send.of(self.config.texts.sender_ok)]
 
     def _cmd_rcpt(self, argument: str) -> list[Action]:
         if self._transaction is None:
@@ -375,7 +456,7 @@ class ServerSession:
         rid = len(self._transaction.recipients)
         self._transaction.recipients.append(recipient)
         self._log(events.RecipientAccepted(self._transaction.mid, rid, recipient))
-        return [Send.of(Reply(250, "2.1.5", "Recipient OK"))]
+        return [Send.of(self.config.texts.recipient_ok)]
 
     def _cmd_data(self, argument: str) -> list[Action]:
         if argument:
@@ -393,10 +474,10 @@ class ServerSession:
     def _cmd_rset(self, _argument: str) -> list[Action]:
         self._transaction = None
         self.machine.move(Move.RESET)
-        return [Send.of(replies.OK)]
+        return [Send.of(self.config.texts.ok)]
 
     def _cmd_noop(self, _argument: str) -> list[Action]:
-        return [Send.of(replies.OK)]
+        return [Send.of(self.config.texts.ok)]
 
     def _cmd_quit(self, _argument: str) -> list[Action]:
         return [Send.of(replies.BYE), *self._close()]
@@ -480,6 +561,8 @@ class ServerSession:
         listener asks again then). A TLS handshake in progress is aborted: there is no channel to answer on.
         """
         if self.closed or self.state is ServerState.DELIVERING:
+            return []
+        if self.greeting is not None and self.greeting in self.config.faults.ignore_shutdown_from:
             return []
         if self.tls_pending:
             return self._close(abort=True)

@@ -8,7 +8,7 @@ scenario file lists them under ``steps`` in YAML. ``steps_from_data`` validates 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -258,7 +258,8 @@ class _Parser:
         }
         value = data[action]
         here = [*path, action]
-        return getattr(self, f"_{action}")(value, here, common)
+        build: Callable[[Any, list[str | int], dict[str, Any]], Step] = getattr(self, f"_{action}")
+        return build(value, here, common)
 
     def validate(self, data: Any, definition: str, path: list[str | int]) -> None:
         """Check one step against its own definition; nested steps (``if``) are checked when built."""

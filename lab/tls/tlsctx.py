@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.x509 import verification
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from lab.errors import BadInput, excerpt
 from lab.policy.modes import ClientCert
@@ -371,8 +371,8 @@ class ClientTLSFactory:
     def __call__(self, options: TLSChoice) -> ClientTLS:
         if self._cache is None:
             return self._make(options)
-        key = (options.min_version, options.max_version, options.ciphers, options.verify, options.server_name)
-        key += (options.client_cert,)
+        key: tuple[Hashable, ...] = (options.min_version, options.max_version, options.ciphers, options.verify)
+        key += (options.server_name, options.client_cert)
         if key not in self._cache:
             self._cache[key] = self._make(options)
         return self._cache[key]

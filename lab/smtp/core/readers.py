@@ -7,6 +7,7 @@ The limits and line rules are docs/rules.md §3.6 and §3.9 (RFC 5321 4.5.3.1, 4
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 from lab.smtp.core.errors import (
     BareCRInCommand,
@@ -201,6 +202,27 @@ def looks_like_end_of_data(line: bytes) -> bool:
 # -- replies (client side)
 
 
+class ReplyLineFields(NamedTuple):
+    """One reply line taken apart (RFC 5321 4.2): ``code``, the separator (``-`` goes on; space or none ends
+    the reply), the ``text`` after it."""
+
+    code: int
+    separator: bytes
+    text: bytes
+
+    @property
+    def last(self) -> bool:
+        return self.separator != b"-"
+
+
+def parse_reply_line(line: bytes) -> ReplyLineFields | None:
+    """A reply line without its line end, taken apart; None when it does not start with a reply code."""
+    match = _REPLY_LINE.match(line)
+    if match is None:
+        return None
+    return ReplyLineFields(int(match.group(1)), match.group(2), match.group(3))
+
+
 class ReplyReader:
     """Replies from a server, line by line (RFC 5321 4.2): ``code-text`` goes on, ``code text`` or ``code`` ends.
 
@@ -239,16 +261,16 @@ class ReplyReader:
         line = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
         if len(raw) > self._max_line:
             raise ReplyLineTooLong(raw, line, f"reply line longer than {self._max_line} bytes")
-        match = _REPLY_LINE.match(line)
-        if match is None:
+        fields = parse_reply_line(line)
+        if fields is None:
             raise MalformedReplyLine(raw, line, "malformed reply line (no 3-digit code)")
-        self._texts.append(match.group(3))
+        self._texts.append(fields.text)
         self._raw.append(raw)
         if len(self._texts) > self._max_lines:
             raise TooManyReplyLines(raw, line, f"reply of more than {self._max_lines} lines")
-        if match.group(2) == b"-":
+        if not fields.last:
             return ReplyLine(line, size=len(raw))
-        reply = ReceivedReply(int(match.group(1)), tuple(self._texts), b"".join(self._raw))
+        reply = ReceivedReply(fields.code, tuple(self._texts), b"".join(self._raw))
         self._texts, self._raw = [], []
         return ReplyLine(line, reply, len(raw))
 
