@@ -10,7 +10,7 @@
 3. With ``--profile N``: the top N functions by own time and by cumulative time of one in-process run with
    captures (cProfile), to say where the time goes.
 
-Targets (issue 3): >= 300 runs/s in memory, < 5 s for the default run.
+Targets (issue 9): > 400 runs/s in memory (no captures), < 2 s for the default run.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from lab.scenario.loader import load_cases  # noqa: E402
 from lab.scenario.model import POLICIES  # noqa: E402
 from lab.scenario.runner import RunOptions, run_cases  # noqa: E402
 
-RUNS_PER_SECOND_TARGET = 300
-CLI_SECONDS_TARGET = 5.0
+RUNS_PER_SECOND_TARGET = 400
+CLI_SECONDS_TARGET = 2.0
 CLI_TIMEOUT = 300.0  # one default run may not take longer than this
 
 
@@ -95,13 +95,13 @@ def main() -> None:
         captured = [in_memory(cases, state, scratch / f"report-{i}") for i in range(repeat)]
         runs = bare[0][0]
         print(f"catalogue: {len(cases)} cases, {runs} runs (case x policy); load average {os.getloadavg()[0]:.2f}")
-        for label, figures in (("no captures", bare), ("with captures", captured)):
+        target = f"   target > {RUNS_PER_SECOND_TARGET}"  # the target is for the runs alone, without captures
+        for label, figures, wanted in (("no captures", bare, target), ("with captures", captured, "")):
             rates = [n / wall for n, wall, _ in figures]
             per_cpu = statistics.median(n / cpu for n, _, cpu in figures)
             print(
                 f"in memory, {label:>13}: {statistics.median(rates):6.0f} runs/s (median of {repeat}; "
-                f"min {min(rates):.0f}, max {max(rates):.0f}); {per_cpu:.0f} runs per CPU second"
-                f"   target >= {RUNS_PER_SECOND_TARGET}"
+                f"min {min(rates):.0f}, max {max(rates):.0f}); {per_cpu:.0f} runs per CPU second{wanted}"
             )
         if not args.no_cli:
             walls = [cli_default(scratch, i) for i in range(repeat)]

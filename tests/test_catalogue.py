@@ -6,6 +6,7 @@ then again against listeners broken on purpose, to show the expectations can fai
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -13,8 +14,10 @@ import pytest
 
 from lab.appliance.config import load_appliance
 from lab.net.topology import default_topology
+from lab.report.jsonreport import dumps
 from lab.scenario.loader import catalogue_dir, load_cases
 from lab.scenario.model import POLICIES, Case
+from lab.scenario.result import check_record
 from lab.scenario.runner import RunOptions, run_cases
 from lab.scenario.verdict import Verdict
 from lab.smtp.behaviours import BEHAVIOURS
@@ -141,6 +144,7 @@ def test_every_run_has_a_passing_alternative(catalogue: list[Case]) -> None:
 def _run(cases: list[Case], state: Path) -> dict[tuple[str, str], object]:
     options = RunOptions(carrier="memory", state_dir=state, timestamps=False)
     result = run_cases(cases, POLICIES, options)
+    check_record(json.loads(dumps(result)))  # the record as written matches index.schema.json (not checked on write)
     return {(r.case, str(r.policy)): r for r in result.runs}
 
 

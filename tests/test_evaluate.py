@@ -53,7 +53,14 @@ OBSERVED = {
     "replies": {"MAIL": 530, "MAIL/tls": 250, "RCPT#2": 452, "a.b": 221},
     "plaintext_exposure": {"envelope": True, "body": False},
     "connections": 2,
-    "server_log": ["ICID 1 TLS failed: wrong version number", "ICID 1 close"],
+    "server_log": [
+        {
+            "event": "tls_failed",
+            "fields": {"icid": 1, "reason": "wrong version number"},
+            "line": "Info: ICID 1 TLS failed: wrong version number",
+        },
+        {"event": "close", "fields": {"icid": 1, "by": None}, "line": "Info: ICID 1 close"},
+    ],
 }
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from lab.cli import main
+from lab.errors import BadInput
 from lab.scenario.model import LAB_ONLY_KEYS, OBSERVATION_KEYS
 from lab.scenario.observations import Observations, ValueKind, docs_table, json_schema, value_kinds
 from lab.scenario.result import SCHEMA_VERSION, index_schema, load_index
@@ -88,6 +89,13 @@ def test_a_version_1_record_is_upgraded_for_report_and_diff(tmp_path: Path, caps
         assert run.lines == stored["transcript"]  # the same text, now from entries
     tls = [e for e in result.runs[1].transcript if e.direction is Direction.SENT and e.tls]
     assert tls and tls[0].text.startswith("EHLO")
+    logged = result.runs[1].observed["server_log"]  # server-log lines (versions 1 and 2) read back as events
+    assert [e["line"] for e in logged] == old["runs"][1]["observed"]["server_log"]
+    assert logged[2] == {
+        "event": "tls_success",
+        "fields": {"icid": 1, "protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+        "line": "Info: ICID 1 TLS success protocol TLSv1.3 cipher TLS_AES_256_GCM_SHA384",
+    }
     report = tmp_path / "old"
     report.mkdir()
     shutil.copy(OLD_INDEX, report / "index.json")
@@ -96,3 +104,15 @@ def test_a_version_1_record_is_upgraded_for_report_and_diff(tmp_path: Path, caps
     capsys.readouterr()
     assert main(["diff", str(report), str(report)]) == 0
     assert "unchanged" in capsys.readouterr().out
+
+
+def test_a_version_2_record_with_a_foreign_server_log_line_names_it(tmp_path: Path) -> None:
+    data = json.loads(OLD_INDEX.read_text())
+    data["schema_version"] = 2
+    data["runs"][1]["observed"]["server_log"][1] = "Info: something the grammar does not know"
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BadInput) as caught:
+        load_index(path)
+    assert caught.value.field == "runs[1].observed.server_log[1]"
+    assert "unknown mail log event" in str(caught.value)

@@ -46,7 +46,12 @@ def test_a_run_records_observations_transcript_and_verdict(tmp_path: Path) -> No
     assert tls.client == "prefer" and tls.target == "lab:Inboundmail" and tls.carrier == "memory"
     assert tls.observed["delivered_tls"] is True and tls.observed["spooled"] == 1
     assert tls.observed["plaintext_exposure"] == {"envelope": False, "body": False}
-    assert any("TLS success protocol TLSv1.3" in line for line in tls.observed["server_log"])
+    logged = tls.observed["server_log"]  # typed events, each with its rendered line
+    assert any("TLS success protocol TLSv1.3" in event["line"] for event in logged)
+    assert {
+        "event": "tls_success",
+        "fields": {"icid": 1, "protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+    } in [{"event": e["event"], "fields": e["fields"]} for e in logged]
     assert tls.tls is not None and tls.tls.version == "TLSv1.3"
     assert any(line.startswith(" ~> MAIL FROM:") for line in tls.lines)
     assert tls.timings.virtual_s > 0 and tls.timings.wall_ms is None  # timestamps off: nothing wall-clock

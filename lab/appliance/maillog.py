@@ -81,6 +81,8 @@ def parse_timestamp(stamp: str) -> float:
 def _text(value: object) -> str:
     """Printable ASCII: anything else (CR, LF, NUL, U+2028...) becomes an escape, so one event is one line."""
     raw = str(value.value if isinstance(value, Enum) else value)
+    if raw.isascii() and raw.isprintable():  # the common case: nothing to escape (0x20-0x7e)
+        return raw
     return "".join(ch if 0x20 <= ord(ch) < 0x7F else ascii(ch)[1:-1] for ch in raw)
 
 
@@ -268,17 +270,18 @@ def parse_line(line: str) -> dict[str, Any]:
     head = _LINE.match(line.rstrip("\r\n"))
     if head is None:
         raise BadInput(f"not a mail log line: {line[:80]!r}")
-    text = head["text"]
+    event, fields = parse_event(head["text"])
+    stamp = {"timestamp": head["timestamp"], "time": parse_timestamp(head["timestamp"]), "level": head["level"]}
+    return {**stamp, "event": event, **fields}
+
+
+def parse_event(text: str) -> tuple[str, dict[str, Any]]:
+    """An event's text (a line after ``<timestamp> <Level>: ``) as its name and typed fields (as ``parse_line``)."""
     for event, pattern in GRAMMAR.items():
         found = pattern.match(text)
         if found is None:
             continue
-        fields: dict[str, Any] = {
-            "timestamp": head["timestamp"],
-            "time": parse_timestamp(head["timestamp"]),
-            "level": head["level"],
-            "event": event,
-        }
+        fields: dict[str, Any] = {}
         for key, value in found.groupdict().items():
             if value is None:
                 fields[key] = None
@@ -290,5 +293,15 @@ def parse_line(line: str) -> dict[str, Any]:
                 fields[key] = None if value == "unknown" else value
             else:
                 fields[key] = value
-        return fields
+        return event, fields
     raise BadInput(f"unknown mail log event: {text[:80]!r}")
+
+
+def log_record(line: str) -> dict[str, Any]:
+    """One entry of a run's ``server_log`` observation: ``{event, fields, line}`` from a line without its
+    timestamp (``Info: ICID 1 close``); ``line`` stays as rendered, for ``has`` conditions and the reports."""
+    level, sep, text = line.partition(": ")
+    if not sep or not level.isalpha():
+        raise BadInput(f"not a mail log line: {line[:80]!r}")
+    event, fields = parse_event(text)
+    return {"event": event, "fields": fields, "line": line}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 
+from lab.commands import add_case_selectors
 from lab.errors import EXIT_OK
 from lab.scenario.loader import load_cases
 from lab.scenario.model import Case
@@ -17,12 +18,7 @@ HELP = "list the scenario cases (id, title, spec refs with level, policies) with
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "selection",
-        nargs="*",
-        metavar="PATH-or-ID-PREFIX",
-        help="scenario files, directories or id prefixes (3207-4, POL, ATK-STRIP); default: the whole catalogue",
-    )
+    add_case_selectors(parser)
     parser.add_argument("--ids", action="store_true", help="print only the ids, one a line")
 
 
@@ -47,7 +43,7 @@ def describe(case: Case) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     """``BadInput`` propagates: the dispatcher prints one line and exits 3."""
-    cases = load_cases(args.selection)
+    cases = load_cases(args.selectors)
     if args.ids:
         for case in cases:
             print(case.id)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lab.commands import add_case_selectors
 from lab.errors import BadInput
 from lab.net.carrier import LAB_CARRIERS
 from lab.scenario.model import parse_policies
@@ -23,12 +24,7 @@ HELP = "run scenarios and write verdict reports (terminal, index.json, junit.xml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "selectors",
-        nargs="*",
-        metavar="PATH-or-ID-PREFIX",
-        help="scenario files or directories, or case id prefixes (default: the whole catalogue)",
-    )
+    add_case_selectors(parser)
     parser.add_argument(
         "--policy",
         default=None,

@@ -435,6 +435,15 @@ class Prober:
     def starttls(self, client_cert: str = "none", **kwargs: Any) -> StartTLS:
         return StartTLS(tls=TLSOptions(client_cert=client_cert), **kwargs)
 
+    def mail_after_handshake(self, client_cert: str, mail_label: str) -> list[Step]:
+        """STARTTLS, then MAIL straight away (no EHLO inside TLS), RSET and QUIT: does the server keep state?"""
+        return [
+            self.starttls(client_cert, label="STARTTLS"),
+            Send(f"MAIL FROM:<{self.settings.mail_from}>", label=mail_label),
+            Send("RSET"),
+            Quit(),
+        ]
+
     # -- the run
 
     async def run(self) -> ProbeReport:
@@ -551,13 +560,7 @@ class Prober:
         state = await self.ask(
             "state",
             "MAIL right after the handshake, without a new EHLO",
-            [
-                *self.greet(),
-                self.starttls(cert, label="STARTTLS"),
-                Send(f"MAIL FROM:<{s.mail_from}>", label="state.MAIL"),
-                Send("RSET"),
-                Quit(),
-            ],
+            [*self.greet(), *self.mail_after_handshake(cert, "state.MAIL")],
         )
         if state.ok("state.MAIL"):
             await self._no_greeting_control(state, cert)
@@ -588,16 +591,10 @@ class Prober:
         different finding from remembering the greeting across the handshake.
         """
         evidence = (state, exchange(state.lines, sent("MAIL", tls=True)))
-        s = self.settings
         control = await self.ask(
             "no-greeting",
             "control: STARTTLS and MAIL without any EHLO/HELO on the connection",
-            [
-                self.starttls(cert, label="STARTTLS"),
-                Send(f"MAIL FROM:<{s.mail_from}>", label="nogreeting.MAIL"),
-                Send("RSET"),
-                Quit(),
-            ],
+            self.mail_after_handshake(cert, "nogreeting.MAIL"),
         )
         if control.tls and control.ok("nogreeting.MAIL"):
             self.found("mail-without-ehlo", evidence, (control, exchange(control.lines, sent("MAIL", tls=True))))

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.protocol import ClientFactory
 from zope.interface import implementer
 
 from lab.errors import BadInput
@@ -51,19 +50,12 @@ class TCPCarrier(LoopbackNetwork):
         self.port_map.setdefault(port, port)
         return super().listen(ip, port, factory, backlog)
 
-    def connect(
-        self,
-        src_ip: str | None,
-        dst_ip: str,
-        dst_port: int,
-        factory: ClientFactory,
-        *,
-        src_port: int | None = None,
-        middleboxes: Sequence[Middlebox] = (),
-    ) -> defer.Deferred[Any]:
+    def _place_middleboxes(self, dst_ip: str, dst_port: int, middleboxes: Sequence[Middlebox]) -> Sequence[Middlebox]:
+        """A chain runs in a relay in front of the target (started on first use); the connection then goes to the
+        relay and runs none itself."""
         if middleboxes:
             self._relay(self._address(dst_ip, "dst_ip"), dst_port, middleboxes)
-        return super().connect(src_ip, dst_ip, dst_port, factory, src_port=src_port)
+        return ()
 
     def _relay(self, host: str, port: int, middleboxes: Sequence[Middlebox]) -> None:
         """Point ``host:port`` at a relay that runs ``middleboxes`` (one per target, started on first use)."""

@@ -105,7 +105,7 @@ def observed_facts(run: CaseRun, keys: list[str] | None = None) -> list[tuple[st
         if isinstance(value, dict):
             out.extend((f"{key}.{sub}", _fact(v)) for sub, v in value.items())
         elif key == "server_log" and isinstance(value, list):
-            out.append((key, f"{len(value)} lines"))
+            out.append((key, f"{len(value)} events"))
         else:
             out.append((key, _fact(value)))
     return out

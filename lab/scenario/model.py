@@ -155,14 +155,15 @@ class Match(Test):
 
 @dataclass(frozen=True)
 class Has(Test):
-    """Some string of a list value matches (``re.search``)."""
+    """Some line of a list matches (``re.search``): a string, or a mail-log event's rendered ``line``."""
 
     regex: str
 
     def holds(self, value: Any) -> bool:
         if not isinstance(value, list | tuple):
             return False
-        return any(isinstance(item, str) and re.search(self.regex, item) is not None for item in value)
+        lines = (item.get("line") if isinstance(item, dict) else item for item in value)
+        return any(isinstance(line, str) and re.search(self.regex, line) is not None for line in lines)
 
     def describe(self) -> str:
         return f"a line matching /{self.regex}/"

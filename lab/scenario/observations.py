@@ -27,7 +27,7 @@ class ValueKind(StrEnum):
     STR = "str"
     CODES = "codes"  # {label: code}
     EXPOSURE = "exposure"  # {envelope: bool, body: bool}
-    LINES = "lines"  # a list of text lines (regular expressions with `has`)
+    LINES = "lines"  # mail-log events {event, fields, line}; `has` matches each event's rendered line
     EVENTS = "events"  # {event: bool | int} from a mail log, in any MTA's words (lab.scenario.logevents)
 
 
@@ -42,7 +42,15 @@ _SCHEMA: dict[ValueKind, dict[str, Any]] = {
         "additionalProperties": False,
         "properties": {"envelope": {"type": "boolean"}, "body": {"type": "boolean"}},
     },
-    ValueKind.LINES: {"type": "array", "items": {"type": "string"}},
+    ValueKind.LINES: {
+        "type": "array",
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["event", "fields", "line"],
+            "properties": {"event": {"type": "string"}, "fields": {"type": "object"}, "line": {"type": "string"}},
+        },
+    },
     ValueKind.EVENTS: {"type": "object", "additionalProperties": {"type": ["boolean", "integer"]}},
 }
 
@@ -53,7 +61,7 @@ _DOCS_TYPE: dict[ValueKind, str] = {
     ValueKind.STR: "str",
     ValueKind.CODES: "{label: int}",
     ValueKind.EXPOSURE: "{`envelope`: bool, `body`: bool}",
-    ValueKind.LINES: "[str]",
+    ValueKind.LINES: "[{`event`, `fields`, `line`}]",
     ValueKind.EVENTS: "{event: bool or int}",
 }
 
@@ -132,11 +140,12 @@ class Observations(Mapping[str, Any]):
             ValueKind.INT, "messages the lab's listener spooled in this run (lab targets only)", lab_only="spool"
         ),
     )
-    server_log: list[str] | None = field(
+    server_log: list[dict[str, Any]] | None = field(
         default=None,
         metadata=_meta(
             ValueKind.LINES,
-            "the listener's mail log lines for this run (lab targets only)",
+            "the listener's mail log of this run as typed events: name, fields (docs/maillog.md) and the rendered "
+            "line without its timestamp, which `has` matches (lab targets only)",
             lab_only="server-log",
         ),
     )

@@ -5,7 +5,8 @@ rebuilds the views from ``index.json`` alone, so ``to_dict`` / ``from_dict`` mus
 the same bytes for the same run: the record's own keys in a fixed order; free-form mappings (``observed``,
 ``conditions``) keep the order the runner built them in (``replies`` in step order), which JSON preserves.
 The observations are typed (``lab.scenario.observations``) and the transcript is structured entries
-(``lab.smtp.transcript.Entry``); schema_version 1 records (rendered transcript lines) are upgraded on reading.
+(``lab.smtp.transcript.Entry``), the server log typed mail-log events; older records (schema_version 1:
+rendered transcript lines; 1 and 2: server-log lines) are upgraded on reading.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from lab import __version__
+from lab.appliance.maillog import log_record
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLSMode
 from lab.scenario.observations import Observations
@@ -27,9 +29,9 @@ from lab.scenario.verdict import Level as Level  # re-exported: the record's rea
 from lab.smtp.transcript import Entry, from_legacy_line, render
 from lab.yamlsource import load_schema, validate
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: Older versions this smtplab still reads, upgraded by ``upgrade``.
-READABLE_VERSIONS = (1, SCHEMA_VERSION)
+READABLE_VERSIONS = (1, 2, SCHEMA_VERSION)
 SCHEMA_NAME = "index.schema.json"
 TOOL = f"smtplab {__version__}"
 
@@ -285,27 +287,37 @@ def check_record(data: object, file: str | None = None) -> dict[str, Any]:
 
 
 def upgrade(data: dict[str, Any], where: str = "index.json") -> None:
-    """Bring a schema_version 1 record to the current version, in place.
+    """Bring a schema_version 1 or 2 record to the current version, in place.
 
     Version 1 stored each transcript line as its rendered text; the marker (``->``, ``~>``, ``<-``, ``<~``,
     ``<**``, ``===``) gives the entry's direction and layer, and the fields version 1 never had stay null.
+    Versions 1 and 2 stored the server log as lines without timestamps; each is read back into its event
+    (``lab.appliance.maillog.log_record``), the only place a rendered log line is parsed.
     """
     runs = data.get("runs")
     for i, run in enumerate(runs if isinstance(runs, list) else []):
-        lines = run.get("transcript") if isinstance(run, dict) else None
-        if not isinstance(lines, list):
+        if not isinstance(run, dict):
             continue
-        entries: list[Any] = []
-        for j, line in enumerate(lines):
-            if not isinstance(line, str):
-                entries.append(line)  # the schema names it
-                continue
-            try:
-                entries.append(from_legacy_line(line).to_dict())
-            except ValueError as exc:
-                raise BadInput(str(exc), file=where, field=f"runs[{i}].transcript[{j}]") from None
-        run["transcript"] = entries
+        _upgrade_list(run, "transcript", lambda line: from_legacy_line(line).to_dict(), f"runs[{i}]", where)
+        observed = run.get("observed")
+        if isinstance(observed, dict):
+            _upgrade_list(observed, "server_log", log_record, f"runs[{i}].observed", where)
     data["schema_version"] = SCHEMA_VERSION
+
+
+def _upgrade_list(holder: dict[str, Any], key: str, convert: Any, path: str, where: str) -> None:
+    """Replace the strings of ``holder[key]`` by ``convert(string)``; anything else is left for the schema."""
+    items = holder.get(key)
+    if not isinstance(items, list):
+        return
+    out: list[Any] = []
+    for j, item in enumerate(items):
+        try:
+            out.append(convert(item) if isinstance(item, str) else item)
+        except (ValueError, BadInput) as exc:
+            message = exc.problem if isinstance(exc, BadInput) else str(exc)
+            raise BadInput(message, file=where, field=f"{path}.{key}[{j}]") from None
+    holder[key] = out
 
 
 def load_index(path: str | Path) -> RunResult:

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from twisted.internet.protocol import ClientFactory
 
 from lab import __version__
-from lab.appliance.maillog import MailLog
+from lab.appliance.maillog import MailLog, log_record
 from lab.appliance.model import Appliance, Listener
 from lab.appliance.spool import MaildirNames, Spool
 from lab.errors import HarnessError
@@ -353,8 +353,9 @@ class Runner:
             net.run_until(net.close(abort=False), timeout=10)
         new = run_dir / "spool" / listener.name / "new"  # counted without creating a Maildir that got nothing
         spooled = len(list(new.iterdir())) if new.is_dir() else 0
-        server_log = [_LOG_PREFIX.sub("", line) for line in run_log]
-        log = observe(server_log, "smtplab") if case.log_events() else None  # lab.scenario.logevents
+        lines = [_LOG_PREFIX.sub("", line) for line in run_log]
+        server_log = [log_record(line) for line in lines]  # typed once here: nothing reads the text back later
+        log = observe(lines, "smtplab") if case.log_events() else None  # lab.scenario.logevents
         notes = [note(f"middlebox: {text}", Kind.MIDDLEBOX) for box in boxes for text in box.notes]
         return _Outcome(record, notes, clock.seconds() - begin, spooled, server_log, log)
 
@@ -532,7 +533,7 @@ class _Outcome(NamedTuple):
     notes: list[Entry]  # transcript entries from the link (middlebox notes)
     seconds: float  # virtual seconds on the memory carrier, wall seconds otherwise
     spooled: int | None = None  # facts only the lab knows, added to the client's observations
-    server_log: list[str] | None = None
+    server_log: list[dict[str, Any]] | None = None
     log: dict[str, Any] | None = None  # the mail-log events the case reads (lab.scenario.logevents)
 
 

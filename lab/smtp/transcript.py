@@ -131,7 +131,11 @@ def render(entries: Iterable[Entry]) -> list[str]:
 def escape(data: bytes, limit: int = SHOW_MAX) -> str:
     """Printable ASCII as is, everything else as ``\\xNN`` (``\\t``, ``\\r``, ``\\n``, ``\\x00``), cut at ``limit``."""
     shown = data[:limit]
-    out = "".join(chr(b) if 0x20 <= b < 0x7F else _NAMED.get(b, f"\\x{b:02x}") for b in shown)
+    text = shown.decode("latin-1")  # one character per byte
+    if text.isascii() and text.isprintable():  # the common case: nothing to escape (0x20-0x7e)
+        out = text
+    else:
+        out = "".join(chr(b) if 0x20 <= b < 0x7F else _NAMED.get(b, f"\\x{b:02x}") for b in shown)
     if len(data) > limit:
         out += f" [... {len(data) - limit} more bytes]"
     return out
