@@ -5,6 +5,7 @@ otherwise, 3 for a bad lesson file or an unknown lesson."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from lab.demo import Lesson, Teacher, builtin_lessons, load_lesson
@@ -43,10 +44,8 @@ def _chosen(args: argparse.Namespace) -> list[Lesson]:
 
 
 def _enter() -> None:
-    try:
+    with contextlib.suppress(EOFError):
         input("[Enter] for the next step ")
-    except EOFError:
-        pass
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,5 +58,6 @@ def run(args: argparse.Namespace) -> int:
     teacher = Teacher(make_console(), _enter if pause else lambda: None)
     results = [teacher.lesson(lesson) for lesson in lessons]
     bad = [lesson.id for lesson, good in zip(lessons, results, strict=True) if not good]
-    teacher.say(f"lessons: {len(lessons) - len(bad)} as expected, {len(bad)} not" + (f" ({', '.join(bad)})" if bad else ""))
+    named = f" ({', '.join(bad)})" if bad else ""
+    teacher.say(f"lessons: {len(lessons) - len(bad)} as expected, {len(bad)} not{named}")
     return 1 if bad else 0
