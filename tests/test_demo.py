@@ -87,4 +87,6 @@ def test_wrong_expectation_exits_1(tmp_path: Path) -> None:
     assert "lessons: 0 as expected, 1 not (mine)" in done.stdout
     right = tmp_path / "right.yaml"
     right.write_text(LESSON.format(expect="INFORMATIONAL"))
-    assert smtplab("demo", "--no-pause", "--lesson-file", str(right)).returncode == 0
+    done = smtplab("demo", "--lesson-file", str(right))  # no --no-pause: stdin is not a terminal, so no waiting
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "[Enter]" not in done.stdout
