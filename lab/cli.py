@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "serve": "serve",
     "listeners": "listeners",
     "cli": "cli",
+    "demo": "demo",
 }
 
 

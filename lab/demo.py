@@ -1,0 +1,171 @@
+"""``smtplab demo``: narrated lessons for a classroom (docs/classroom.md).
+
+A lesson is data (a YAML file, ``lab/lessons/*.yaml`` or a teacher's own, checked against
+``lab/schemas/lesson.schema.json``): steps of narration, the ``smtplab cli`` answers that make the change, a
+catalogue case and the policy it runs under, the verdict the lesson expects and what to notice. Nothing here
+re-implements the lab: the answers go through the real CLI (``lab.appliance_cli``) on the lesson's own copy of
+the built-in appliance, the case through ``lab.pipeline`` on the memory carrier, the picture through
+``lab.report.ladder``.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from lab.appliance_cli.context import Context
+from lab.appliance_cli.document import ConfigDocument
+from lab.appliance_cli.shell import Shell
+from lab.appliance_cli.terminal import Terminal
+from lab.errors import BadInput
+from lab.pipeline import RunRequest, execute, make_plan
+from lab.report import visible
+from lab.report.terminal import print_ladder
+from lab.scenario.loader import load_cases
+from lab.scenario.result import CaseRun
+from lab.scenario.verdict import Verdict
+from lab.yamlsource import DocumentBuilder, read_yaml
+
+SUFFIX = ".yaml"
+
+
+@dataclass(frozen=True)
+class Step:
+    narration: str
+    case: str
+    policy: str
+    notice: str
+    cli: tuple[str, ...] = ()
+    show: tuple[str, ...] = ()
+    expect: Verdict | None = None
+
+
+@dataclass(frozen=True)
+class Lesson:
+    id: str
+    title: str
+    intro: str
+    steps: tuple[Step, ...]
+    file: str
+
+
+class _LessonBuilder(DocumentBuilder):
+    SCHEMA = "lesson.schema.json"
+
+    def build(self, known_cases: set[str]) -> Lesson:
+        self.validate()
+        doc: dict[str, Any] = self.doc
+        steps = []
+        for i, raw in enumerate(doc["steps"]):
+            if raw["case"] not in known_cases:
+                raise self.fail(f"no case {raw['case']!r} in the catalogue (see `smtplab list`)", ["steps", i, "case"])
+            steps.append(
+                Step(
+                    narration=raw["narration"].strip(),
+                    case=raw["case"],
+                    policy=raw["policy"],
+                    notice=raw["notice"].strip(),
+                    cli=tuple(str(answer) for answer in raw.get("cli", [])),
+                    show=tuple(raw.get("show", [])),
+                    expect=Verdict(raw["expect"]) if "expect" in raw else None,
+                )
+            )
+        return Lesson(doc["id"], doc["title"], doc["intro"].strip(), tuple(steps), self.file)
+
+
+def load_lesson(path: str | Path, known_cases: set[str] | None = None) -> Lesson:
+    """One lesson file; any problem is one ``BadInput`` line naming ``FILE:LINE: field``."""
+    if known_cases is None:
+        known_cases = {case.id for case in load_cases()}
+    return _LessonBuilder(read_yaml(path), str(path)).build(known_cases)
+
+
+def builtin_lessons() -> list[Lesson]:
+    """The lessons shipped in ``lab/lessons``, in file-name order."""
+    known = {case.id for case in load_cases()}
+    folder = resources.files("lab").joinpath("lessons")
+    files = sorted((entry for entry in folder.iterdir() if entry.name.endswith(SUFFIX)), key=lambda e: e.name)
+    return [load_lesson(Path(str(entry)), known) for entry in files]
+
+
+def cli_session(config: Path, answers: Sequence[str]) -> tuple[int, list[str]]:
+    """Run ``answers`` through ``smtplab cli`` on ``config``; its exit code and transcript lines."""
+    out = io.StringIO()
+    term = Terminal([*answers, "quit"], out)
+    doc = ConfigDocument(config)
+    code = Shell(Context(term, doc)).run()
+    return code, out.getvalue().replace(str(config), config.name).splitlines()
+
+
+def run_step(step: Step) -> CaseRun:
+    """The step's case under its policy: the real runner on the memory carrier."""
+    plan = make_plan(RunRequest(selectors=(step.case,), policies=(step.policy,), timestamps=False))
+    result = execute(plan, plan.targets[0], [(step.case, step.policy)])
+    if not result.runs:
+        raise BadInput(f"the case {step.case} does not run under {step.policy}")
+    return result.runs[0]
+
+
+class Teacher:
+    """Runs lessons on a console; ``wait`` is called between steps (Enter, or nothing under ``--no-pause``)."""
+
+    def __init__(self, console: Console, wait: Callable[[], None]) -> None:
+        self.console = console
+        self.wait = wait
+
+    def say(self, text: str = "") -> None:
+        self.console.print(text, soft_wrap=True)
+
+    def lesson(self, lesson: Lesson) -> bool:
+        """Every step of ``lesson``; True when each step's verdict was the one it expects."""
+        self.say(f"=== Lesson {lesson.id}: {lesson.title}")
+        self.say(lesson.intro)
+        self.say()
+        good = True
+        with tempfile.TemporaryDirectory(prefix="smtplab-demo-") as scratch:
+            config = Path(scratch) / "appliance.yaml"  # the built-in appliance until the first commit
+            for number, step in enumerate(lesson.steps, 1):
+                good = self.step(lesson, number, step, config) and good
+        return good
+
+    def step(self, lesson: Lesson, number: int, step: Step, config: Path) -> bool:
+        self.say(f"--- {lesson.id}, step {number} of {len(lesson.steps)}")
+        self.say(step.narration)
+        good = True
+        if step.cli:
+            code, lines = cli_session(config, step.cli)
+            shown = [line for line in lines if not step.show or any(text in line for text in step.show)]
+            self.say()
+            self.say(f"$ smtplab cli --config appliance.yaml   ({len(step.cli)} answers)")
+            for line in shown:
+                self.say(f"  {line}")
+            if len(shown) < len(lines):
+                self.say(f"  ({len(lines) - len(shown)} more lines of the session not shown)")
+            if code != 0:
+                self.say(f"! smtplab cli exited {code}: the lesson's answers were refused")
+                good = False
+        self.say()
+        self.say(f"$ smtplab run --policy {step.policy} {step.case}")
+        run = run_step(step)
+        print_ladder(run, self.console)
+        log = run.observed.server_log or []
+        self.say(f"mail log ({len(log)} lines):")
+        for record in log:
+            self.say(f"  {visible(str(record.get('line', '')))}")
+        self.say()
+        if step.expect is not None and run.verdict != step.expect:
+            self.say(f"! verdict {run.verdict}, the lesson expects {step.expect}: {run.reason}")
+            good = False
+        else:
+            self.say(f"verdict: {run.verdict}: {run.reason}")
+        self.say(f"What to notice: {step.notice}")
+        self.say()
+        self.wait()
+        return good
