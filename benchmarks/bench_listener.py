@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +106,8 @@ def serve_aiosmtpd(host: str, port: int, cert: str, key: str, maildir: str | Non
 
 
 def serve_twisted_mail(host: str, port: int, cert: str, key: str) -> None:
-    from twisted.internet import defer, protocol, reactor, ssl as tssl
+    from twisted.internet import defer, protocol, reactor
+    from twisted.internet import ssl as tssl
     from twisted.mail import smtp
     from zope.interface import implementer
 
@@ -314,8 +315,8 @@ def servers_for(cert: Path, key: Path, work: Path, workers: int, with_postfix: b
 
     def own(name: str, kind: str, *extra: str) -> Server:
         def start(host: str, port: int) -> Callable[[], None]:
-            command = [*me, "--serve", kind, "--host", host, "--port", str(port), "--cert", str(cert), "--key", str(key)]
-            return popen_server([*command, *extra], host, port, found_server(name))
+            command = [*me, "--serve", kind, "--host", host, "--port", str(port), "--cert", str(cert)]
+            return popen_server([*command, "--key", str(key), *extra], host, port, found_server(name))
 
         return Server(name, start)
 
@@ -475,7 +476,7 @@ def main() -> None:
         return None
 
     os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")
     print(f"load: {args.drivers} generator processes, closed loop, {args.seconds:g} s per measurement, ")

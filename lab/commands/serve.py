@@ -24,7 +24,7 @@ from typing import Any
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
-from lab.appliance.spool import Spool, SpoolError, probe_dir
+from lab.appliance.spool import GroupCommit, Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
 from lab.tls.certs import default_state_dir, load_pem
@@ -189,7 +189,7 @@ def _report_errors_to_stderr() -> None:
 def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
-    from twisted.internet.interfaces import IReactorThreads
+    from twisted.internet.interfaces import IReactorFromThreads
 
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
@@ -204,10 +204,10 @@ def run(args: argparse.Namespace) -> int:
     maillog = _open_log(Path(args.log) if args.log else None, reactor.seconds)
     spool = Spool(spool_root)
     _prepare_spool(spool, appliance, "--spool" if args.spool else "--state", maillog)
+    committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes off the reactor thread, fsyncs in batches
     runtime = ApplianceRuntime(
-        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, spool_in_threads=True
+        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, committer=committer
     )
-    IReactorThreads(reactor).suggestThreadPoolSize(32)  # spool writes wait on fsync; let sessions overlap them
 
     ports: list[Any] = []
     factories: list[ListenerFactory] = []
@@ -236,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
 
     reactor.addSystemEventTrigger("before", "shutdown", stop_cleanly)  # the reactor waits for its Deferred
     _report_errors_to_stderr()
-    reactor.run()  # SIGINT and SIGTERM stop the reactor; the thread pool (spool writes) is joined after
+    reactor.run()  # SIGINT and SIGTERM stop the reactor once every session has its answer (stop_cleanly)
+    committer.stop()
     maillog.close_file()
     print("smtplab serve: stopped")
     return 0

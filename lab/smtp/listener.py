@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -31,7 +30,7 @@ from zope.interface import implementer
 
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener
-from lab.appliance.spool import Spool, received_header
+from lab.appliance.spool import GroupCommit, Outcome, Spool, SpoolError, received_header
 from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
@@ -71,7 +70,7 @@ class ApplianceRuntime:
         state_dir: Path,
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
-        spool_in_threads: bool = False,
+        committer: GroupCommit | None = None,
         faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
@@ -82,7 +81,7 @@ class ApplianceRuntime:
         self.state_dir = state_dir
         self.reverse_dns = reverse_dns
         self.keylog = keylog
-        self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
+        self.committer = committer  # real reactor: spool writes off the reactor thread, in batches
         self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
@@ -445,28 +444,25 @@ class ListenerProtocol(Protocol):
             recipient=message.recipients[0] if len(message.recipients) == 1 else None,
             when=self.runtime.clock.seconds(),
         )
-        spool, name = self.runtime.spool, self.listener.name
-
-        def write() -> str:
-            return spool.for_listener(name).deliver(header + message.data)
-
-        if self.runtime.spool_in_threads:
-            d = threads.deferToThread(write)
-            d.addCallbacks(
-                lambda path: self._delivered(message, path, None),
-                lambda failure: self._delivered(message, None, failure.getErrorMessage()),
-            )
-            return
+        data = header + message.data
+        committer = self.runtime.committer
         try:
-            path = write()
+            maildir = self.runtime.spool.for_listener(self.listener.name)
+            if committer is not None:
+                committer.submit(maildir, data, lambda outcome: self._delivered(message, outcome))
+                return
+            outcome: Outcome = maildir.deliver(data)
         except Exception as exc:  # the spool's own error or any OSError: never a crash, always a 451
-            self._delivered(message, None, str(exc) or type(exc).__name__)
-        else:
-            self._delivered(message, path, None)
+            outcome = SpoolError(str(exc) or type(exc).__name__)
+        self._delivered(message, outcome)
 
-    def _delivered(self, message: Message, path: str | None, error: str | None) -> None:
-        if path is not None:
-            self.log.mid_spooled(message.mid, path)
+    def _delivered(self, message: Message, outcome: Outcome) -> None:
+        """``outcome``: the message's name in the spool (durable), or why it could not be stored."""
+        error = None
+        if isinstance(outcome, SpoolError):
+            error = str(outcome)
+        else:
+            self.log.mid_spooled(message.mid, outcome)
         self._delivering = False
         if self.session is None:  # the connection ended while the spool wrote: nothing left to answer
             return
