@@ -19,7 +19,7 @@ import ipaddress
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
@@ -28,6 +28,9 @@ from lab.appliance.spool import GroupCommit, Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
 from lab.tls.certs import default_state_dir, load_pem
+
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
@@ -145,11 +148,16 @@ def _os_problem(action: str, path: Path, exc: OSError) -> str:
     return f"{action}: {culprit}{reason}"
 
 
-def _open_log(path: Path | None, clock: Callable[[], float]) -> MailLog:
+def _open_log(path: Path | None, clock: IReactorTime) -> MailLog:
+    """Lines are flushed once per reactor turn: the lines of one turn reach the file in one write."""
+
+    def flush_soon(flush: Callable[[], None]) -> object:
+        return clock.callLater(0, flush)
+
     if path is None:
-        return MailLog(sys.stdout, clock=clock)
+        return MailLog(sys.stdout, clock=clock.seconds, flush_soon=flush_soon)
     try:
-        return MailLog(path, clock=clock)
+        return MailLog(path, clock=clock.seconds, flush_soon=flush_soon)
     except OSError as exc:
         raise _unusable("--log", path, _os_problem("cannot open for appending", path, exc)) from None
 
@@ -189,7 +197,7 @@ def _report_errors_to_stderr() -> None:
 def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
-    from twisted.internet.interfaces import IReactorFromThreads
+    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
@@ -201,10 +209,10 @@ def run(args: argparse.Namespace) -> int:
             probe_dir(state_dir)
         except OSError as exc:
             raise _unusable("--state", state_dir, _os_problem("cannot create or write", state_dir, exc)) from None
-    maillog = _open_log(Path(args.log) if args.log else None, reactor.seconds)
+    maillog = _open_log(Path(args.log) if args.log else None, IReactorTime(reactor))
     spool = Spool(spool_root)
     _prepare_spool(spool, appliance, "--spool" if args.spool else "--state", maillog)
-    committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes off the reactor thread, fsyncs in batches
+    committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes, fsyncs in batches
     runtime = ApplianceRuntime(
         appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, committer=committer
     )
