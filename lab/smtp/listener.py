@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lab.appliance.maillog import MailLog
-from lab.appliance.model import Appliance, Interface, Listener
+from lab.appliance.model import Appliance, Interface, Listener, Resolution
 from lab.appliance.spool import GroupCommit, Outcome, Spool, SpoolError, received_header
 from lab.net.transport import SessionTransport
 from lab.policy import admission
@@ -48,6 +48,9 @@ TLS_CLOSE_WAIT = 1.0
 
 #: At most this much input is given to the session at once: bounds the replies one read can produce.
 FEED_SLICE = 4096
+
+#: How many peers' HAT resolutions a listener remembers (then it starts afresh): bounds the memory they take.
+RESOLUTIONS_KEPT = 4096
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -135,6 +138,17 @@ class ListenerFactory(ServerFactory):
         self.per_ip: Counter[str] = Counter()
         self.live: set[ListenerProtocol] = set()  # open connections, for a clean stop (``shutdown``)
         self._lingering: dict[ListenerProtocol, IDelayedCall] = {}  # told 421 inside TLS: abort timers
+        self._resolved: dict[tuple[str, str | None], Resolution] = {}  # the HAT's answers, per peer
+
+    def resolve(self, peer_ip: str, peer_name: str | None) -> Resolution:
+        """The listener's HAT resolution for a peer (pure: the same peer always gets the same), remembered."""
+        key = (peer_ip, peer_name)
+        resolution = self._resolved.get(key)
+        if resolution is None:
+            if len(self._resolved) >= RESOLUTIONS_KEPT:
+                self._resolved.clear()
+            resolution = self._resolved[key] = self.listener.resolve(Peer.of(peer_ip, peer_name))
+        return resolution
 
     def buildProtocol(self, addr: Any) -> ListenerProtocol:
         protocol = ListenerProtocol(self)
@@ -237,7 +251,7 @@ class ListenerProtocol(Protocol):
         if refusal is not None:
             self._refuse(refusal)
             return
-        resolution = self.listener.resolve(Peer.of(self.peer_ip, self.peer_name))
+        resolution = self.owner.resolve(self.peer_ip, self.peer_name)
         self.log.policy(
             self.icid, resolution.policy.behaviour.value.upper(), resolution.match.group, resolution.match.member
         )
