@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up
+COMMITTERS = 4  # threads writing the spool: fsyncs of one batch wait on the disk while the next batch is written
 
 
 class SpoolError(Exception):
@@ -216,7 +217,7 @@ class GroupCommit:
     arrived while the previous one was being written: the busier the listener, the fewer hand-offs per message.
     """
 
-    def __init__(self, to_reactor: Callable[[Callable[[], None]], None], threads: int = 4) -> None:
+    def __init__(self, to_reactor: Callable[[Callable[[], None]], None], threads: int = COMMITTERS) -> None:
         self._to_reactor = to_reactor
         self._waiting: list[tuple[Maildir, bytes, Callable[[Outcome], None]]] = []
         self._ready = threading.Condition()

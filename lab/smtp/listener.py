@@ -379,8 +379,11 @@ class ListenerProtocol(Protocol):
         """Keep one timer armed no later than the next expiry (a later one is re-armed when it fires)."""
         if self.watch is None or self._aborted or self._lost:
             return
+        phase = self._phase()
+        if phase is self.watch.phase and self._timer is not None and self._timer.active():
+            return  # in one phase deadlines only move later (input restarts them): the armed timer is early enough
         now = self.clock.seconds()
-        self.watch = self.watch.enter(self._phase(), now)
+        self.watch = self.watch.enter(phase, now)
         at = self.watch.expiry().at
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= at:
