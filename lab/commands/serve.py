@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorTime
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
+FILES_BESIDES_CONNECTIONS = 256  # log, spool files being written, listening sockets, the reactor's own
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
 
 
@@ -202,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
     appliance, binds = _quick(args) if args.listen else _full(args)
+    _raise_open_files(sum(item.max_concurrency for item in appliance.listeners))
     state_dir = Path(args.state) if args.state else default_state_dir()
     spool_root = Path(args.spool) if args.spool else state_dir / "spool"
     if args.state or not args.spool:
@@ -249,6 +251,22 @@ def run(args: argparse.Namespace) -> int:
     maillog.close_file()
     print("smtplab serve: stopped")
     return 0
+
+
+def _raise_open_files(connections: int) -> None:
+    """Let the process hold the connections its listeners admit (each is a file descriptor), up to the hard limit.
+
+    Beyond the hard limit the kernel refuses the accept and the listener retries later; raising that is the
+    operator's business (``ulimit -Hn``).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FILES_BESIDES_CONNECTIONS
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _may_start_tls(listener: Listener) -> bool:
