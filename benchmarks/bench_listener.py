@@ -476,6 +476,8 @@ def main() -> None:
         return None
 
     os.environ.setdefault("PYTHONPATH", os.pathsep.join([str(REPO), str(REPO / "tests")]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a stopped run still stops its servers (finally)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, Python {sys.version.split()[0]}")

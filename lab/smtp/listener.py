@@ -139,6 +139,13 @@ class ListenerFactory(ServerFactory):
         self.live: set[ListenerProtocol] = set()  # open connections, for a clean stop (``shutdown``)
         self._lingering: dict[ListenerProtocol, IDelayedCall] = {}  # told 421 inside TLS: abort timers
         self._resolved: dict[tuple[str, str | None], Resolution] = {}  # the HAT's answers, per peer
+        self._server_tls: ServerTLS | None = None
+
+    def server_tls(self) -> ServerTLS:
+        """The listener's TLS context (``ApplianceRuntime.server_tls``), looked up once rather than per STARTTLS."""
+        if self._server_tls is None:
+            self._server_tls = self.runtime.server_tls(self.listener)
+        return self._server_tls
 
     def resolve(self, peer_ip: str, peer_name: str | None) -> Resolution:
         """The listener's HAT resolution for a peer (pure: the same peer always gets the same), remembered."""
@@ -295,7 +302,7 @@ class ListenerProtocol(Protocol):
         facts = tls_facts(connection)
         state = ClientCert.NONE
         if self.session.config.params.verify_client:
-            state = self.runtime.server_tls(self.listener).client_cert_state(connection)
+            state = self.owner.server_tls().client_cert_state(connection)
         self._apply(self.session.tls_started(facts, state))
         self._feed()  # application data that came with the end of the handshake
 
@@ -422,7 +429,7 @@ class ListenerProtocol(Protocol):
             if isinstance(action, Send):
                 self.transport.write(action.data)
             elif isinstance(action, StartTLS):
-                server_tls = self.runtime.server_tls(self.listener)
+                server_tls = self.owner.server_tls()
                 if server_tls.certkey.insecure_demo:
                     self.log.demo_certificate(self.icid)
                 self._tls_pending = True
