@@ -88,21 +88,31 @@ class Maildir:
     def deliver_many(self, messages: Sequence[bytes]) -> list[str | SpoolError]:
         """Store several messages with one fsync of ``new/`` for all of them (group commit).
 
-        Each message is written to ``tmp/``, fsynced and linked into ``new/``; then ``new/`` is fsynced once, and
-        only then is any of them durable (its name returned). A message that fails gets its SpoolError and leaves
-        nothing behind; when the directory fsync fails, every message of the batch does.
+        Every message is written to ``tmp/`` first, then each file is fsynced (the first fsync's journal commit
+        carries the others' data, so theirs find little left to do), linked into ``new/``, and ``new/`` is fsynced
+        once: only then is any of them durable (its name returned). A message that fails gets its SpoolError and
+        leaves nothing behind; when the directory fsync fails, every message of the batch does.
         """
         outcomes: list[str | SpoolError] = []
+        written: list[tuple[int, str, int]] = []  # (index, name, open descriptor)
         linked: list[str] = []
         try:
             for message in messages:
                 try:
-                    name = self._link_one(message)
+                    name, fd = self._write_one(message)
                 except SpoolError as exc:
                     outcomes.append(exc)
                 else:
-                    linked.append(name)
+                    written.append((len(outcomes), name, fd))
                     outcomes.append(name)
+            for index, name, fd in written:
+                try:
+                    os.fsync(fd)
+                    os.link(self.path / "tmp" / name, self.path / "new" / name)  # never replaces a message
+                except OSError as exc:
+                    outcomes[index] = SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}")
+                else:
+                    linked.append(name)
             if linked:
                 try:
                     _fsync_dir(self.path / "new")
@@ -112,49 +122,40 @@ class Maildir:
                     failure = SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}")
                     outcomes = [failure if isinstance(item, str) else item for item in outcomes]
         finally:
-            for name in linked:  # the tmp/ names go once new/ holds the messages (or they were taken back)
+            for _index, name, fd in written:  # the tmp/ names go once new/ holds the messages (or they failed)
+                os.close(fd)
                 (self.path / "tmp" / name).unlink(missing_ok=True)
         return outcomes
 
-    def _link_one(self, message: bytes) -> str:
-        """Write, fsync and link one message into ``new/`` (not yet durable: ``new/`` is fsynced by the caller)."""
+    def _write_one(self, message: bytes) -> tuple[str, int]:
+        """Write one message to a fresh ``tmp/`` file under a unique name; its descriptor stays open."""
         for _ in range(MAX_ATTEMPTS):
             name = self._names()
             if "/" in name or name.startswith(".") or not name:
                 raise SpoolError(f"unusable Maildir file name {name!r}")
+            tmp = self.path / "tmp" / name
             try:
-                if self._link_as(name, message):
-                    return name
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                continue
             except OSError as exc:
                 raise SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}") from exc
-        raise SpoolError(f"no unique file name in {self.path} after {MAX_ATTEMPTS} attempts")
-
-    def _link_as(self, name: str, message: bytes) -> bool:
-        """False when the name is taken (try another); OSError on any real failure, after cleaning up.
-
-        On success ``tmp/name`` and ``new/name`` are the same fsynced file; the caller removes ``tmp/name``.
-        """
-        tmp, new = self.path / "tmp" / name, self.path / "new" / name
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return False
-        try:
             try:
                 view = memoryview(message)
                 while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
+                    view = view[os.write(fd, view) :]
+            except BaseException as exc:
                 os.close(fd)
-            os.link(tmp, new)  # unlike rename, never replaces an existing message
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, FileExistsError):
-                return False
-            raise
-        return True
+                tmp.unlink(missing_ok=True)
+                if isinstance(exc, OSError):
+                    raise SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}") from exc
+                raise
+            if (self.path / "new" / name).exists():  # taken in new/ (a name source that repeats): another name
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                continue
+            return name, fd
+        raise SpoolError(f"no unique file name in {self.path} after {MAX_ATTEMPTS} attempts")
 
     def messages(self) -> list[Path]:
         """The delivered messages in ``new/``, oldest name first."""
