@@ -24,6 +24,7 @@ import datetime as dt
 import json
 import os
 import resource
+import shutil
 import signal
 import ssl
 import statistics
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))  # runs from a checkout without installing
 sys.path.insert(0, str(REPO / "tests"))  # the peers test-helper package
 from peers import free_port, wait_for_banner  # noqa: E402
 
+APPLIANCE = Path(__file__).resolve().parent / "appliance-bench.yaml"  # the limits raised for 10k sessions
 BODY = ("Subject: bench\r\n\r\n" + ("x" * 78 + "\r\n") * 13).encode()[:1024]
 PHASE_LIMIT = 120.0  # no single measurement or idle phase runs longer than this (seconds of wall time)
 CONNECT_TIMEOUT = 20.0
@@ -302,10 +304,14 @@ def servers_for(cert: Path, key: Path, work: Path, workers: int, with_postfix: b
 
     def smtplab(name: str, extra: list[str]) -> Server:
         def start(host: str, port: int) -> Callable[[], None]:
-            spool = work / name
-            command = [sys.executable, "-m", "lab", "serve", "--listen", f"{host}:{port}", "--tls", "preferred"]
-            command += ["--cert", str(cert), "--key", str(key), "--max-concurrency", "20000", *extra]
-            command += ["--spool", str(spool / "spool"), "--log", str(spool / "mail.log"), "--state", str(spool)]
+            home = work / f"{name.replace(' ', '')}-{cert.stem}"
+            home.mkdir(parents=True, exist_ok=True)
+            shutil.copy(cert, home / "bench.pem")
+            shutil.copy(key, home / "bench.key")
+            shutil.copy(APPLIANCE, home / "appliance.yaml")
+            command = [sys.executable, "-m", "lab", "serve", "--config", str(home / "appliance.yaml")]
+            command += ["--bind", f"Bench={host}:{port}", *extra]
+            command += ["--spool", str(home / "spool"), "--log", str(home / "mail.log"), "--state", str(home)]
             return popen_server(command, host, port, found_server(name))
 
         return Server(name, start)
@@ -354,13 +360,18 @@ def measure(server: Server, mode: str, clients: int, seconds: float, drivers: in
         subprocess.Popen([*command, str(n), str(seconds), mode], stdout=subprocess.PIPE, text=True) for n in per if n
     ]
     results = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=seconds + PHASE_LIMIT)
-            results.append(json.loads(out))
-        except (subprocess.TimeoutExpired, ValueError):
-            proc.kill()
-            proc.wait()
+    try:
+        for proc in procs:
+            try:
+                out, _ = proc.communicate(timeout=seconds + PHASE_LIMIT)
+                results.append(json.loads(out))
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
+    finally:
+        for proc in procs:  # an interrupted or stuck generator is stopped by PID
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     cpu = cpu_seconds(server.pid) - cpu_before
     sessions = sum(r["sessions"] for r in results)
     errors = sum(r["errors"] for r in results)
@@ -426,12 +437,9 @@ def idle_phase(cert: Path, key: Path, work: Path, count: int) -> None:
     want = min(hard, count * 2 + 1024)
     if soft < want:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))  # the child inherits it
-    server = Server("smtplab", lambda h, p: lambda: None)
+    server = servers_for(cert, key, work / "idle", 0, with_postfix=False)[0]
     host, port = "127.0.77.99", free_port("127.0.77.99")
-    command = [sys.executable, "-m", "lab", "serve", "--listen", f"{host}:{port}", "--tls", "preferred"]
-    command += ["--cert", str(cert), "--key", str(key), "--max-concurrency", str(count + 100)]
-    command += ["--spool", str(work / "idle" / "spool"), "--log", str(work / "idle" / "mail.log"), "--state", str(work)]
-    stop = popen_server(command, host, port, server)
+    stop = server.start(host, port)
     try:
         base = rss_mb(server.pid)
         held, failed, rss = asyncio.run(hold_idle(host, port, count, lambda: rss_mb(server.pid)))
