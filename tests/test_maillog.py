@@ -230,3 +230,25 @@ def test_any_injected_bytes_give_a_parseable_line(data: bytes) -> None:
 def test_lines_outside_the_grammar_are_bad_input(line: str) -> None:
     with pytest.raises(BadInput):
         parse_line(line)
+
+
+def test_flush_soon_writes_the_lines_of_a_turn_at_once(tmp_path: Path) -> None:
+    """``smtplab serve`` flushes once per reactor turn: one flush is asked for, whatever the number of lines."""
+    path = tmp_path / "mail.log"
+    asked: list[object] = []
+    log = MailLog(path, clock=lambda: 1764618005.0, flush_soon=asked.append)
+    log.new_connection(1, "Management", "127.0.0.1", "127.0.0.2", None, False)
+    log.close(1)
+    assert len(asked) == 1
+    log.flush()
+    assert [parse_line(line)["event"] for line in path.read_text().splitlines()] == ["new_connection", "close"]
+    log.close(2)
+    assert len(asked) == 2  # a new turn, a new flush
+    log.close_file()  # flushes what is left
+    assert path.read_text().splitlines()[-1].endswith("ICID 2 close")
+
+
+def test_text_outside_printable_ascii_is_still_escaped() -> None:
+    log = MailLog(None, clock=lambda: 0.0)
+    line = log.protocol_error(1, "bad\r\nline\x00 é")
+    assert line.endswith(r"protocol error: bad\r\nline\x00 \xe9")

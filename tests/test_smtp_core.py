@@ -263,3 +263,39 @@ def test_replies_do_not_depend_on_the_split(wire: bytes, cuts: list[int]) -> Non
         return out
 
     assert read(_splits(wire, cuts)) == read([wire]) == read([wire[i : i + 1] for i in range(len(wire))])
+
+
+def _events_line_by_line(wire: bytes, max_size: int) -> list[object]:
+    """The reference: every line through the per-line reading (the block fast path turned off)."""
+    lines = LineReader()
+    reader = DataReader(lines, max_size)
+    reader._take_plain_lines = lambda: None  # type: ignore[method-assign]
+    lines.feed(wire)
+    out: list[object] = []
+    while (event := reader.next_event()) is not None:
+        out.append(event)
+    return out
+
+
+PLAIN_LINES = st.lists(st.sampled_from([b"Subject: x", b"", b"body text", b".", b"..", b"x" * 998, b"a\rb", b"c\x00"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(PLAIN_LINES, st.sampled_from([b"\r\n", b"\n"]), st.integers(0, 3000))
+def test_message_text_taken_as_a_block_is_what_line_by_line_reading_takes(
+    body: list[bytes], end: bytes, max_size: int
+) -> None:
+    wire = b"".join(line + end for line in body) + b"\r\n.\r\n"
+    assert _data(wire, max_size=max_size) == _events_line_by_line(wire, max_size)
+
+
+@pytest.mark.parametrize(
+    ("wire", "text"),
+    [
+        (b"Subject: a\r\n\r\nline\r\n.\r\n", b"Subject: a\r\n\r\nline\r\n"),
+        (b"one\r\n..stuffed\r\ntwo\r\n.\r\n", b"one\r\n.stuffed\r\ntwo\r\n"),
+        (b"x" * 18 + b"\r\n.\r\n", b"x" * 18 + b"\r\n"),  # exactly the size limit (20)
+    ],
+)
+def test_plain_message_text_is_taken_whole(wire: bytes, text: bytes) -> None:
+    assert _data(wire, max_size=20) == [EndOfData(text)]

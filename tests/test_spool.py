@@ -224,3 +224,62 @@ def test_received_header_cannot_be_injected_through_helo() -> None:
     assert lines[0] == b"Received: from x??X-Evil:?1 ([198.51.100.7])"
     assert all(line.startswith(b"\t") for line in lines[1:-1]) and lines[-1] == b""
     assert b"for <bob@example.com>; Tue, 01 Dec 2026 19:40:05 +0000" in header
+
+
+def test_a_batch_is_made_durable_with_one_fsync_of_new(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lab.appliance import spool
+
+    box = Maildir(tmp_path, name_source=names("a", "b", "c"))
+    synced: list[Path] = []
+    real = spool._fsync_dir
+    monkeypatch.setattr(spool, "_fsync_dir", lambda path: (synced.append(Path(path)), real(path)))
+    assert box.deliver_many([b"first", b"second", b"third"]) == ["a", "b", "c"]
+    assert synced == [tmp_path / "new"]
+    assert [p.read_bytes() for p in box.messages()] == [b"first", b"second", b"third"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_failed_directory_fsync_fails_the_whole_batch_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lab.appliance import spool
+
+    box = Maildir(tmp_path, name_source=names("a", "b"))
+
+    def broken(path: Path) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(spool, "_fsync_dir", broken)
+    outcomes = box.deliver_many([b"first", b"second"])
+    assert all(isinstance(item, SpoolError) and "Input/output error" in str(item) for item in outcomes)
+    assert list((tmp_path / "new").iterdir()) == []
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_one_message_failing_does_not_fail_its_batch(tmp_path: Path) -> None:
+    box = Maildir(tmp_path, name_source=names("a", "a", *["a"] * 8, "c"))  # the second never finds a free name
+    first, second, third = box.deliver_many([b"first", b"second", b"third"])
+    assert (first, third) == ("a", "c")
+    assert isinstance(second, SpoolError)
+    assert [p.read_bytes() for p in box.messages()] == [b"first", b"third"]
+
+
+def test_group_commit_answers_on_the_reactor_side_once_stored(tmp_path: Path) -> None:
+    """Outcomes come back through ``to_reactor`` only, after the files are in new/; stop writes what waits."""
+    from lab.appliance.spool import GroupCommit
+
+    handed: list[object] = []
+    box = Maildir(tmp_path)
+    committer = GroupCommit(handed.append, threads=2)
+    outcomes: list[object] = []
+    for n in range(20):
+        committer.submit(box, b"message %d" % n, outcomes.append)
+    committer.stop()
+    assert outcomes == []  # nothing ran on the committer threads' side
+    for call in handed:
+        call()  # type: ignore[operator]
+    assert len(outcomes) == 20 and all(isinstance(item, str) for item in outcomes)
+    assert sorted(p.read_bytes() for p in box.messages()) == sorted(b"message %d" % n for n in range(20))
+    assert len(handed) <= 20  # one hand-off per batch, not per message
+    with pytest.raises(SpoolError, match="stopping"):
+        committer.submit(box, b"late", outcomes.append)

@@ -88,8 +88,7 @@ def _text(value: object) -> str:
 
 def _token(value: object) -> str:
     """A field that must stay one word in the grammar."""
-    text = _text(value)
-    return re.sub(r"\s", "_", text) or "-"
+    return _text(value).replace(" ", "_") or "-"  # after _text the only white space left is the space
 
 
 def _addr(addr: str) -> str:
@@ -132,18 +131,24 @@ class MailLog:
         clock: Callable[[], float] = time.time,
         echo: Callable[[str], None] | None = None,
         tail: int = TAIL_LINES,
+        flush_soon: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
+        """``flush_soon(f)``: call ``f`` shortly (``smtplab serve``: once the reactor's current turn is over), so
+        the lines of one turn reach the sink in one write; without it every line is flushed as it is written."""
         self.lines: deque[str] = deque(maxlen=tail)
         self._clock = clock
         self._echo = echo
         self._owned: TextIO | None = None
         if isinstance(sink, Path):
             sink.parent.mkdir(parents=True, exist_ok=True)
-            self._owned = sink.open("a", encoding="utf-8", buffering=1)
+            self._owned = sink.open("a", encoding="utf-8", buffering=-1 if flush_soon else 1)
             self._sink: TextIO | None = self._owned
         else:
             self._sink = sink
         self._counters = {"icid": 0, "mid": 0}
+        self._flush_soon = flush_soon
+        self._flush_pending = False
+        self._stamp: tuple[int, str] = (-1, "")  # the last second formatted, and its text
 
     # -- counters -----------------------------------------------------------------------------------------------
     def _next(self, kind: str) -> int:
@@ -159,17 +164,31 @@ class MailLog:
     # -- output -------------------------------------------------------------------------------------------------
     def write(self, event: str, level: str = "Info") -> str:
         """Stamp and emit one event text; returns the full line (without newline)."""
-        line = f"{format_timestamp(self._clock())} {level}: {event}"
+        second = int(self._clock())
+        if second != self._stamp[0]:
+            self._stamp = (second, format_timestamp(second))
+        line = f"{self._stamp[1]} {level}: {event}"
         self.lines.append(line)
         if self._sink is not None:
             self._sink.write(line + "\n")
-            self._sink.flush()
+            if self._flush_soon is None:
+                self._sink.flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self._flush_soon(self.flush)
         if self._echo is not None:
             self._echo(line)
         return line
 
+    def flush(self) -> None:
+        """Hand what was written to the sink's file (or stream) now."""
+        self._flush_pending = False
+        if self._sink is not None:
+            self._sink.flush()
+
     def close_file(self) -> None:
         """Close the log file if this MailLog opened it (a sink passed in stays the caller's)."""
+        self.flush()
         if self._owned is not None:
             self._owned.close()
             self._owned = None

@@ -19,17 +19,21 @@ import ipaddress
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
-from lab.appliance.spool import Spool, SpoolError, probe_dir
+from lab.appliance.spool import GroupCommit, Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
 from lab.tls.certs import default_state_dir, load_pem
 
+if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
+FILES_BESIDES_CONNECTIONS = 256  # log, spool files being written, listening sockets, the reactor's own
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
 
 
@@ -145,11 +149,16 @@ def _os_problem(action: str, path: Path, exc: OSError) -> str:
     return f"{action}: {culprit}{reason}"
 
 
-def _open_log(path: Path | None, clock: Callable[[], float]) -> MailLog:
+def _open_log(path: Path | None, clock: IReactorTime) -> MailLog:
+    """Lines are flushed once per reactor turn: the lines of one turn reach the file in one write."""
+
+    def flush_soon(flush: Callable[[], None]) -> object:
+        return clock.callLater(0, flush)
+
     if path is None:
-        return MailLog(sys.stdout, clock=clock)
+        return MailLog(sys.stdout, clock=clock.seconds, flush_soon=flush_soon)
     try:
-        return MailLog(path, clock=clock)
+        return MailLog(path, clock=clock.seconds, flush_soon=flush_soon)
     except OSError as exc:
         raise _unusable("--log", path, _os_problem("cannot open for appending", path, exc)) from None
 
@@ -189,11 +198,12 @@ def _report_errors_to_stderr() -> None:
 def run(args: argparse.Namespace) -> int:
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
-    from twisted.internet.interfaces import IReactorThreads
+    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
     appliance, binds = _quick(args) if args.listen else _full(args)
+    _raise_open_files(sum(item.max_concurrency for item in appliance.listeners))
     state_dir = Path(args.state) if args.state else default_state_dir()
     spool_root = Path(args.spool) if args.spool else state_dir / "spool"
     if args.state or not args.spool:
@@ -201,13 +211,13 @@ def run(args: argparse.Namespace) -> int:
             probe_dir(state_dir)
         except OSError as exc:
             raise _unusable("--state", state_dir, _os_problem("cannot create or write", state_dir, exc)) from None
-    maillog = _open_log(Path(args.log) if args.log else None, reactor.seconds)
+    maillog = _open_log(Path(args.log) if args.log else None, IReactorTime(reactor))
     spool = Spool(spool_root)
     _prepare_spool(spool, appliance, "--spool" if args.spool else "--state", maillog)
+    committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes, fsyncs in batches
     runtime = ApplianceRuntime(
-        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, spool_in_threads=True
+        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, committer=committer
     )
-    IReactorThreads(reactor).suggestThreadPoolSize(32)  # spool writes wait on fsync; let sessions overlap them
 
     ports: list[Any] = []
     factories: list[ListenerFactory] = []
@@ -236,10 +246,27 @@ def run(args: argparse.Namespace) -> int:
 
     reactor.addSystemEventTrigger("before", "shutdown", stop_cleanly)  # the reactor waits for its Deferred
     _report_errors_to_stderr()
-    reactor.run()  # SIGINT and SIGTERM stop the reactor; the thread pool (spool writes) is joined after
+    reactor.run()  # SIGINT and SIGTERM stop the reactor once every session has its answer (stop_cleanly)
+    committer.stop()
     maillog.close_file()
     print("smtplab serve: stopped")
     return 0
+
+
+def _raise_open_files(connections: int) -> None:
+    """Let the process hold the connections its listeners admit (each is a file descriptor), up to the hard limit.
+
+    Beyond the hard limit the kernel refuses the accept and the listener retries later; raising that is the
+    operator's business (``ulimit -Hn``).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + FILES_BESIDES_CONNECTIONS
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
 def _may_start_tls(listener: Listener) -> bool:

@@ -19,7 +19,7 @@ asks ``expiry()`` for the earliest deadline that applies in the current ``Phase`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from enum import Enum
 
 from lab.policy.replies import Reply
@@ -99,13 +99,14 @@ class Watch:
 
     def received(self, now: float, completes_record: bool) -> Watch:
         """Input arrived; when it ends a record (a line), the wait for the next record starts now."""
-        return replace(self, last_input=now, record_since=now if completes_record else self.record_since)
+        record_since = now if completes_record else self.record_since  # built directly: this runs for every read
+        return Watch(self.timeouts, self.connected, self.phase, self.phase_since, now, record_since)
 
     def enter(self, phase: Phase, now: float) -> Watch:
         """A new phase; leaving the handshake or a delivery also starts the wait for the next record afresh."""
         if phase is self.phase:
             return self
-        return replace(self, phase=phase, phase_since=now, last_input=max(self.last_input, now), record_since=now)
+        return Watch(self.timeouts, self.connected, phase, now, max(self.last_input, now), now)
 
     def expiry(self) -> Expiry:
         """The earliest deadline that applies in the current phase (ties: the first listed below)."""

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from OpenSSL import SSL
-from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHandshakeListener, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, ServerFactory
@@ -30,8 +29,8 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from lab.appliance.maillog import MailLog
-from lab.appliance.model import Appliance, Interface, Listener
-from lab.appliance.spool import Spool, received_header
+from lab.appliance.model import Appliance, Interface, Listener, Resolution
+from lab.appliance.spool import GroupCommit, Outcome, Spool, SpoolError, received_header
 from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
@@ -49,6 +48,9 @@ TLS_CLOSE_WAIT = 1.0
 
 #: At most this much input is given to the session at once: bounds the replies one read can produce.
 FEED_SLICE = 4096
+
+#: How many peers' HAT resolutions a listener remembers (then it starts afresh): bounds the memory they take.
+RESOLUTIONS_KEPT = 4096
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -71,7 +73,7 @@ class ApplianceRuntime:
         state_dir: Path,
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
-        spool_in_threads: bool = False,
+        committer: GroupCommit | None = None,
         faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:
@@ -82,7 +84,7 @@ class ApplianceRuntime:
         self.state_dir = state_dir
         self.reverse_dns = reverse_dns
         self.keylog = keylog
-        self.spool_in_threads = spool_in_threads  # real reactor: fsync off the reactor thread, in parallel
+        self.committer = committer  # real reactor: spool writes off the reactor thread, in batches
         self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
@@ -136,6 +138,24 @@ class ListenerFactory(ServerFactory):
         self.per_ip: Counter[str] = Counter()
         self.live: set[ListenerProtocol] = set()  # open connections, for a clean stop (``shutdown``)
         self._lingering: dict[ListenerProtocol, IDelayedCall] = {}  # told 421 inside TLS: abort timers
+        self._resolved: dict[tuple[str, str | None], Resolution] = {}  # the HAT's answers, per peer
+        self._server_tls: ServerTLS | None = None
+
+    def server_tls(self) -> ServerTLS:
+        """The listener's TLS context (``ApplianceRuntime.server_tls``), looked up once rather than per STARTTLS."""
+        if self._server_tls is None:
+            self._server_tls = self.runtime.server_tls(self.listener)
+        return self._server_tls
+
+    def resolve(self, peer_ip: str, peer_name: str | None) -> Resolution:
+        """The listener's HAT resolution for a peer (pure: the same peer always gets the same), remembered."""
+        key = (peer_ip, peer_name)
+        resolution = self._resolved.get(key)
+        if resolution is None:
+            if len(self._resolved) >= RESOLUTIONS_KEPT:
+                self._resolved.clear()
+            resolution = self._resolved[key] = self.listener.resolve(Peer.of(peer_ip, peer_name))
+        return resolution
 
     def buildProtocol(self, addr: Any) -> ListenerProtocol:
         protocol = ListenerProtocol(self)
@@ -238,7 +258,7 @@ class ListenerProtocol(Protocol):
         if refusal is not None:
             self._refuse(refusal)
             return
-        resolution = self.listener.resolve(Peer.of(self.peer_ip, self.peer_name))
+        resolution = self.owner.resolve(self.peer_ip, self.peer_name)
         self.log.policy(
             self.icid, resolution.policy.behaviour.value.upper(), resolution.match.group, resolution.match.member
         )
@@ -282,7 +302,7 @@ class ListenerProtocol(Protocol):
         facts = tls_facts(connection)
         state = ClientCert.NONE
         if self.session.config.params.verify_client:
-            state = self.runtime.server_tls(self.listener).client_cert_state(connection)
+            state = self.owner.server_tls().client_cert_state(connection)
         self._apply(self.session.tls_started(facts, state))
         self._feed()  # application data that came with the end of the handshake
 
@@ -366,8 +386,11 @@ class ListenerProtocol(Protocol):
         """Keep one timer armed no later than the next expiry (a later one is re-armed when it fires)."""
         if self.watch is None or self._aborted or self._lost:
             return
+        phase = self._phase()
+        if phase is self.watch.phase and self._timer is not None and self._timer.active():
+            return  # in one phase deadlines only move later (input restarts them): the armed timer is early enough
         now = self.clock.seconds()
-        self.watch = self.watch.enter(self._phase(), now)
+        self.watch = self.watch.enter(phase, now)
         at = self.watch.expiry().at
         if self._timer is not None and self._timer.active():
             if self._timer.getTime() <= at:
@@ -406,7 +429,7 @@ class ListenerProtocol(Protocol):
             if isinstance(action, Send):
                 self.transport.write(action.data)
             elif isinstance(action, StartTLS):
-                server_tls = self.runtime.server_tls(self.listener)
+                server_tls = self.owner.server_tls()
                 if server_tls.certkey.insecure_demo:
                     self.log.demo_certificate(self.icid)
                 self._tls_pending = True
@@ -445,28 +468,25 @@ class ListenerProtocol(Protocol):
             recipient=message.recipients[0] if len(message.recipients) == 1 else None,
             when=self.runtime.clock.seconds(),
         )
-        spool, name = self.runtime.spool, self.listener.name
-
-        def write() -> str:
-            return spool.for_listener(name).deliver(header + message.data)
-
-        if self.runtime.spool_in_threads:
-            d = threads.deferToThread(write)
-            d.addCallbacks(
-                lambda path: self._delivered(message, path, None),
-                lambda failure: self._delivered(message, None, failure.getErrorMessage()),
-            )
-            return
+        data = header + message.data
+        committer = self.runtime.committer
         try:
-            path = write()
+            maildir = self.runtime.spool.for_listener(self.listener.name)
+            if committer is not None:
+                committer.submit(maildir, data, lambda outcome: self._delivered(message, outcome))
+                return
+            outcome: Outcome = maildir.deliver(data)
         except Exception as exc:  # the spool's own error or any OSError: never a crash, always a 451
-            self._delivered(message, None, str(exc) or type(exc).__name__)
-        else:
-            self._delivered(message, path, None)
+            outcome = SpoolError(str(exc) or type(exc).__name__)
+        self._delivered(message, outcome)
 
-    def _delivered(self, message: Message, path: str | None, error: str | None) -> None:
-        if path is not None:
-            self.log.mid_spooled(message.mid, path)
+    def _delivered(self, message: Message, outcome: Outcome) -> None:
+        """``outcome``: the message's name in the spool (durable), or why it could not be stored."""
+        error = None
+        if isinstance(outcome, SpoolError):
+            error = str(outcome)
+        else:
+            self.log.mid_spooled(message.mid, outcome)
         self._delivering = False
         if self.session is None:  # the connection ended while the spool wrote: nothing left to answer
             return

@@ -77,6 +77,20 @@ class LineReader:
         overlong, self._discarding = self._discarding, False
         return line, overlong
 
+    def complete_lines(self, stop: bytes) -> bytes:
+        """The buffered complete lines, up to and including the line end before the first ``stop`` (not read)."""
+        end = self._buf.find(stop, self._pos)
+        if end < 0:
+            end = self._buf.rfind(b"\n", self._pos) + 1
+        else:
+            end += 2  # stop starts with the CRLF that ends the last line taken
+        return bytes(self._buf[self._pos : max(end, self._pos)])
+
+    def skip(self, count: int) -> None:
+        """Mark ``count`` bytes as read (what ``complete_lines`` returned)."""
+        self._pos += count
+        self._scan = max(self._scan, self._pos)
+
     def take(self) -> bytes:
         """Everything not read yet, removed."""
         rest = bytes(self._buf[self._pos :])
@@ -147,6 +161,7 @@ class DataReader:
 
     def next_event(self) -> EndOfData | MalformedEndOfData | None:
         """The next event, or None when more input is needed."""
+        self._take_plain_lines()
         while True:
             taken = self._lines.bounded_line(TEXT_LINE_LIMIT)
             if taken is None:
@@ -164,6 +179,28 @@ class DataReader:
             event = self._text_line(line, after_crlf)
             if event is not None:
                 return event
+
+    def _take_plain_lines(self) -> None:
+        """Take at once the buffered lines that need no look one by one (the usual message text).
+
+        Such a block is complete CRLF lines, none starting with a dot (no end of data, no dot-stuffing, no
+        smuggling shape), with no other CR or LF, no NUL, none over the line limit, and it keeps the message
+        under its size limit: ``_text_line`` would find no problem in any of them and keep each as it is.
+        Anything else is left to the line-by-line reading.
+        """
+        if self._bare_lf_ends_data or not self._after_crlf or self._lines.discarding or self._problems:
+            return
+        block = self._lines.complete_lines(b"\r\n.")
+        if not block or block[:1] == b"." or self._size + len(block) > self._max_size or b"\x00" in block:
+            return
+        crlf = block.count(b"\r\n")
+        if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+            return
+        if max(map(len, block.split(b"\n"))) + 1 > TEXT_LINE_LIMIT:
+            return
+        self._lines.skip(len(block))
+        self._chunks.append(block)
+        self._size += len(block)
 
     def _text_line(self, line: bytes, after_crlf: bool) -> MalformedEndOfData | None:
         text = line[:-2] if self._after_crlf else line[:-1]
