@@ -16,6 +16,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from test_session import SMUGGLING_SEQUENCES
 
 from lab.policy import replies
 from lab.policy.modes import Behaviour, ClientCert, TLSMode
@@ -62,20 +63,7 @@ FRAGMENTS = [
     *(f"{c}\r\n".encode() for c in COMMANDS),
 ]
 #: The false ends of data of the SMTP smuggling research (CVE-2023-51764, -51765, -51766).
-SMUGGLING_ENDS = [
-    b"\n.\n",
-    b"\n.\r\n",
-    b"\r\n.\n",
-    b"\n.\r",
-    b"\r.\n",
-    b"\r.\r",
-    b"\r.\r\n",
-    b"\r\n.\r",
-    b"\r\n\x00.\r\n",
-    b"\r\n.\x00\r\n",
-    b"\r\n.\r\r\n",
-    b"\r\r\n.\r\r\n",
-]
+SMUGGLING_ENDS = SMUGGLING_SEQUENCES
 SMUGGLED = b"MAIL FROM:<smuggled@evil.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\nforged\r\n.\r\n"
 ENVELOPE = b"EHLO client.example\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<c@example.com>\r\nDATA\r\n"
 
