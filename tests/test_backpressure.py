@@ -7,15 +7,14 @@ import socket
 import time
 from pathlib import Path
 
+from labruntime import lab_runtime
 from serving import serve
 from twisted.internet import defer, protocol, task
 
 from lab.appliance.config import quick_appliance
-from lab.appliance.maillog import MailLog
-from lab.appliance.spool import Spool
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import TLSMode
-from lab.smtp.listener import FEED_SLICE, ApplianceRuntime, ListenerProtocol
+from lab.smtp.listener import FEED_SLICE, ListenerProtocol
 
 EHLO = b"EHLO flood.example\r\n"
 
@@ -90,13 +89,7 @@ def _memory_listener(tmp_path: Path) -> tuple[MemoryNetwork, list[ListenerProtoc
     clock = task.Clock()
     net = MemoryNetwork(clock)
     appliance = quick_appliance("192.168.2.1", 25, TLSMode.PREFERRED)
-    runtime = ApplianceRuntime(
-        appliance,
-        clock=clock,
-        maillog=MailLog(None, clock=clock.seconds),
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
-    )
+    runtime = lab_runtime(appliance, clock, tmp_path)
     factory = runtime.factory(appliance.listeners[0])
     built: list[ListenerProtocol] = []
     build = factory.buildProtocol

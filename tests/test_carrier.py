@@ -8,14 +8,13 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from labruntime import lab_runtime
 from serving import free_port, fresh_loopback
 from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock
 from zope.interface.verify import verifyObject
 
 from lab.appliance.config import quick_appliance
-from lab.appliance.maillog import MailLog
-from lab.appliance.spool import Spool
 from lab.errors import HarnessError
 from lab.net.carrier import EXTERNAL_CARRIER, LAB_CARRIERS, CarrierTimeout, ICarrier, drive, open_carrier
 from lab.net.loopback import LoopbackNetwork
@@ -27,7 +26,6 @@ from lab.scenario.loader import load_cases
 from lab.scenario.runner import RunOptions, run_cases
 from lab.smtp.behaviours import behaviour_steps
 from lab.smtp.client import ClientRecord, ScriptedClient
-from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.steps import TLSOptions
 from lab.tls.certs import LabCA
 from lab.tls.tlsctx import ClientCerts, ClientTLSFactory, lab_client_tls
@@ -94,13 +92,7 @@ def test_drive_refuses_a_running_reactor_and_times_out() -> None:
 
 def serve_lab(net: Any, host: str, tmp_path: Path, port: int = 25) -> LabCA:
     appliance = quick_appliance(host, port, TLSMode.REQUIRED)
-    runtime = ApplianceRuntime(
-        appliance,
-        clock=net.clock,
-        maillog=MailLog(None, clock=net.clock.seconds),
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
-    )
+    runtime = lab_runtime(appliance, net.clock, tmp_path)
     net.listen(host, port, runtime.factory(appliance.listeners[0]))
     return LabCA(tmp_path / "state")
 

@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
+from labruntime import lab_runtime
 from serving import client_context, free_port, fresh_loopback, serve
 from twisted.internet import defer, protocol, reactor
 
 from lab.appliance.config import quick_appliance
-from lab.appliance.maillog import MailLog
-from lab.appliance.spool import Spool
 from lab.policy.deadlines import Timeouts
 from lab.policy.modes import Behaviour, TLSMode
 from lab.smtp.listener import ApplianceRuntime
@@ -49,13 +48,7 @@ def _runtime(tmp_path: Path, tls: TLSMode, **listener_changes: object) -> tuple[
     appliance = quick_appliance(host, port, tls)
     listener = dataclasses.replace(appliance.listeners[0], **listener_changes)
     appliance = dataclasses.replace(appliance, listeners=(listener,))
-    runtime = ApplianceRuntime(
-        appliance,
-        clock=reactor,
-        maillog=MailLog(None, clock=reactor.seconds),
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
-    )
+    runtime = lab_runtime(appliance, reactor, tmp_path)
     return runtime, host, port
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from labruntime import lab_runtime
 from twisted.internet import defer, protocol, task
 
 from lab.appliance.config import quick_appliance
-from lab.appliance.maillog import MailLog
-from lab.appliance.spool import Spool
 from lab.net.capture import Capture, Direction
 from lab.net.memory import MemoryNetwork
 from lab.policy.hat import HostAccessTable, SenderGroup
@@ -50,12 +49,10 @@ def _lab(tmp_path: Path, tls: TLSMode) -> tuple[MemoryNetwork, ApplianceRuntime,
     listener = appliance.listeners[0]
     hat = HostAccessTable((SenderGroup.of("BLACKLIST", ["203.0.113.66"], "BLOCKED"), *listener.hat.groups))
     appliance = dataclasses.replace(appliance, listeners=(dataclasses.replace(listener, hat=hat),))
-    runtime = ApplianceRuntime(
+    runtime = lab_runtime(
         appliance,
-        clock=clock,
-        maillog=MailLog(None, clock=clock.seconds),
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
+        clock,
+        tmp_path,
         reverse_dns=lambda ip: ("mx.example.net", True) if ip == "198.51.100.7" else (None, False),
     )
     net.listen("192.168.2.1", 25, runtime.factory(appliance.listeners[0]))

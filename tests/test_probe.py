@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from broken_sessions import PROBE_FAULTS
+from labruntime import lab_runtime
 from peers import Peer, aiosmtpd_peer, make_peer_workdir, next_address, postfix, require_peer, start_all, stop_all
 from peers.aiosmtpd_peer import AiosmtpdPeer
 from peers.postfix import PostfixPeer
@@ -29,8 +30,6 @@ from serving import Served, free_port, fresh_loopback, serve
 from twisted.internet import protocol, reactor
 
 from lab.appliance.config import quick_appliance
-from lab.appliance.maillog import MailLog
-from lab.appliance.spool import Spool
 from lab.commands import probe as probe_command
 from lab.conformance.probe import (
     CHECKS,
@@ -49,7 +48,6 @@ from lab.errors import BadInput
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.smtp.faults import NO_FAULTS
-from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.transcript import Direction, Entry, Kind, from_legacy_line
 from lab.tls.certs import LabCA
 
@@ -256,14 +254,7 @@ def broken_lab(
     if rat is not None:
         listener = dataclasses.replace(listener, rat=rat)
     appliance = dataclasses.replace(appliance, listeners=(listener,))
-    runtime = ApplianceRuntime(
-        appliance,
-        clock=net.clock,
-        maillog=MailLog(None, clock=net.clock.seconds),
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
-        faults=NO_FAULTS if fault is None else PROBE_FAULTS[fault],
-    )
+    runtime = lab_runtime(appliance, net.clock, tmp_path, faults=NO_FAULTS if fault is None else PROBE_FAULTS[fault])
     net.listen(host, port, runtime.factory(listener))
     return net
 

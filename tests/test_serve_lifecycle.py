@@ -16,18 +16,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from labruntime import lab_runtime
 from serving import client_context, free_port, fresh_loopback, load_ids, mail_load, serve
 from twisted.internet.protocol import ClientFactory, Protocol
 
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import MailLog, parse_line
-from lab.appliance.spool import Spool
 from lab.net.memory import MemoryNetwork
 from lab.policy.modes import Behaviour, TLSMode
 from lab.policy.params import EffectiveParams
 from lab.smtp.core.events import LogEvent
 from lab.smtp.faults import FaultPolicy
-from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.session import Action, Close, Deliver, Send, ServerSession, SessionConfig
 
 SHUTTING_DOWN = b"421 4.3.2 esa.lab.example Service shutting down\r\n"
@@ -117,14 +116,7 @@ def test_listener_shutdown_ends_every_session_within_the_grace_period(tmp_path: 
     net = MemoryNetwork()
     appliance = quick_appliance("192.168.2.1", 25, TLSMode.PREFERRED)
     log = MailLog(None, clock=net.clock.seconds)
-    runtime = ApplianceRuntime(
-        appliance,
-        clock=net.clock,
-        maillog=log,
-        spool=Spool(tmp_path / "spool"),
-        state_dir=tmp_path / "state",
-        faults=STUCK,
-    )
+    runtime = lab_runtime(appliance, net.clock, tmp_path, maillog=log, faults=STUCK)
     factory = runtime.factory(appliance.listeners[0])
     port = net.listen("192.168.2.1", 25, factory)
     clients = {
