@@ -18,16 +18,19 @@ import argparse
 import asyncio
 import contextlib
 import resource
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the peers test-helper package
-from bench_listener import load, one_session, read_reply, rss_mb, started
-from peers import free_port
+from bench_listener import one_session, read_reply, rss_mb
+from peers import free_port, wait_for_banner
 
 from lab.policy.deadlines import Timeouts
 
@@ -46,6 +49,44 @@ listeners:
       defaults: {{tls: preferred, max_concurrency_per_ip: {limit}, max_msgs_per_connection: 1000}}
 """
 PHASE_LIMIT = 240.0  # seconds of wall time any phase may take
+
+
+@contextlib.contextmanager
+def serving(
+    root: Path, name: str, host: str, handshake: float, limit: int
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``smtplab serve`` and its port on ``host``, in its own folder under ``root``; stopped by PID (SIGTERM, kill)."""
+    workdir = root / name
+    workdir.mkdir()
+    port = free_port(host)
+    process = subprocess.Popen(serve_command(workdir, host, port, handshake, limit), stdout=subprocess.DEVNULL)
+    try:
+        wait_for_banner(host, port, timeout=20.0, alive=lambda: process.poll() is None)
+        yield process, port
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def load(host: str, port: int, sessions: int, concurrency: int) -> tuple[float, int]:
+    """``sessions`` plaintext sessions over ``concurrency`` closed-loop clients: (sessions/s, errors)."""
+    remaining, errors, deadline = [sessions], [0], time.monotonic() + PHASE_LIMIT
+
+    async def worker() -> None:
+        while remaining[0] > 0 and time.monotonic() < deadline:
+            remaining[0] -= 1
+            try:
+                await one_session(host, port, None)
+            except Exception:
+                errors[0] += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return (sessions - remaining[0] - errors[0]) / (time.perf_counter() - start), errors[0]
 
 
 def raise_nofile(wanted: int) -> int:
@@ -140,11 +181,9 @@ def main() -> None:
     limit = args.stalled + 50
 
     with tempfile.TemporaryDirectory(prefix="bench-hostile-") as tmp:
+        root = Path(tmp)
         for handshake in (Timeouts().tls_handshake, args.short_deadline):
-            port = free_port(host)
-            workdir = Path(tmp) / f"stalled-{handshake:g}"
-            workdir.mkdir()
-            with started(serve_command(workdir, host, port, handshake, limit), host, port) as server:
+            with serving(root, f"stalled-{handshake:g}", host, handshake, limit) as (server, port):
                 before = rss_mb(server.pid)
                 failed, all_closed, after_last, served = asyncio.run(stalled_phase(host, port, args.stalled))
                 print(
@@ -154,10 +193,7 @@ def main() -> None:
                     f"RSS {before:.1f} -> {rss_mb(server.pid):.1f} MB"
                 )
 
-        port = free_port(host)
-        workdir = Path(tmp) / "flood"
-        workdir.mkdir()
-        with started(serve_command(workdir, host, port, 60, limit), host, port) as server:
+        with serving(root, "flood", host, 60, limit) as (server, port):
             before = rss_mb(server.pid)
             sent = flood_unread(host, port, args.flood_mb * 1_000_000)
             print(
@@ -165,19 +201,15 @@ def main() -> None:
                 f"(then stopped reading); RSS {before:.1f} -> {rss_mb(server.pid):.1f} MB"
             )
 
-        port = free_port(host)
-        workdir = Path(tmp) / "sessions"
-        workdir.mkdir()
-        with started(serve_command(workdir, host, port, 60, limit), host, port) as server:
+        with serving(root, "sessions", host, 60, limit) as (server, port):
             before = rss_mb(server.pid)
             start = time.monotonic()
-            rate, errors = asyncio.run(load(host, port, args.sessions, 50, False))
+            rate, errors = asyncio.run(load(host, port, args.sessions, 50))
             print(
                 f"ordinary sessions: {args.sessions} plaintext sessions (50 concurrent) in "
                 f"{time.monotonic() - start:.0f} s ({rate:.0f}/s, {errors} errors); "
                 f"RSS {before:.1f} -> {rss_mb(server.pid):.1f} MB"
             )
-
 
 if __name__ == "__main__":
     main()
