@@ -189,6 +189,43 @@ CASES = [
         lambda log: log.spool_leftover("tmp/x", 0, delivered=True),
         {"event": "spool_leftover", "path": "tmp/x", "nbytes": 0, "state": "delivered"},
     ),
+    (
+        lambda log: log.dcid_new(8, "192.168.2.1", "203.0.113.25", 25),
+        {"event": "dcid_new", "dcid": 8, "interface_addr": "192.168.2.1", "peer_ip": "203.0.113.25", "port": 25},
+    ),
+    (
+        lambda log: log.dcid_route(8, "bank.example", "mx.bank.example", "Required (Verify)"),
+        {"event": "dcid_route", "domain": "bank.example", "mx": "mx.bank.example", "setting": "Required (Verify)"},
+    ),
+    (lambda log: log.delivery_start(8, 1, [0, 2]), {"event": "delivery_start", "mid": 1, "rids": [0, 2]}),
+    (
+        lambda log: log.dcid_tls_success(8, "TLSv1.3", "TLS_AES_256_GCM_SHA384"),
+        {"event": "dcid_tls_success", "dcid": 8, "protocol": "TLSv1.3", "cipher": "TLS_AES_256_GCM_SHA384"},
+    ),
+    (
+        lambda log: log.dcid_tls_failed(8, "no shared cipher"),
+        {"event": "dcid_tls_failed", "reason": "no shared cipher"},
+    ),
+    (
+        lambda log: log.dcid_certificate(8, False, "certificate has expired"),
+        {"event": "dcid_certificate", "state": "unverified", "reason": "certificate has expired", "level": "Warning"},
+    ),
+    (lambda log: log.dcid_certificate(8, True), {"event": "dcid_certificate", "state": "verified", "reason": None}),
+    (lambda log: log.dcid_no_starttls(8), {"event": "dcid_no_starttls", "dcid": 8}),
+    (
+        lambda log: log.dcid_tls_required(8, "203.0.113.25"),
+        {"event": "dcid_tls_required", "peer_ip": "203.0.113.25", "level": "Warning"},
+    ),
+    (lambda log: log.message_done(8, 1, [0]), {"event": "message_done", "dcid": 8, "mid": 1, "rids": [0]}),
+    (
+        lambda log: log.delayed(8, 1, 0, "TLS was required"),
+        {"event": "delayed", "mid": 1, "rid": 0, "reason": "TLS was required"},
+    ),
+    (
+        lambda log: log.bounced(8, 1, 0, "5.4.7 delivery time expired"),
+        {"event": "bounced", "rid": 0, "reason": "5.4.7 delivery time expired"},
+    ),
+    (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
 ]
 
 

@@ -11,7 +11,7 @@ import calendar
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Any, TextIO
@@ -21,7 +21,7 @@ from lab.errors import BadInput
 PREVIEW_BYTES = 64  # how much of discarded injected bytes the log shows
 TAIL_LINES = 1000  # the most recent lines a MailLog keeps in memory (``lines``); everything goes to the sink
 
-_INT_FIELDS = {"icid", "mid", "rid", "nbytes", "port"}
+_INT_FIELDS = {"icid", "mid", "rid", "dcid", "nbytes", "port"}
 
 
 def _rx(pattern: str) -> re.Pattern[str]:
@@ -59,6 +59,25 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "mid_rcpt": _rx(r"MID (?P<mid>\d+) ICID (?P<icid>\d+) RID (?P<rid>\d+) To: (?P<addr><[^>]*>)"),
     "mid_ready": _rx(r"MID (?P<mid>\d+) ready (?P<nbytes>\d+) bytes"),
     "mid_spooled": _rx(r"MID (?P<mid>\d+) spooled (?P<path>.+)"),
+    # -- delivery connections (DCID): the appliance as a sender
+    "dcid_new": _rx(
+        r"New SMTP DCID (?P<dcid>\d+) interface (?P<interface_addr>\S+) address (?P<peer_ip>\S+) port (?P<port>\d+)"
+    ),
+    "dcid_route": _rx(
+        r"DCID (?P<dcid>\d+) domain (?P<domain>\S+) mx (?P<mx>\S+) TLS (?P<setting>[A-Za-z]+(?: \(Verify\))?)"
+    ),
+    "delivery_start": _rx(r"Delivery start DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>\d+(?:, \d+)*)\]"),
+    "dcid_tls_success": _rx(r"DCID (?P<dcid>\d+) TLS success protocol (?P<protocol>\S+) cipher (?P<cipher>\S+)"),
+    "dcid_tls_failed": _rx(r"DCID (?P<dcid>\d+) TLS failed: (?P<reason>.*)"),
+    "dcid_certificate": _rx(r"DCID (?P<dcid>\d+) TLS certificate (?P<state>verified|unverified)(?:: (?P<reason>.*))?"),
+    "dcid_no_starttls": _rx(r"DCID (?P<dcid>\d+) STARTTLS command not supported"),
+    "dcid_tls_required": _rx(
+        r"DCID (?P<dcid>\d+) IP (?P<peer_ip>\S+) TLS was required but could not be successfully negotiated"
+    ),
+    "message_done": _rx(r"Message done DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID \[(?P<rids>\d+(?:, \d+)*)\]"),
+    "delayed": _rx(r"Delayed: DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID (?P<rid>\d+) - (?P<reason>.*)"),
+    "bounced": _rx(r"Bounced: DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID (?P<rid>\d+) - (?P<reason>.*)"),
+    "dcid_close": _rx(r"DCID (?P<dcid>\d+) close"),
     "spool_leftover": _rx(
         r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
     ),
@@ -145,7 +164,7 @@ class MailLog:
             self._sink: TextIO | None = self._owned
         else:
             self._sink = sink
-        self._counters = {"icid": 0, "mid": 0}
+        self._counters = {"icid": 0, "mid": 0, "dcid": 0}
         self._flush_soon = flush_soon
         self._flush_pending = False
         self._stamp: tuple[int, str] = (-1, "")  # the last second formatted, and its text
@@ -160,6 +179,9 @@ class MailLog:
 
     def next_mid(self) -> int:
         return self._next("mid")
+
+    def next_dcid(self) -> int:
+        return self._next("dcid")
 
     # -- output -------------------------------------------------------------------------------------------------
     def write(self, event: str, level: str = "Info") -> str:
@@ -279,6 +301,51 @@ class MailLog:
         state = "delivered" if delivered else "incomplete"
         return self.write(f"Spool recovery: removed {_text(path)} ({int(nbytes)} bytes, {state})", level="Warning")
 
+    # -- delivery connections (DCID) ----------------------------------------------------------------------------
+    def dcid_new(self, dcid: int, interface_addr: str, peer_ip: str, port: int) -> str:
+        return self.write(
+            f"New SMTP DCID {dcid} interface {_token(interface_addr)} address {_token(peer_ip)} port {int(port)}"
+        )
+
+    def dcid_route(self, dcid: int, domain: str, mx: str, setting: str) -> str:
+        """The destination control applied to this connection (``setting``: No, Preferred, Required,
+        Preferred (Verify), Required (Verify))."""
+        return self.write(f"DCID {dcid} domain {_token(domain)} mx {_token(mx)} TLS {_text(setting)}")
+
+    def delivery_start(self, dcid: int, mid: int, rids: Sequence[int]) -> str:
+        return self.write(f"Delivery start DCID {dcid} MID {mid} to RID [{', '.join(str(int(r)) for r in rids)}]")
+
+    def dcid_tls_success(self, dcid: int, protocol: str, cipher: str) -> str:
+        return self.write(f"DCID {dcid} TLS success protocol {_token(protocol)} cipher {_token(cipher)}")
+
+    def dcid_tls_failed(self, dcid: int, reason: str) -> str:
+        return self.write(f"DCID {dcid} TLS failed: {_text(reason)}")
+
+    def dcid_certificate(self, dcid: int, verified: bool, reason: str | None = None) -> str:
+        text = f"DCID {dcid} TLS certificate {'verified' if verified else 'unverified'}"
+        return self.write(text + (f": {_text(reason)}" if reason else ""), level="Info" if verified else "Warning")
+
+    def dcid_no_starttls(self, dcid: int) -> str:
+        return self.write(f"DCID {dcid} STARTTLS command not supported")
+
+    def dcid_tls_required(self, dcid: int, peer_ip: str) -> str:
+        return self.write(
+            f"DCID {dcid} IP {_token(peer_ip)} TLS was required but could not be successfully negotiated",
+            level="Warning",
+        )
+
+    def message_done(self, dcid: int, mid: int, rids: Sequence[int]) -> str:
+        return self.write(f"Message done DCID {dcid} MID {mid} to RID [{', '.join(str(int(r)) for r in rids)}]")
+
+    def delayed(self, dcid: int, mid: int, rid: int, reason: str) -> str:
+        return self.write(f"Delayed: DCID {dcid} MID {mid} to RID {rid} - {_text(reason)}")
+
+    def bounced(self, dcid: int, mid: int, rid: int, reason: str) -> str:
+        return self.write(f"Bounced: DCID {dcid} MID {mid} to RID {rid} - {_text(reason)}")
+
+    def dcid_close(self, dcid: int) -> str:
+        return self.write(f"DCID {dcid} close")
+
 
 def parse_line(line: str) -> dict[str, Any]:
     """A log line back into its fields: ``timestamp``, ``time`` (epoch), ``level``, ``event`` and the event's own.
@@ -306,6 +373,8 @@ def parse_event(text: str) -> tuple[str, dict[str, Any]]:
                 fields[key] = None
             elif key in _INT_FIELDS:
                 fields[key] = int(value)
+            elif key == "rids":
+                fields[key] = [int(rid) for rid in value.split(", ")]
             elif key == "verified":
                 fields[key] = value == "yes"
             elif key == "rdns":
