@@ -111,7 +111,9 @@ def parse_policy(text: str) -> Policy | PolicyError:
         return PolicyError("sts-policy-invalid", f"mode {fields.get('mode')!r} is not enforce, testing or none")
     age = fields.get("max_age", "")
     if not age.isdigit() or len(age) > 10 or int(age) > MAX_AGE_LIMIT:
-        return PolicyError("sts-policy-invalid", f"max_age {age[:20]!r} is not a number of seconds up to {MAX_AGE_LIMIT}")
+        return PolicyError(
+            "sts-policy-invalid", f"max_age {age[:20]!r} is not a number of seconds up to {MAX_AGE_LIMIT}"
+        )
     if not mx and mode is not Mode.NONE:
         return PolicyError("sts-policy-invalid", f"mode {mode} without an mx line")
     return Policy(mode, int(age), tuple(mx), text)
