@@ -195,7 +195,10 @@ def _table(title: str, rows: list[dict[str, Any]]) -> Table:
     for row in rows:
         values = [str(row[key]) if key != "percent_tls" else f"{row[key]:.1f}" for key in COLUMNS]
         table.add_row(
-            visible(row["domain"]), *values, style="bold" if row is rows[-1] else "", end_section=row is rows[-2]
+            visible(row["domain"]),
+            *values,
+            style="bold" if row is rows[-1] else "",
+            end_section=len(rows) > 1 and row is rows[-2],
         )
     return table
 
