@@ -182,9 +182,7 @@ SHORT_HEADINGS = {
     "messages_tls": "Msgs\nby TLS",
     "percent_tls": "% TLS\ntried",
 }
-CAPTION = (
-    "Req./Pref.: TLS Required/Preferred connections; TLS total: Total TLS Connections; % TLS tried: % TLS attempted"
-)
+CAPTION = "Req./Pref.: TLS Required/Preferred; TLS total: Total TLS Connections; % TLS tried: % TLS attempted"
 
 
 def _table(title: str, rows: list[dict[str, Any]]) -> Table:
