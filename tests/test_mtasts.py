@@ -31,7 +31,7 @@ from lab.outbound.mtasts import (
     parse_txt,
     resolve,
 )
-from lab.outbound.policyserver import PublishedPolicy, fetch_policy, parse_response, serve_policy
+from lab.outbound.policyserver import PublishedPolicy, current_policy, fetch_policy, parse_response, serve_policy
 from lab.tls.certs import LabCA
 
 ENFORCE = "version: STSv1\r\nmode: enforce\r\nmx: mail.example.org\r\nmx: *.backup.example.org\r\nmax_age: 86400\r\n"
@@ -290,3 +290,28 @@ def test_fetch_over_loopback(lab_ca: LabCA) -> Any:
     finally:
         yield net.close()
     assert result == ENFORCING
+
+
+def test_current_policy_fetches_once_per_id_and_keeps_it_through_outages(lab_ca: LabCA) -> None:
+    net = MemoryNetwork()
+    cache = PolicyCache(net.clock.seconds)
+    port = serve_policy(
+        net, HOST_IP, PublishedPolicy(ENFORCE), lab_ca.issue("mta-sts.example.org", ["mta-sts.example.org"])
+    )
+
+    def current(txt: list[str], host_ip: str | None = HOST_IP) -> Policy | PolicyError | None:
+        d = current_policy(net, cache, "example.org", txt, SENDER_IP, host_ip, [lab_ca.ca_pem])
+        return net.run_until(d, timeout=120)  # type: ignore[no-any-return]
+
+    assert current(["v=spf1 -all"]) is None and net.capture.flows == []  # no policy published: nothing fetched
+    assert current(["v=STSv1; id=1"]) == ENFORCING and len(net.capture.flows) == 1
+    assert current(["v=STSv1; id=1"]) == ENFORCING and len(net.capture.flows) == 1  # cached: no second fetch
+    net.run_until(port.stopListening(), timeout=10)
+    assert current(["v=STSv1; id=2"]) == ENFORCING and len(net.capture.flows) == 2  # refetch failed: cache holds
+    assert current([], host_ip=None) == ENFORCING  # the TXT record blocked: still enforced until max_age
+    net.clock.advance(86400)
+    failed = current(["v=STSv1; id=2"])
+    assert isinstance(failed, PolicyError) and failed.result_type == "sts-policy-fetch-error"
+    assert current(["v=STSv1; id=2"], host_ip=None) == PolicyError(
+        "sts-policy-fetch-error", "mta-sts.example.org does not resolve"
+    )

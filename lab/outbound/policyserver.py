@@ -20,7 +20,17 @@ from twisted.web import resource, server
 from zope.interface import implementer
 
 from lab.net.carrier import ICarrier
-from lab.outbound.mtasts import MAX_POLICY_BYTES, POLICY_PATH, Policy, PolicyError, parse_policy
+from lab.outbound.mtasts import (
+    MAX_POLICY_BYTES,
+    POLICY_PATH,
+    Policy,
+    PolicyCache,
+    PolicyError,
+    StsRecord,
+    parse_policy,
+    parse_txt,
+    resolve,
+)
 from lab.tls.certs import CertKey
 from lab.tls.tlsctx import ClientTLS, ServerTLS, tls_error_reason
 
@@ -256,3 +266,26 @@ def fetch_policy(
     )
     done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
     return done
+
+
+def current_policy(
+    carrier: ICarrier,
+    cache: PolicyCache,
+    domain: str,
+    txt_records: Sequence[str],
+    src_ip: str | None,
+    host_ip: str | None,
+    trust_pems: Sequence[bytes],
+    **fetch_options: Any,
+) -> defer.Deferred[Policy | PolicyError | None]:
+    """The MTA-STS policy in force for ``domain`` before a delivery: the ``_mta-sts`` TXT strings decide whether
+    to fetch (a new id, nothing cached), the cache answers otherwise (RFC 8461 5.1). ``host_ip`` is the address
+    of ``mta-sts.<domain>`` (None: the name does not resolve, a fetch error). None: the domain has no policy."""
+    record = parse_txt(txt_records)
+    if not isinstance(record, StsRecord) or not cache.needs_fetch(domain, record):
+        return defer.succeed(resolve(cache, domain, record, None))
+    if host_ip is None:
+        failure = PolicyError("sts-policy-fetch-error", f"{policy_host(domain)} does not resolve")
+        return defer.succeed(resolve(cache, domain, record, failure))
+    fetched = fetch_policy(carrier, src_ip, host_ip, domain, trust_pems, **fetch_options)
+    return fetched.addCallback(lambda result: resolve(cache, domain, record, result))
