@@ -23,6 +23,8 @@ COMMANDS: dict[str, str] = {
     "probe": "probe",
     "serve": "serve",
     "listeners": "listeners",
+    "track": "track",
+    "tls-report": "tls_report",
     "cli": "cli",
     "demo": "demo",
 }
