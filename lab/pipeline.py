@@ -27,7 +27,9 @@ from lab.scenario.model import POLICIES, Case
 from lab.scenario.result import CaseRun, RunResult
 from lab.scenario.runner import ExternalTarget, RunOptions, lab_target_name, run_pairs, run_selected
 
-
+#: Runs at once when ``-j`` is not given, by carrier: a netns run mostly waits on real time (a smuggling case
+#: listens a second for a reply that must not come), so four workers, each with its own namespaces (docs/netns.md).
+CARRIER_JOBS = {"netns": 4}
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -157,7 +159,7 @@ def execute(
         report_dir=report_dir if report_dir is not None else request.report_dir,
         timestamps=request.timestamps,
         target=external,
-        jobs=jobs or request.jobs or (external.concurrency if external is not None else 1),
+        jobs=jobs or request.jobs or (external.concurrency if external else CARRIER_JOBS.get(plan.carrier, 1)),
         progress=progress,
     )
     result = run_selected(pairs, options)

@@ -147,8 +147,9 @@ def open_carrier(
     connect_timeout: float = 30.0,
 ) -> ICarrier:
     """The one place a carrier is chosen by name. ``mapping`` (virtual IP -> 127.x.y.z) is the loopback
-    carrier's, ``topology`` (whose hosts become namespaces) the netns carrier's; ``reactor`` defaults to the global one for the carriers that use real sockets, imported only then
-    (a ``-j`` worker or a memory run never loads it)."""
+    carrier's, ``topology`` (whose hosts become namespaces) the netns carrier's; ``reactor`` defaults to the
+    global one for the carriers that use real sockets, imported only then (a ``-j`` worker or a memory run never
+    loads it)."""
     if name == "memory":
         from lab.net.memory import MemoryNetwork
 

@@ -338,4 +338,3 @@ def _install_hooks() -> None:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
-

@@ -46,25 +46,33 @@ def _transparent(sock: socket.socket) -> socket.socket:
 
 class _TransparentPort(tcp.Port):
     def createInternetSocket(self) -> socket.socket:
-        return _transparent(super().createInternetSocket())
+        return _transparent(super().createInternetSocket())  # type: ignore[no-untyped-call]
 
 
 class _TransparentClient(tcp.Client):
     def createInternetSocket(self) -> socket.socket:
-        return _transparent(super().createInternetSocket())
+        return _transparent(super().createInternetSocket())  # type: ignore[no-untyped-call]
 
 
 class _TransparentConnector(tcp.Connector):
     def _makeTransport(self) -> tcp.Client:
-        return _TransparentClient(self.host, self.port, self.bindAddress, self, self.reactor)
+        return _TransparentClient(self.host, self.port, self.bindAddress, self, self.reactor)  # type: ignore[no-untyped-call]
 
 
 class NetnsRelay(MiddleboxRelay):
     """A middlebox relay inside a firewall's namespace, listening on the server's own address and port and
     connecting onward from the client's own address and port (both IP_TRANSPARENT)."""
 
-    def __init__(self, namespace: str, target_host: str, target_port: int, middleboxes: Sequence[Middlebox], *,
-                 reactor: Any, connect_timeout: float) -> None:
+    def __init__(
+        self,
+        namespace: str,
+        target_host: str,
+        target_port: int,
+        middleboxes: Sequence[Middlebox],
+        *,
+        reactor: Any,
+        connect_timeout: float,
+    ) -> None:
         super().__init__(
             target_host, target_port, middleboxes, reactor=reactor, address=target_host, connect_timeout=connect_timeout
         )
@@ -165,7 +173,8 @@ class NetnsNetwork(LoopbackNetwork):
         """Stop the relays and remove their intercept rules, then as the loopback carrier."""
         stops = [relay.stop() for relay in self._relays.values()]
         self._relays.clear()
-        for namespace, rules in self._rules.items():
-            netns.ip_batch([rule.replace("rule add", "rule del", 1) for rule in rules], namespace)
-        self._rules.clear()
+        rules, self._rules = self._rules, {}
+        if not self.namespaces.closed:  # a removed namespace took its rules with it
+            for namespace, added in rules.items():
+                netns.ip_batch([rule.replace("rule add", "rule del", 1) for rule in added], namespace)
         return defer.gatherResults([*stops, super().close(abort)])
