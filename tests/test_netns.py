@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -181,18 +180,20 @@ def test_the_firewall_namespace_strips_starttls_on_the_wire(state: Path, tmp_pat
     assert verdict == memory.runs[0].verdict.value and _leftovers() == {}
 
 
+#: A process that makes the default topology's namespaces and then waits to be killed.
+HOLDER = """
+import time
+from lab.net import netns
+from lab.net.topology import default_topology
+netns.namespaces_for(default_topology())
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
 @needs_root
 def test_a_run_killed_with_kill_9_is_cleaned_up_by_the_next(state: Path, tmp_path: Path) -> None:
-    script = textwrap.dedent(
-        """
-                from lab.net import netns
-        from lab.net.topology import default_topology
-        netns.namespaces_for(default_topology())
-        print("ready", flush=True)
-        time.sleep(120)
-        """
-    )
-    victim = subprocess.Popen([sys.executable, "-c", script], env=_env(state), stdout=subprocess.PIPE, text=True)
+    victim = subprocess.Popen([sys.executable, "-c", HOLDER], env=_env(state), stdout=subprocess.PIPE, text=True)
     try:
         assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
         left = [name for name, pid in netns.owned_namespaces().items() if pid == victim.pid]
@@ -217,9 +218,7 @@ def test_a_run_killed_with_kill_9_is_cleaned_up_by_the_next(state: Path, tmp_pat
 
 @needs_root
 def test_sigterm_removes_the_namespaces(state: Path) -> None:
-    script = "from lab.net import netns\nfrom lab.net.topology import default_topology\n"
-    script += "netns.namespaces_for(default_topology())\nprint('ready', flush=True)\nimport time\ntime.sleep(120)\n"
-    proc = subprocess.Popen([sys.executable, "-c", script], env=_env(state), stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER], env=_env(state), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     assert any(pid == proc.pid for pid in netns.owned_namespaces().values())
     proc.terminate()
