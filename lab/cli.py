@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "listeners": "listeners",
     "cli": "cli",
     "demo": "demo",
+    "netns": "netns",
 }
 
 

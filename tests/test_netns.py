@@ -38,7 +38,7 @@ def _env(state: Path) -> dict[str, str]:
 
 def _leftovers() -> dict[str, int]:
     """The lab's namespaces whose process is gone, or that are this test process's own."""
-    return {n: p for n, p in netns.owned_namespaces().items() if p == os.getpid() or not netns._alive(p)}
+    return {n: p for n, p in netns.owned_namespaces().items() if p == os.getpid() or not netns.alive(p)}
 
 
 def _root_veths() -> list[str]:
@@ -238,3 +238,16 @@ def test_without_root_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
 def test_namespace_and_interface_names_fit() -> None:
     assert netns.namespace_name(4194304, "mta prefer/x") == "smtplab-4194304-mta_prefer_x"
     assert len(netns.veth_name(4194304, 99, "a")) <= 15
+
+
+@needs_root
+def test_netns_cleanup_removes_what_a_killed_process_left(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER], env=_env(state), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(10)
+    assert main(["netns", "list"]) == 0
+    assert f"pid {holder.pid} gone" in capsys.readouterr().out
+    assert main(["netns", "cleanup"]) == 0
+    assert f"smtplab-{holder.pid}-esa" in capsys.readouterr().out
+    assert not any(pid == holder.pid for pid in netns.owned_namespaces().values())

@@ -92,7 +92,7 @@ def owned_namespaces() -> dict[str, int]:
     return {name: int(m.group(1)) for name in names if (m := _OWNED.match(name))}
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -104,7 +104,7 @@ def _alive(pid: int) -> bool:
 
 def sweep() -> list[str]:
     """Remove the namespaces (and with them their veths) of lab processes that no longer run; the names removed."""
-    dead = sorted(name for name, pid in owned_namespaces().items() if not _alive(pid))
+    dead = sorted(name for name, pid in owned_namespaces().items() if not alive(pid))
     delete_namespaces(dead)
     return dead
 
