@@ -274,10 +274,17 @@ def _routes(made: NamespaceSet, host: Host) -> list[str]:
             if other.name == gateway.name:
                 out.append(f"route add {address}/{_full(address)} dev {port.dev}")
                 continue
-            via = next((a for a in gateway.addresses if ipaddress.ip_address(a).version == family), None)
+            via = _gateway_address(topology, gateway, host, family)
             if via is not None:
                 out.append(f"route add {address}/{_full(address)} via {via} dev {port.dev} onlink")
     return out
+
+
+def _gateway_address(topology: Topology, gateway: Host, host: Host, family: int) -> str | None:
+    """The next hop's address as ``host`` knows it: one in a network ``host`` is on, else its first of the family."""
+    mine = [n for n in topology.networks if any(n.contains(a) for a in host.addresses)]
+    same = [a for a in gateway.addresses if ipaddress.ip_address(a).version == family]
+    return next((a for a in same if any(n.contains(a) for n in mine)), same[0] if same else None)
 
 
 def _forward(netns: str) -> None:
