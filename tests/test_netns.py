@@ -17,10 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.testing import MemoryReactorClock
+from zope.interface.verify import verifyObject
 
 from lab.cli import main
 from lab.errors import EXIT_HARNESS
 from lab.net import netns
+from lab.net.carrier import LAB_CARRIERS, ICarrier, open_carrier
 from lab.net.topology import default_topology
 from lab.scenario.loader import load_cases
 from lab.scenario.runner import RunOptions, run_cases
@@ -81,6 +84,7 @@ SCRIPT = """
 import os, subprocess, sys, time
 from pathlib import Path
 from lab.net import netns
+from lab.net.carrier import LAB_CARRIERS, ICarrier, open_carrier
 from lab.net.topology import default_topology
 from lab.scenario.loader import load_cases
 from lab.scenario.runner import RunOptions, run_cases
@@ -184,6 +188,7 @@ def test_the_firewall_namespace_strips_starttls_on_the_wire(state: Path, tmp_pat
 HOLDER = """
 import time
 from lab.net import netns
+from lab.net.carrier import LAB_CARRIERS, ICarrier, open_carrier
 from lab.net.topology import default_topology
 netns.namespaces_for(default_topology())
 print("ready", flush=True)
@@ -233,6 +238,16 @@ def test_without_root_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsy
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "the netns carrier needs root" in err[0] and err[0].startswith("smtplab: ")
+
+
+@needs_root
+def test_the_netns_carrier_provides_the_interface() -> None:
+    carrier = open_carrier("netns", topology=default_topology(), reactor=MemoryReactorClock())
+    try:
+        assert verifyObject(ICarrier, carrier) and carrier.name == "netns" and carrier.name in LAB_CARRIERS
+    finally:
+        netns.release()
+    assert _leftovers() == {}
 
 
 def test_namespace_and_interface_names_fit() -> None:
