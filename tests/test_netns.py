@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,13 +223,37 @@ def test_a_run_killed_with_kill_9_is_cleaned_up_by_the_next(state: Path, tmp_pat
 
 
 @needs_root
-def test_sigterm_removes_the_namespaces(state: Path) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_removes_the_namespaces(state: Path, signum: int) -> None:
     proc = subprocess.Popen([sys.executable, "-c", HOLDER], env=_env(state), stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     assert any(pid == proc.pid for pid in netns.owned_namespaces().values())
-    proc.terminate()
+    proc.send_signal(signum)
     proc.wait(30)
     assert not any(pid == proc.pid for pid in netns.owned_namespaces().values())
+
+
+@needs_root
+def test_ctrl_c_during_a_run_leaves_nothing(state: Path, tmp_path: Path) -> None:
+    """SIGINT to the run's process group, as a terminal sends it, once the run has made its namespaces."""
+    run = subprocess.Popen(
+        [sys.executable, "-m", "lab", "run", "--carrier", "netns", "-j", "2", "ATK-SMUGGLE", "--report-dir", "r"],
+        cwd=tmp_path,
+        env=_env(state),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60  # an upper bound only: the namespaces appear well before
+        while len(netns.owned_namespaces()) < 2 * len(default_topology().hosts) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err[-2000:]
+    assert _leftovers() == {} and _root_veths() == []
 
 
 def test_without_root_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -182,14 +182,18 @@ class Runner:
                 pool.submit(_run_in_worker, worker_options, self.work_dir, case, policy): i
                 for i, (case, policy) in enumerate(pairs)
             }
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    runs[index] = future.result()
-                except Exception as exc:  # a worker that died is the harness's fault, never the target's
-                    raise HarnessError(f"worker for {pairs[index][0].id}[{pairs[index][1]}] failed: {exc}") from exc
-                if self.options.progress:
-                    self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
+            try:
+                for future in as_completed(futures):
+                    index = futures[future]
+                    try:
+                        runs[index] = future.result()
+                    except Exception as exc:  # a worker that died is the harness's fault, never the target's
+                        raise HarnessError(f"worker for {pairs[index][0].id}[{pairs[index][1]}] failed: {exc}") from exc
+                    if self.options.progress:
+                        self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
+            except BaseException:  # Ctrl-C or a failed worker: the runs not started yet never start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return [run for run in runs if run is not None]
 
     def _carrier_name(self) -> str:
