@@ -27,6 +27,7 @@ from lab.net import netns
 from lab.net.carrier import LAB_CARRIERS, ICarrier, open_carrier
 from lab.net.topology import default_topology
 from lab.scenario.loader import load_cases
+from lab.scenario.model import POLICIES
 from lab.scenario.runner import RunOptions, run_cases
 
 ROOT = os.geteuid() == 0
@@ -76,7 +77,7 @@ def test_the_catalogue_over_netns_gives_memorys_verdicts_and_leaves_nothing(stat
     assert "carrier netns" in done.stdout
     over_netns = json.loads((report / "index.json").read_text())
     assert over_netns["carrier"] == "netns" and {run["carrier"] for run in over_netns["runs"]} == {"netns"}
-    memory = run_cases(load_cases(None), ["no", "preferred", "required"], RunOptions(state_dir=state, timestamps=False))
+    memory = run_cases(load_cases(None), POLICIES, RunOptions(state_dir=state, timestamps=False))
     assert verdicts(over_netns) == {(run.case, str(run.policy)): run.verdict.value for run in memory.runs}
     assert _leftovers() == {} and _root_veths() == []
 
@@ -88,6 +89,7 @@ from lab.net import netns
 from lab.net.carrier import LAB_CARRIERS, ICarrier, open_carrier
 from lab.net.topology import default_topology
 from lab.scenario.loader import load_cases
+from lab.scenario.model import POLICIES
 from lab.scenario.runner import RunOptions, run_cases
 
 TCPDUMP = ["-Z", "root", "--immediate-mode", "-U"]  # write each packet as it comes: the run ends right after
@@ -256,13 +258,41 @@ def test_ctrl_c_during_a_run_leaves_nothing(state: Path, tmp_path: Path) -> None
     assert _leftovers() == {} and _root_veths() == []
 
 
-def test_without_root_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_without_root_nor_user_namespaces_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(netns, "_user_namespace_of_our_own", lambda: False)
+    monkeypatch.setattr(netns, "enter_user_namespace", lambda: "unshare(CLONE_NEWUSER): Operation not permitted")
     assert main(["run", "--carrier", "netns", "3207-4-08", "--report-dir", "/nonexistent/never-written"]) == (
         EXIT_HARNESS
     )
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the netns carrier needs root" in err[0] and err[0].startswith("smtplab: ")
+    assert len(err) == 1 and err[0].startswith("smtplab: ")
+    assert "the netns carrier needs root or unprivileged user namespaces (unshare(CLONE_NEWUSER)" in err[0]
+
+
+@needs_root
+def test_an_unprivileged_user_namespace_gives_the_same_verdicts_and_keeps_its_namespaces_private(
+    state: Path, tmp_path: Path
+) -> None:
+    """SMTPLAB_NETNS_USERNS=1 takes the non-root way as root: the run enters a user namespace of its own, where
+    its namespaces live under a private /run/netns; the host's list never shows them."""
+    before = netns.owned_namespaces()
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "run", "--carrier", "netns", "ATK-STRIP", "3207-4-08", "--no-timestamps"],
+        cwd=tmp_path,
+        env={**_env(state), netns.USERNS_ENV: "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    index = json.loads((tmp_path / "smtplab-report" / "index.json").read_text())
+    memory = run_cases(load_cases(["ATK-STRIP", "3207-4-08"]), POLICIES, RunOptions(state_dir=state, timestamps=False))
+    assert verdicts(index) == {(run.case, str(run.policy)): run.verdict.value for run in memory.runs}
+    assert netns.owned_namespaces() == before
 
 
 @needs_root

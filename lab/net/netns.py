@@ -38,6 +38,10 @@ from lab.net.topology import Host, Topology
 PREFIX = "smtplab-"  # every namespace the lab makes is named smtplab-<pid>-<host>
 NETNS_DIR = Path("/run/netns")  # where ``ip netns add`` pins a namespace
 CLONE_NEWNET = 0x40000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNS = 0x00020000
+MS_REC, MS_PRIVATE = 0x4000, 1 << 18
+USERNS_ENV = "SMTPLAB_NETNS_USERNS"
 FORWARDER = "firewall"  # the role whose namespace forwards between its links
 INTERCEPT_TABLE = 100  # a forwarder's routing table that delivers everything locally (docs/netns.md)
 IP_TIMEOUT = 30.0  # seconds one ``ip`` batch may take
@@ -56,15 +60,57 @@ def veth_name(pid: int, link: int, end: str) -> str:
 
 
 def require_netns() -> None:
-    """The netns carrier needs root (CAP_SYS_ADMIN to enter a namespace, CAP_NET_ADMIN to build one) and the
-    ``ip`` command; otherwise one clear line (``HarnessError``: exit 2)."""
-    if os.geteuid() != 0:
-        raise HarnessError(
-            "the netns carrier needs root (network namespaces are made with ip netns and entered with setns); "
-            "run as root, or use --carrier loopback"
-        )
+    """Make sure this process may build and enter namespaces: as root, or else inside an unprivileged user
+    namespace of its own (``enter_user_namespace``); where neither works, one clear line (``HarnessError``:
+    exit 2). ``SMTPLAB_NETNS_USERNS=1`` takes the user-namespace way as root too (to try it)."""
     if shutil.which("ip") is None:
         raise HarnessError("the netns carrier needs the ip command (iproute2)")
+    if os.geteuid() == 0 and os.environ.get(USERNS_ENV) != "1":
+        return
+    if _in_user_namespace or _user_namespace_of_our_own():
+        return
+    problem = enter_user_namespace()
+    if problem is not None:
+        raise HarnessError(
+            f"the netns carrier needs root or unprivileged user namespaces ({problem}); "
+            "run as root, or use --carrier loopback"
+        )
+
+
+def _user_namespace_of_our_own() -> bool:
+    """Inside a user namespace already (a ``-j`` worker of a process that entered one): the initial one maps
+    every uid to itself."""
+    try:
+        return Path("/proc/self/uid_map").read_text().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def enter_user_namespace() -> str | None:
+    """Move this process into a user namespace where it is root, with a mount namespace of its own, a private
+    ``/run/netns`` (a tmpfs) and a network namespace of its own as home (``ip netns add`` switches back to its
+    home, which must be one this user namespace owns): what ``unshare -rmn`` does, done in place so that the
+    run, its ``ip`` commands and its ``-j`` workers all live there. The namespaces made then are this process's
+    alone and end with it; the host's network stays out of reach. None, or why it could not be done."""
+    global _in_user_namespace
+    uid, gid = os.getuid(), os.getgid()
+    libc = _lib()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET) != 0:
+        return f"unshare(CLONE_NEWUSER): {os.strerror(ctypes.get_errno())}"
+    try:
+        Path("/proc/self/setgroups").write_text("deny")
+        Path("/proc/self/uid_map").write_text(f"0 {uid} 1")
+        Path("/proc/self/gid_map").write_text(f"0 {gid} 1")
+    except OSError as exc:
+        return f"cannot map the user: {exc.strerror}"
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return f"cannot make the mounts private: {os.strerror(ctypes.get_errno())}"
+    target = NETNS_DIR if NETNS_DIR.is_dir() else NETNS_DIR.parent  # /run/netns, or /run where it does not exist
+    if libc.mount(b"smtplab", str(target).encode(), b"tmpfs", 0, None) != 0:
+        return f"cannot mount a private {target}: {os.strerror(ctypes.get_errno())}"
+    NETNS_DIR.mkdir(exist_ok=True)
+    _in_user_namespace = True
+    return None
 
 
 def ip_batch(commands: list[str], netns: str | None = None) -> None:
@@ -120,13 +166,18 @@ def delete_namespaces(names: list[str]) -> None:
 _libc: Any = None
 _home: int | None = None
 _lock = threading.Lock()
+_in_user_namespace = False
 
 
-def _setns(fd: int) -> None:
+def _lib() -> Any:
     global _libc
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
+    return _libc
+
+
+def _setns(fd: int) -> None:
+    if _lib().setns(fd, CLONE_NEWNET) != 0:
         errno = ctypes.get_errno()
         raise HarnessError(f"setns failed: {os.strerror(errno)}")
 
