@@ -305,6 +305,99 @@ def test_the_netns_carrier_provides_the_interface() -> None:
     assert _leftovers() == {}
 
 
+#: A three-host topology (client - firewall - server) with IPv4 and IPv6, the carrier used directly.
+CARRIER_SCRIPT = """
+import socket
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
+from lab.net import netns
+from lab.net.middlebox import StartTLSStripper
+from lab.net.netns_carrier import NetnsNetwork
+from lab.net.topology import topology_from_dict
+
+DOC = {
+    "networks": [
+        {"name": "outside", "subnet": "198.51.100.0/24"},
+        {"name": "outside6", "subnet": "2001:db8:1::/64"},
+        {"name": "inside", "subnet": "192.168.2.0/24"},
+        {"name": "inside6", "subnet": "2001:db8:2::/64"},
+    ],
+    "hosts": [
+        {"name": "client", "role": "mta", "addresses": ["198.51.100.10", "2001:db8:1::10"]},
+        {
+            "name": "fw",
+            "role": "firewall",
+            "addresses": ["198.51.100.1", "2001:db8:1::1", "192.168.2.254", "2001:db8:2::254"],
+        },
+        {"name": "server", "role": "internal", "addresses": ["192.168.2.1", "2001:db8:2::1"]},
+    ],
+    "links": [{"between": ["client", "fw"]}, {"between": ["fw", "server"]}],
+}
+
+
+class Greeter(Protocol):
+    def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.transport.write(f"220 hello {peer.host}\\r\\n250-STARTTLS\\r\\n".encode())
+        self.transport.loseConnection()
+
+
+class Reader(Protocol):
+    def connectionMade(self):
+        self.data = b""
+        self.factory.done = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.factory.done.callback(self.data)
+
+
+def main():
+    topology = topology_from_dict(DOC, "small.yaml")
+    net = NetnsNetwork(topology, reactor=reactor)
+    out = []
+    try:
+        net.listen("192.168.2.1", 25, Factory.forProtocol(Greeter))
+        for boxes in ([], [StartTLSStripper()]):
+            factory = ClientFactory.forProtocol(Reader)
+            net.run_until(net.connect("198.51.100.10", "192.168.2.1", 25, factory, middleboxes=boxes), 10)
+            out.append(net.run_until(factory.done, 10).decode().replace("\\r\\n", "|"))
+        # IPv6: configured and routed through the forwarding firewall too (plain sockets made inside the hosts)
+        with netns.inside(net.namespaces.namespaces["server"]):
+            listening = socket.create_server(("2001:db8:2::1", 2525), family=socket.AF_INET6)
+        with netns.inside(net.namespaces.namespaces["client"]):
+            client = socket.socket(socket.AF_INET6)
+        client.settimeout(10)
+        client.connect(("2001:db8:2::1", 2525))
+        accepted, peer = listening.accept()
+        out.append(f"ipv6 {peer[0]} -> {accepted.getsockname()[0]}")
+        for sock in (client, accepted, listening):
+            sock.close()
+    finally:
+        net.run_until(net.close(), 10)
+    print("\\n".join(out))
+
+
+main()
+"""
+
+
+@needs_root
+def test_a_small_topology_forwards_strips_and_routes_ipv6(state: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", CARRIER_SCRIPT], env=_env(state), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.splitlines() == [
+        "220 hello 198.51.100.10|250-STARTTLS|",  # forwarded: the server saw the client's own address
+        "220 hello 198.51.100.10|250-XXXXXXXA|",  # through the relay in the firewall's namespace, still the client's
+        "ipv6 2001:db8:1::10 -> 2001:db8:2::1",
+    ]
+    assert _leftovers() == {}
+
+
 def test_namespace_and_interface_names_fit() -> None:
     assert netns.namespace_name(4194304, "mta prefer/x") == "smtplab-4194304-mta_prefer_x"
     assert len(netns.veth_name(4194304, 99, "a")) <= 15

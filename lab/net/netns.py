@@ -1,10 +1,10 @@
 """The topology as Linux network namespaces joined by veth links (docs/netns.md).
 
-Every host of the topology is a namespace ``smtplab-<pid>-<host>`` holding the host's own addresses (on its
-``lo``, as /32 or /128) and one veth end per link; a link is a veth pair created directly inside the two
-namespaces (never an address, route or sysctl in the root namespace). Each host gets a route to every host it
-can reach: straight over the link to a neighbour, or via the next hop when every host in between has role
-``firewall``; only a firewall forwards (``ip_forward=1`` inside its own namespace).
+Every host of the topology is a namespace ``smtplab-<pid>-<host>`` holding the host's own addresses (IPv4 on
+its ``lo`` as /32, IPv6 on each of its links as /128) and one veth end per link; a link is a veth pair created
+directly inside the two namespaces (never an address, route or sysctl in the root namespace). Each host gets a
+route to every host it can reach: straight over the link to a neighbour, or via the next hop when every host
+in between has role ``firewall``; only a firewall forwards (``ip_forward=1`` inside its own namespace).
 
 ``<pid>`` is the process that made the set: it removes the set when it ends (``release``, ``atexit``, a
 ``multiprocessing`` finaliser in a ``-j`` worker, SIGTERM), and every new set first removes the sets whose
@@ -288,7 +288,7 @@ def _build(made: NamespaceSet) -> None:
         per_ns[b] += [f"link set {dev_b} alias {_alias(a)}", f"link set {dev_b} up"]
     ip_batch(links)
     for host in topology.hosts:
-        per_ns[host.name] += [f"addr add {a}/{_full(a)} dev lo" for a in host.addresses]
+        per_ns[host.name] += _addresses(made, host)
         per_ns[host.name] += _routes(made, host)
         if host.role == FORWARDER:  # what an intercept rule sends here is delivered to this host's sockets
             per_ns[host.name] += [f"route add local 0.0.0.0/0 dev lo table {INTERCEPT_TABLE}"]
@@ -298,6 +298,19 @@ def _build(made: NamespaceSet) -> None:
     for host in topology.hosts:
         if host.role == FORWARDER:
             _forward(made.namespaces[host.name])
+
+
+def _addresses(made: NamespaceSet, host: Host) -> list[str]:
+    """An IPv4 address goes on ``lo`` (the kernel answers ARP for it on every link); an IPv6 one on each link
+    (neighbour discovery answers only for an address of the link asked on), without duplicate detection."""
+    devs = [port.dev for (name, _), port in made.ports.items() if name == host.name]
+    out = []
+    for address in host.addresses:
+        if ipaddress.ip_address(address).version == 4 or not devs:
+            out.append(f"addr add {address}/{_full(address)} dev lo")
+        else:
+            out += [f"addr add {address}/128 dev {dev} nodad" for dev in devs]
+    return out
 
 
 def _alias(peer: str) -> str:

@@ -36,10 +36,14 @@ from lab.net.relay import MiddleboxRelay, _Splice
 from lab.net.topology import Topology
 
 IP_TRANSPARENT = 19  # <linux/in.h>: bind and accept addresses that are not the host's own (socket module lacks it)
+IPV6_TRANSPARENT = 75  # <linux/in6.h>: the same for IPv6
 
 
 def _transparent(sock: socket.socket) -> socket.socket:
-    sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+    else:
+        sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     return sock
 
