@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "tls-report": "tls_report",
     "cli": "cli",
     "demo": "demo",
+    "netns": "netns",
 }
 
 

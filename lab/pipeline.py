@@ -20,14 +20,16 @@ from pathlib import Path
 from lab.conformance.deviations import apply_deviations
 from lab.conformance.targets import NO_FLAGS, TargetFlags, target_from_flags, target_from_profile
 from lab.errors import BadInput
+from lab.net.carrier import LAB_CARRIERS
 from lab.net.topology import Topology, default_topology, load_topology
 from lab.scenario.loader import check_client_hosts, load_cases
 from lab.scenario.model import POLICIES, Case
 from lab.scenario.result import CaseRun, RunResult
 from lab.scenario.runner import ExternalTarget, RunOptions, lab_target_name, run_pairs, run_selected
 
-CARRIERS = ("memory", "loopback")
-
+#: Runs at once when ``-j`` is not given, by carrier: a netns run mostly waits on real time (a smuggling case
+#: listens a second for a reply that must not come), so four workers, each with its own namespaces (docs/netns.md).
+CARRIER_JOBS = {"netns": 4}
 
 @dataclass(frozen=True)
 class RunRequest:
@@ -91,8 +93,8 @@ def make_plan(request: RunRequest, *, check_hosts: bool = True) -> Plan:
     """
     if request.jobs is not None and request.jobs < 1:
         raise BadInput("must be at least 1", field="--jobs")
-    if request.carrier is not None and request.carrier not in CARRIERS:
-        raise BadInput(f"{request.carrier!r} is not one of {', '.join(CARRIERS)}", field="--carrier")
+    if request.carrier is not None and request.carrier not in LAB_CARRIERS:
+        raise BadInput(f"{request.carrier!r} is not one of {', '.join(LAB_CARRIERS)}", field="--carrier")
     externals = _externals(request)
     if externals and request.carrier is not None:
         raise BadInput("applies to the lab's own listeners; an external target is reached over TCP", field="--carrier")
@@ -157,7 +159,7 @@ def execute(
         report_dir=report_dir if report_dir is not None else request.report_dir,
         timestamps=request.timestamps,
         target=external,
-        jobs=jobs or request.jobs or (external.concurrency if external is not None else 1),
+        jobs=jobs or request.jobs or (external.concurrency if external else CARRIER_JOBS.get(plan.carrier, 1)),
         progress=progress,
     )
     result = run_selected(pairs, options)

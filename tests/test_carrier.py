@@ -53,8 +53,8 @@ def test_the_carrier_is_chosen_by_name_in_one_place() -> None:
     assert open_carrier("memory").name == "memory"
     assert open_carrier("loopback", mapping={CLIENT: "127.0.9.1"}, reactor=MemoryReactorClock()).name == "loopback"
     assert open_carrier("tcp", reactor=MemoryReactorClock()).name == "tcp"
-    with pytest.raises(HarnessError, match="no carrier 'netns'"):
-        open_carrier("netns")
+    with pytest.raises(HarnessError, match="no carrier 'pigeon'"):
+        open_carrier("pigeon")
 
 
 class StubReactor:

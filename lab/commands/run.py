@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--carrier",
         choices=LAB_CARRIERS,
         default=None,
-        help="how bytes travel between lab hosts (default: memory, virtual time); not with an external target",
+        help="how bytes travel between lab hosts (default: memory, virtual time; netns: network namespaces, as root); "
+        "not with an external target",
     )
     parser.add_argument("--topology", metavar="FILE", help="topology file (default: the built-in topology)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything the lab chooses (default 0)")

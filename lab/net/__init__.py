@@ -1,1 +1,1 @@
-"""The virtual network: topology, carriers (memory, loopback), transports, middleboxes, capture."""
+"""The virtual network: topology, carriers (memory, loopback, netns), transports, middleboxes, capture."""

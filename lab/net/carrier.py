@@ -11,9 +11,11 @@ factory (``lab.tls.tlsctx.ClientTLSFactory``) and records the bytes below it int
 
 - ``memory`` (``lab.net.memory.MemoryNetwork``): in-process pipes, a virtual clock, no socket; the default.
 - ``loopback`` (``lab.net.loopback.LoopbackNetwork``): real TCP between the topology's hosts on 127.x.y.z.
+- ``netns`` (``lab.net.netns_carrier.NetnsNetwork``): real TCP between Linux network namespaces, one per host,
+  on the topology's own addresses, through a forwarding firewall namespace (needs root; docs/netns.md).
 - ``tcp`` (``lab.net.tcp.TCPCarrier``): real TCP to a target outside the lab; middleboxes stand in a relay.
 
-A new carrier (a network namespace, a container) is one more class providing ``ICarrier`` and one more entry
+A new carrier (a container) is one more class providing ``ICarrier`` and one more entry
 in ``open_carrier``; the runner, the client engine and the probe do not change.
 """
 
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -30,8 +32,11 @@ from zope.interface import Attribute, Interface
 from lab.errors import HarnessError
 from lab.net.capture import Capture
 
+if TYPE_CHECKING:
+    from lab.net.topology import Topology
+
 #: The carriers that serve the lab's own listeners (``smtplab run --carrier``, ``--smtplab-carrier``).
-LAB_CARRIERS = ("memory", "loopback")
+LAB_CARRIERS = ("memory", "loopback", "netns")
 #: The carrier to targets outside the lab (``--target``, ``smtplab probe HOST:PORT``).
 EXTERNAL_CARRIER = "tcp"
 
@@ -43,7 +48,7 @@ class CarrierTimeout(HarnessError):
 class ICarrier(Interface):
     """Listen and connect on a network's addresses; the protocols see only those addresses."""
 
-    name = Attribute("what records call this carrier: memory, loopback or tcp")
+    name = Attribute("what records call this carrier: memory, loopback, netns or tcp")
     clock = Attribute("the IReactorTime every wait of a run over this carrier uses")
     capture = Attribute("the lab.net.capture.Capture the connections' bytes are recorded into")
 
@@ -137,12 +142,14 @@ def open_carrier(
     *,
     capture: Capture | None = None,
     mapping: Mapping[str, str] | None = None,
+    topology: Topology | None = None,
     reactor: Any = None,
     connect_timeout: float = 30.0,
 ) -> ICarrier:
     """The one place a carrier is chosen by name. ``mapping`` (virtual IP -> 127.x.y.z) is the loopback
-    carrier's; ``reactor`` defaults to the global one for the carriers that use real sockets, imported only then
-    (a ``-j`` worker or a memory run never loads it)."""
+    carrier's, ``topology`` (whose hosts become namespaces) the netns carrier's; ``reactor`` defaults to the
+    global one for the carriers that use real sockets, imported only then (a ``-j`` worker or a memory run never
+    loads it)."""
     if name == "memory":
         from lab.net.memory import MemoryNetwork
 
@@ -157,6 +164,13 @@ def open_carrier(
         from lab.net.loopback import LoopbackNetwork
 
         return LoopbackNetwork(mapping or {}, capture=capture, reactor=reactor, connect_timeout=connect_timeout)
+    if name == "netns":
+        from lab.net.netns_carrier import NetnsNetwork
+        from lab.net.topology import default_topology
+
+        return NetnsNetwork(
+            topology or default_topology(), capture=capture, reactor=reactor, connect_timeout=connect_timeout
+        )
     from lab.net.tcp import TCPCarrier
 
     return TCPCarrier(capture=capture, reactor=reactor, connect_timeout=connect_timeout)

@@ -99,13 +99,7 @@ class _Splice:
         if end is self.client:  # not a byte is read from the client before the target answers the connect
             self.relay.splices.add(self)
             self.client.set_paused(True)
-            self.connector = self.relay.reactor.connectTCP(
-                self.relay.target_host,
-                self.relay.target_port,
-                _TargetSide(self),
-                timeout=self.relay.connect_timeout,
-                bindAddress=self.relay.source,
-            )
+            self.connector = self.relay.connect_target(self, _TargetSide(self))
         self.balance()
 
     def balance(self) -> None:
@@ -222,10 +216,20 @@ class MiddleboxRelay:
         """Start listening; the (address, port) to point the client at."""
         if self._port is None:
             try:
-                self._port = self.reactor.listenTCP(0, _ClientSide(self), interface=self.address)
+                self._port = self.listen(_ClientSide(self))
             except error.CannotListenError as exc:
                 raise HarnessError(f"the relay cannot listen on {self.address}: {exc.socketError}") from None
         return self.address, int(self._port.getHost().port)
+
+    def listen(self, factory: Factory) -> Any:
+        """The relay's listening port (the netns carrier's relay listens transparently instead)."""
+        return self.reactor.listenTCP(0, factory, interface=self.address)
+
+    def connect_target(self, splice: _Splice, factory: ClientFactory) -> Any:
+        """The connector of one splice's connection to the target (``splice.client`` is the accepted end)."""
+        return self.reactor.connectTCP(
+            self.target_host, self.target_port, factory, timeout=self.connect_timeout, bindAddress=self.source
+        )
 
     def stop(self) -> defer.Deferred[None]:
         """Abort the connections still open and stop listening."""

@@ -119,6 +119,10 @@ class Runner:
     def close(self) -> None:
         if self._tmp is not None:
             self._tmp.cleanup()
+        if self._carrier_name() == "netns":  # this process's namespaces, and any a -j worker or a killed run left
+            from lab.net.netns import release
+
+            release()
 
     # -- the whole run
 
@@ -131,6 +135,10 @@ class Runner:
         target = self.options.target
         if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
             _check_reachable(target)
+        if self._carrier_name() == "netns":
+            from lab.net.netns import require_netns
+
+            require_netns()
         # A target's mail log is one file for every connection: the cases that read it run one at a time,
         # after the others, so that each sees only its own lines.
         reads_log = [target is not None and target.maillog is not None and bool(c.log_events()) for c, _ in pairs]
@@ -174,14 +182,18 @@ class Runner:
                 pool.submit(_run_in_worker, worker_options, self.work_dir, case, policy): i
                 for i, (case, policy) in enumerate(pairs)
             }
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    runs[index] = future.result()
-                except Exception as exc:  # a worker that died is the harness's fault, never the target's
-                    raise HarnessError(f"worker for {pairs[index][0].id}[{pairs[index][1]}] failed: {exc}") from exc
-                if self.options.progress:
-                    self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
+            try:
+                for future in as_completed(futures):
+                    index = futures[future]
+                    try:
+                        runs[index] = future.result()
+                    except Exception as exc:  # a worker that died is the harness's fault, never the target's
+                        raise HarnessError(f"worker for {pairs[index][0].id}[{pairs[index][1]}] failed: {exc}") from exc
+                    if self.options.progress:
+                        self.options.progress(f"{pairs[index][0].id}[{pairs[index][1]}]")
+            except BaseException:  # Ctrl-C or a failed worker: the runs not started yet never start
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return [run for run in runs if run is not None]
 
     def _carrier_name(self) -> str:
@@ -192,7 +204,7 @@ class Runner:
         name = self._carrier_name()
         mapping = self.topology.loopback_map() if name == "loopback" else None
         timeout = self.options.target.timeout if self.options.target is not None else 30.0
-        return open_carrier(name, capture=capture, mapping=mapping, connect_timeout=timeout)
+        return open_carrier(name, capture=capture, mapping=mapping, topology=self.topology, connect_timeout=timeout)
 
     def _target_record(self) -> Target:
         target = self.options.target

@@ -128,7 +128,7 @@ class _Factory(ClientFactory):
 class ScriptedClient:
     """Runs ``steps`` once: connect (implicit), every step in order, then close.
 
-    ``connect`` comes from the carrier (memory, loopback or real TCP), ``tls_factory`` turns a step's
+    ``connect`` comes from the carrier (memory, loopback, netns or real TCP), ``tls_factory`` turns a step's
     ``TLSOptions`` into a connection creator (``lab.tls.tlsctx.ClientTLSFactory`` builds the lab's). ``target``
     only labels the ``=== Trying`` note; ``settle`` is how long to listen after a handshake that followed
     injected bytes.
