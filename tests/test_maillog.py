@@ -226,6 +226,20 @@ CASES = [
         {"event": "bounced", "rid": 0, "reason": "5.4.7 delivery time expired"},
     ),
     (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
+    (
+        lambda log: log.alert("warning", "system", "TLS was required for bank.example"),
+        {
+            "event": "alert",
+            "level": "Warning",
+            "severity": "Warning",
+            "alert_class": "System",
+            "text": "TLS was required for bank.example",
+        },
+    ),
+    (
+        lambda log: log.alert("Information", "System", "queue drained"),
+        {"event": "alert", "level": "Info", "severity": "Information"},
+    ),
 ]
 
 
