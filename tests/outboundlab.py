@@ -12,7 +12,9 @@ from email.message import Message
 from pathlib import Path
 from typing import Any
 
-from lab.appliance.maillog import MailLog, parse_event
+from labruntime import lab_runtime
+
+from lab.appliance.maillog import MailLog, parse_line
 from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
 from lab.net.topology import Topology, load_topology
@@ -22,7 +24,6 @@ from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
 from lab.tls.certs import LabCA
 from lab.tls.tlsctx import ServerTLS
-from tests.labruntime import lab_runtime
 
 APPLIANCE = """\
 hostname: esa.lab.example
@@ -120,13 +121,8 @@ class OutboundLab:
         self.net.run()
 
     def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.lines:
-            level, _, text = line.split(" ", 5)[-1].partition(": ")
-            event, fields = parse_event(text)
-            if name is None or event == name:
-                out.append({"event": event, "level": level, **fields})
-        return out
+        """The mail-log lines read back (``lab.appliance.maillog.parse_line``), optionally of one event."""
+        return [fields for fields in map(parse_line, self.lines) if name is None or fields["event"] == name]
 
     def texts(self) -> list[str]:
         return [line.split(": ", 1)[1] for line in self.lines]

@@ -131,6 +131,11 @@ class DeliveryEngine:
             self._timer.cancel()
         self._timer = None
 
+    async def deliver_now(self, items: list[QueueItem]) -> None:
+        """One delivery round for ``items`` of one domain, now, whatever their schedule (``lab.outbound.send``)."""
+        if items:
+            await self._deliver_domain(items[0].domain, items)
+
     def counter(self, domain: str) -> DomainCounters:
         return self.counters.setdefault(domain, DomainCounters())
 
@@ -232,6 +237,12 @@ class DeliveryEngine:
         answers: dict[tuple[int, int], Answer] = {}
         dcid, reason, status = 0, f"no MX or address record for {domain}", NO_ROUTE_STATUS
         hosts = [(mx, ip) for mx in self.resolve(domain) for ip in mx.addresses]
+        if not hosts:  # the virtual DNS has no route: a permanent failure (RFC 5321 5.1), bounced at once
+            unroutable = Answer(550, NO_ROUTE_STATUS, f"{NO_ROUTE_STATUS} {reason}")
+            for item in items:
+                for r in item.pending:
+                    answers[(item.mid, r.rid)] = unroutable
+                    self.maillog.bounced(0, item.mid, r.rid, unroutable.text)
         required_failure: tuple[MXHost, ConnectionReport] | None = None
         for mx, ip in hosts:
             envelopes = self._envelopes(items, answers)

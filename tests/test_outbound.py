@@ -1,0 +1,330 @@
+"""The appliance delivers: destination controls against misbehaving receivers, over the memory carrier.
+
+Every test looks at what can be observed: the bytes that crossed in the clear, what the receiving MTA got, the
+mail-log lines, the DSN in the sender's mailbox, the alert in the administrator's, the queue on disk.
+"""
+
+from __future__ import annotations
+
+import email
+from pathlib import Path
+
+import pytest
+from outboundlab import OutboundLab
+from twisted.internet.defer import Deferred
+
+from lab.net.carrier import CarrierTimeout
+from lab.outbound.attempt import Outcome
+from lab.outbound.send import deliver_one
+from lab.policy.destinations import DestinationTLS
+from lab.smtp.client import ScriptedClient
+from lab.smtp.remote_mta import RemoteMTAFactory
+from lab.smtp.steps import steps_from_data
+from lab.tls.tlsctx import lab_client_tls
+from lab.yamlsource import parse_yaml
+
+FAULTS = ("ok", "absent", "454", "garbage-after-220", "handshake-fail", "response-injection")
+
+#: (setting, fault of the only MX) -> (delivered?, over TLS?, alert?) on the first (and, here, only) attempt.
+D_TLS, D_CLEAR, DEFER, DEFER_ALERT = (
+    (True, True, False),
+    (True, False, False),
+    (False, None, False),
+    (False, None, True),
+)
+EXPECTED = {
+    "no": dict.fromkeys(FAULTS, D_CLEAR),
+    "preferred": {
+        "ok": D_TLS,
+        "absent": D_CLEAR,
+        "454": D_CLEAR,
+        "garbage-after-220": DEFER,
+        "handshake-fail": DEFER,
+        "response-injection": D_TLS,
+    },
+    "required": {
+        "ok": D_TLS,
+        "absent": DEFER_ALERT,
+        "454": DEFER_ALERT,
+        "garbage-after-220": DEFER_ALERT,
+        "handshake-fail": DEFER_ALERT,
+        "response-injection": D_TLS,
+    },
+    "preferred-verify": {
+        "ok": D_TLS,
+        "absent": D_CLEAR,
+        "454": D_CLEAR,
+        "garbage-after-220": DEFER,
+        "handshake-fail": DEFER,
+        "response-injection": D_TLS,
+    },
+    "required-verify": {
+        "ok": D_TLS,
+        "absent": DEFER_ALERT,
+        "454": DEFER_ALERT,
+        "garbage-after-220": DEFER_ALERT,
+        "handshake-fail": DEFER_ALERT,
+        "response-injection": D_TLS,
+    },
+}
+
+
+@pytest.mark.parametrize(("tls", "fault"), [(t, f) for t in EXPECTED for f in FAULTS])
+def test_each_setting_against_each_fault(tls: str, fault: str, tmp_path: Path) -> None:
+    delivered, over_tls, alert = EXPECTED[tls][fault]
+    lab = OutboundLab(tmp_path, tls=tls, mx1=fault, retries=0)  # one attempt, then the bounce
+    lab.send()
+    lab.run()
+    clear = lab.clear_bytes()
+    first = lab.engine.attempts[0]
+    received = lab.mtas["mx1"].messages
+    assert first.tls_setting == str(DestinationTLS(_setting(tls)))
+    if delivered:
+        assert len(received) == 1 and received[0].tls is over_tls
+        assert b".a line with a dot\r\n" in received[0].data  # dot-stuffing undone by the receiver
+        assert first.outcome is Outcome.DELIVERED
+        assert (b"MAIL FROM:<alice@example.com>" in clear) is (not over_tls)
+        assert lab.inbox() == []
+    else:
+        assert received == [] and b"MAIL FROM" not in clear and b"a line with a dot" not in clear
+        assert first.outcome is Outcome.NOT_SENT
+        [dsn] = lab.inbox()  # retries=0: bounced at once, the DSN goes to alice@example.com (local)
+        assert dsn["To"] == "<alice@example.com>"
+    assert (b"STARTTLS" in clear) is (tls != "no" and fault != "absent")
+    assert len(lab.alerts()) == int(alert)
+    assert [e["event"] for e in lab.events("alert")] == ["alert"] * int(alert)
+
+
+def _setting(text: str) -> str:
+    return {"no": "No", "preferred": "Preferred", "required": "Required"}.get(
+        text, text.replace("-verify", " (Verify)").capitalize().replace("(verify)", "(Verify)")
+    )
+
+
+def test_required_tls_failure_writes_the_documented_lines_and_alert(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="454", retries=3)
+    lab.send()
+    lab.run()
+    texts = lab.texts()
+    assert texts[:6] == [
+        "New SMTP DCID 1 interface 192.168.2.1 address 198.51.100.11 port 25",
+        "DCID 1 domain dest.test mx mx1.dest.test TLS Required",
+        "DCID 1 TLS failed: STARTTLS answered 454 4.7.0 TLS not available due to local problem",
+        "DCID 1 IP 198.51.100.11 TLS was required but could not be successfully negotiated",
+        "DCID 1 close",
+        "New SMTP DCID 2 interface 192.168.2.1 address 198.51.100.12 port 25",  # the next MX (nobody there)
+    ]
+    assert "Delayed: DCID 2 MID 1 to RID 0 - TLS was required but could not be negotiated with mx1.dest.test" in texts
+    [first, *_] = lab.events("alert")
+    assert first["level"] == "Warning" and first["severity"] == "Warning" and first["alert_class"] == "System"
+    assert "dest.test" in first["text"]
+    message = lab.alerts()[0]
+    assert message["To"] == "<admin@example.com>"
+    assert message["Subject"] == "Warning <System> esa.lab.example: TLS required for dest.test failed"
+    assert "TLS was required for domain dest.test" in message.get_payload()
+
+
+def test_retries_follow_the_bounce_profile_on_the_virtual_clock(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="absent", retries=3)
+    lab.send()
+    lab.run()
+    times = [round(a.at) for a in lab.engine.attempts if a.mx_host == "mx1.dest.test"]
+    assert times == [0, 60, 180, 420]  # 60, then doubling up to max_wait 240
+    assert len(lab.alerts()) == 4  # one per failed round
+    counters = lab.engine.counters["dest.test"]
+    assert (counters.delivered, counters.deferred, counters.bounced) == (0, 3, 1)
+    assert counters.tls_failure == 4 and counters.tls_success == 0
+    bounced = lab.events("bounced")
+    assert bounced[0]["reason"].startswith("delivery time expired after 4 attempts: TLS was required")
+
+
+def test_the_dsn_is_rfc_3464(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required-verify", mx1="absent", retries=0)
+    lab.send()
+    lab.run()
+    [dsn] = lab.inbox()
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert dsn["From"].startswith("Mail Delivery System <MAILER-DAEMON@esa.lab.example>")
+    human, status, headers = dsn.get_payload()
+    assert human.get_content_type() == "text/plain" and "<bob@dest.test>" in human.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, per_recipient = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; esa.lab.example"
+    assert per_recipient["Final-Recipient"] == "rfc822; bob@dest.test"
+    assert per_recipient["Action"] == "failed"
+    assert per_recipient["Status"] == "5.4.7"
+    assert per_recipient["Diagnostic-Code"].startswith("smtp; delivery time expired after 1 attempts")
+    assert headers.get_content_type() == "text/rfc822-headers"
+    assert "Subject: hello" in headers.get_payload()
+
+
+def test_a_dsn_goes_out_with_the_null_sender_and_never_gets_a_dsn(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="absent", retries=0)
+    lab.send(sender="", to=("bob@dest.test",))  # as if it were a DSN itself
+    lab.run()
+    assert lab.inbox() == [] and len(lab.engine.queue) == 0
+    lab2 = OutboundLab(tmp_path / "remote", tls="no", mx1="ok", retries=0)
+    lab2.send(sender="someone@dest.test", to=("nobody@nowhere.test",))  # no MX: bounced, DSN to dest.test
+    lab2.run()
+    [dsn] = lab2.mtas["mx1"].messages
+    assert dsn.mail_from == "" and dsn.rcpt_to == ["someone@dest.test"]
+    assert b"Content-Type: message/delivery-status" in dsn.data
+    assert b"Status: 5.1.2" in dsn.data
+
+
+def test_mx_preference_order_and_fallback_to_the_next_mx(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="preferred", mx1=None, mx2="ok")  # mx1 (preference 10) is not listening
+    lab.send()
+    lab.run()
+    assert [a.mx_host for a in lab.engine.attempts] == ["mx1.dest.test", "mx2.dest.test"]
+    assert (lab.engine.attempts[0].failure_reason or "").startswith("connection failed")
+    assert len(lab.mtas["mx2"].messages) == 1
+
+
+def test_a_required_tls_failure_tries_the_next_mx_with_tls(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="absent", mx2="ok")
+    lab.send()
+    lab.run()
+    assert lab.mtas["mx2"].messages[0].tls is True
+    assert len(lab.alerts()) == 1  # mx1 failed the requirement: the operator hears of it
+
+
+def test_preferred_verify_delivers_over_tls_with_an_unverified_certificate_and_logs_it(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="preferred-verify", mx1="ok", mx1_names=("other.test",))
+    lab.send()
+    lab.run()
+    assert lab.mtas["mx1"].messages[0].tls is True
+    [cert] = lab.events("dcid_certificate")
+    assert cert["state"] == "unverified" and cert["level"] == "Warning"
+    assert cert["reason"].startswith("certificate-host-mismatch")
+    assert lab.engine.attempts[0].certificate_verified is False
+    assert lab.engine.attempts[0].result_type == "certificate-host-mismatch"
+
+
+def test_required_verify_refuses_an_unverified_certificate(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required-verify", mx1="ok", mx1_names=("other.test",), retries=0)
+    lab.send()
+    lab.run()
+    assert lab.mtas["mx1"].messages == []
+    assert b"MAIL FROM" not in lab.clear_bytes()
+    attempt = lab.engine.attempts[0]
+    assert attempt.tls is True and attempt.certificate_verified is False and attempt.outcome is Outcome.NOT_SENT
+    assert len(lab.alerts()) == 1
+
+
+def test_a_certificate_naming_the_domain_verifies(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required-verify", mx1="ok", mx1_names=("*.test", "dest.test"))
+    lab.send()
+    lab.run()
+    assert lab.engine.attempts[0].certificate_verified is True
+    assert len(lab.mtas["mx1"].messages) == 1
+
+
+def test_messages_per_connection_limit(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="no", mx1="ok", per_connection=2)
+    for _ in range(5):
+        lab.send()
+    lab.run()
+    assert len(lab.mtas["mx1"].messages) == 5
+    assert sorted(len(a.mids) for a in lab.engine.attempts) == [1, 2, 2]  # three connections at once
+    assert len(lab.mtas["mx1"].sessions) == 3
+
+
+def test_a_5xx_recipient_bounces_at_once_with_the_receivers_status(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="no", mx1=None, retries=5)
+    inbound = lab.runtime.appliance.listener("Inboundmail")  # an appliance listener: its RAT refuses dest.test
+    lab.net.listen("198.51.100.11", 25, lab.runtime.factory(inbound))
+    lab.send()
+    lab.run()
+    [attempt] = lab.engine.attempts  # no retry: the refusal is permanent
+    assert attempt.outcome is Outcome.BOUNCED
+    [bounced] = lab.events("bounced")
+    assert bounced["reason"].startswith("550")
+    [dsn] = [m for m in lab.inbox() if m.get_content_type() == "multipart/report"]
+    per_recipient = dsn.get_payload()[1].get_payload()[1]
+    assert per_recipient["Status"].startswith("5.") and per_recipient["Diagnostic-Code"].startswith("smtp; 550")
+
+
+def test_the_queue_survives_a_restart(tmp_path: Path) -> None:
+    first = OutboundLab(tmp_path, tls="preferred", mx1=None, mx2=None)  # nobody listens: deferred
+    first.send()
+    with pytest.raises(CarrierTimeout):
+        first.net.run_until(Deferred(), timeout=30)
+    first.engine.stop()
+    assert len(first.engine.queue) == 1
+    files = sorted(p.name for p in (tmp_path / "state" / "queue").rglob("*") if p.is_file())
+    assert len(files) == 2  # the message and its state
+    second = OutboundLab(tmp_path, tls="preferred", mx1="ok")  # a new process: the queue is read from disk
+    assert len(second.engine.queue) == 1
+    second.run()
+    assert len(second.mtas["mx1"].messages) == 1
+    assert round(second.engine.attempts[0].at) == 60  # the retry time saved before the restart
+    assert len(second.engine.queue) == 0
+    assert not [p for p in (tmp_path / "state" / "queue").rglob("*") if p.is_file()]
+
+
+def test_relay_listener_queues_remote_recipients_and_spools_local_ones(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="ok")
+    listener = lab.runtime.appliance.listener("Outboundmail")
+    lab.net.listen("192.168.1.1", 25, lab.runtime.factory(listener))
+    script = (
+        "[{ehlo: mail.example.com},"
+        " {mail: {from: carol@example.com, to: [bob@dest.test, dave@example.com]}, expect: '250'}, quit]"
+    )
+    client = ScriptedClient(
+        steps_from_data(parse_yaml(script, "t.yaml")),
+        clock=lab.net.clock,
+        connect=lambda f: lab.net.connect("192.168.1.25", "192.168.1.1", 25, f),
+        tls_factory=lab_client_tls(state_dir=tmp_path),
+    )
+    record = lab.net.run_until(client.run(), timeout=60)
+    lab.run()
+    assert record.observed["replies"]["DOT"] == 250
+    [relayed] = lab.mtas["mx1"].messages
+    assert relayed.rcpt_to == ["bob@dest.test"] and relayed.tls is True
+    assert relayed.data.startswith(b"Received: from ")  # the appliance's own trace header
+    assert [m["To"] for m in lab.inbox("Outboundmail")] == ["<bob@dest.test>"]  # the local copy for dave
+    assert any(t.startswith("MID 1 spooled queue ") for t in lab.texts())
+
+
+def test_deliver_one_is_the_appliance_as_a_sender(tmp_path: Path) -> None:
+    from lab.net.memory import MemoryNetwork
+
+    net = MemoryNetwork()
+    mta = RemoteMTAFactory("mx.receiver.test", starttls="absent", clock=net.clock)
+    net.listen("198.51.100.77", 2525, mta)
+    result = net.run_until(
+        deliver_one(
+            carrier=net,
+            receiver_ip="198.51.100.77",
+            receiver_port=2525,
+            setting=DestinationTLS.REQUIRED,
+            state_dir=tmp_path,
+        ),
+        timeout=600,
+    )
+    assert result.state == "deferred" and mta.messages == []
+    [attempt] = result.attempts
+    assert attempt.result_type == "starttls-not-supported" and attempt.mx_host == "mx.receiver.test"
+    assert any("TLS was required but could not be successfully negotiated" in line for line in result.log)
+    result = net.run_until(
+        deliver_one(
+            carrier=net,
+            receiver_ip="198.51.100.77",
+            receiver_port=2525,
+            setting=DestinationTLS.PREFERRED,
+            state_dir=tmp_path,
+        ),
+        timeout=600,
+    )
+    assert result.state == "delivered" and len(mta.messages) == 1 and mta.messages[0].tls is False
+
+
+def test_dsn_parses_as_mime(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="required", mx1="handshake-fail", retries=0)
+    lab.send()
+    lab.run()
+    raw = sorted((tmp_path / "spool" / "Inboundmail" / "new").iterdir())[0].read_bytes()
+    parsed = email.message_from_bytes(raw)
+    assert parsed.is_multipart() and not parsed.defects
