@@ -88,7 +88,7 @@ class OutboundLab:
         retries: int = 3,
         per_connection: int = 50,
         mx1_names: tuple[str, ...] = ("mx1.dest.test",),
-        net: MemoryNetwork | None = None,
+        net: Any = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "appliance.yaml").write_text(APPLIANCE.format(tls=tls, retries=retries, per_connection=per_connection))

@@ -328,3 +328,17 @@ def test_dsn_parses_as_mime(tmp_path: Path) -> None:
     raw = sorted((tmp_path / "spool" / "Inboundmail" / "new").iterdir())[0].read_bytes()
     parsed = email.message_from_bytes(raw)
     assert parsed.is_multipart() and not parsed.defects
+
+
+def test_the_worked_example_of_the_docs_prints_what_they_show(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "outbound.md").read_text()
+    example = doc.split("## A worked example", 1)[1]
+    script, rest = example.split("```python\n", 1)[1].split("```\n", 1)
+    shown = rest.split("```\n", 1)[1].split("```", 1)[0]
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == shown
+    assert len(list((tmp_path / "outbound-demo" / "state" / "alerts" / "postmaster@example.com" / "new").iterdir())) == 2
