@@ -341,4 +341,20 @@ def test_the_worked_example_of_the_docs_prints_what_they_show(tmp_path: Path) ->
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout == shown
-    assert len(list((tmp_path / "outbound-demo" / "state" / "alerts" / "postmaster@example.com" / "new").iterdir())) == 2
+    mailbox = tmp_path / "outbound-demo" / "state" / "alerts" / "postmaster@example.com" / "new"
+    assert len(list(mailbox.iterdir())) == 2
+
+
+def test_a_crash_between_the_queue_writes_leaves_nothing_half_made(tmp_path: Path) -> None:
+    from lab.outbound.queue import OutboundQueue
+
+    queue = OutboundQueue(tmp_path / "queue")
+    [kept] = queue.enqueue(b"kept\r\n", mid=1, sender="a@example.com", recipients=[(0, "b@dest.test")], now=0)
+    [orphan] = queue.enqueue(b"orphan\r\n", mid=2, sender="a@example.com", recipients=[(0, "c@dest.test")], now=0)
+    (queue.state_dir / f"{orphan.name}.json").unlink()  # the crash came before the state reached the disk
+    (queue.state_dir / "half.tmp").write_text("{")
+    (queue.state_dir / "ghost.json").write_text("{}")  # a state without its message
+    again = OutboundQueue(tmp_path / "queue")
+    assert list(again.items) == [kept.name] and again.message(kept) == b"kept\r\n"
+    dropped = sorted(Path(path).name for path, _ in again.recovered)
+    assert dropped == sorted([orphan.name, "half.tmp", "ghost.json"])

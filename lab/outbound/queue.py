@@ -160,29 +160,29 @@ class OutboundQueue:
         (self.maildir.path / "new" / item.name).unlink(missing_ok=True)
         self.items.pop(item.name, None)
 
-    def _load(self) -> list[str]:
-        """Read the items back; drop what a crash left half made. Returns what was dropped, for the log."""
-        dropped: list[str] = []
-        for leftover in self.maildir.recover():
-            dropped.append(str(leftover.path))
-        for tmp in sorted(self.state_dir.glob("*.tmp")):
-            tmp.unlink()
-            dropped.append(str(tmp))
-        messages = {p.name for p in (self.maildir.path / "new").iterdir()}
+    def _load(self) -> list[tuple[str, int]]:
+        """Read the items back; drop what a crash left half made (never acknowledged: the 250 comes after both
+        files). Returns what was dropped, ``(path, bytes)``, for the mail log."""
+        dropped: list[tuple[str, int]] = [(str(x.path), x.size) for x in self.maildir.recover()]
+        new = self.maildir.path / "new"
+        messages = {p.name for p in new.iterdir()}
+        for path in sorted(self.state_dir.glob("*.tmp")):
+            dropped.append((str(path), path.stat().st_size))
+            path.unlink()
         for path in sorted(self.state_dir.glob("*.json")):
             name = path.name[: -len(".json")]
             try:
-                item = QueueItem.from_json(json.loads(path.read_text(encoding="utf-8")))
+                item: QueueItem | None = QueueItem.from_json(json.loads(path.read_text(encoding="utf-8")))
             except (ValueError, TypeError, KeyError):
                 item = None
-            if item is None or name not in messages:  # unreadable, or its message is gone: never acknowledged
+            if item is None or name not in messages:  # unreadable, or its message is gone
+                dropped.append((str(path), path.stat().st_size))
                 path.unlink()
-                dropped.append(str(path))
                 continue
             self.items[name] = item
         for name in sorted(messages - set(self.items)):  # a message whose state never reached the disk
-            (self.maildir.path / "new" / name).unlink()
-            dropped.append(name)
+            dropped.append((str(new / name), (new / name).stat().st_size))
+            (new / name).unlink()
         return dropped
 
 

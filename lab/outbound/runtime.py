@@ -42,8 +42,8 @@ def attach_outbound(
     start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it."""
     appliance = runtime.appliance
     queue = OutboundQueue(queue_dir or runtime.state_dir / "queue")
-    for leftover in queue.recovered:
-        runtime.maillog.spool_leftover(leftover, 0, delivered=False)
+    for path, size in queue.recovered:
+        runtime.maillog.spool_leftover(path, size, delivered=False)
     certificate = appliance.outbound.certificate
     client_cert = runtime.certificate_named(certificate) if certificate is not None else None
     engine = DeliveryEngine(
