@@ -45,7 +45,8 @@ outbound:
   certificate: esa-lab
   default_destination: {{tls: preferred}}
   destination_controls:
-    - {{domain: dest.test, tls: "{tls}", max_messages_per_connection: {per_connection}}}
+    - {{domain: dest.test, tls: "{tls}", max_messages_per_connection: {per_connection},
+       max_concurrency: {concurrency}, max_recipients_per_hour: {per_hour}}}
   bounce_profiles:
     - {{name: Default, initial_wait: 60, max_wait: 240, max_retries: {retries}, max_time_in_queue: 3600}}
   alerts:
@@ -87,11 +88,21 @@ class OutboundLab:
         mx2: str | None = None,
         retries: int = 3,
         per_connection: int = 50,
+        concurrency: int = 500,
+        per_hour: int | None = None,
         mx1_names: tuple[str, ...] = ("mx1.dest.test",),
         net: Any = None,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
-        (root / "appliance.yaml").write_text(APPLIANCE.format(tls=tls, retries=retries, per_connection=per_connection))
+        (root / "appliance.yaml").write_text(
+            APPLIANCE.format(
+                tls=tls,
+                retries=retries,
+                per_connection=per_connection,
+                concurrency=concurrency,
+                per_hour="null" if per_hour is None else per_hour,
+            )
+        )
         (root / "topology.yaml").write_text(TOPOLOGY)
         self.root = root
         self.topology: Topology = load_topology(root / "topology.yaml")

@@ -231,6 +231,30 @@ def test_messages_per_connection_limit(tmp_path: Path) -> None:
     assert len(lab.mtas["mx1"].sessions) == 3
 
 
+def test_concurrent_connections_limit(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="no", mx1="ok", per_connection=1, concurrency=2)
+    for _ in range(5):
+        lab.send()
+    lab.run()
+    assert len(lab.mtas["mx1"].messages) == 5
+    flows = [f for f in lab.net.capture.flows if f.server.ip == "198.51.100.11"]
+    assert len(flows) == 5
+    for flow in flows:  # at any moment at most two connections are open
+        open_then = [g for g in flows if g.opened <= flow.opened < (g.closed or float("inf"))]
+        assert len(open_then) <= 2
+
+
+def test_recipients_per_hour_limit(tmp_path: Path) -> None:
+    lab = OutboundLab(tmp_path, tls="no", mx1="ok", per_hour=2)
+    for _ in range(3):
+        lab.send()
+    lab.run()
+    times = sorted(round(a.at) for a in lab.engine.attempts)
+    assert len(lab.mtas["mx1"].messages) == 3
+    assert times[0] == 0 and times[-1] >= 3600  # the third waited for the hour's allowance
+    assert lab.engine.counters["dest.test"].deferred == 0  # waiting for the allowance is not a failed attempt
+
+
 def test_a_5xx_recipient_bounces_at_once_with_the_receivers_status(tmp_path: Path) -> None:
     lab = OutboundLab(tmp_path, tls="no", mx1=None, retries=5)
     inbound = lab.runtime.appliance.listener("Inboundmail")  # an appliance listener: its RAT refuses dest.test

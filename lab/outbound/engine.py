@@ -45,6 +45,7 @@ TLS_REQUIRED_STATUS = "4.7.10"  # RFC 3463 / RFC 5248: encryption needed
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
 NO_ROUTE_STATUS = "5.1.2"  # RFC 3463: bad destination system address (no MX, no address)
 HOUR = 3600.0
+MIN_WAIT = 0.001  # the shortest wait before the next round: a round never follows itself within one turn
 
 
 @dataclass
@@ -161,11 +162,13 @@ class DeliveryEngine:
     async def _run_due(self) -> None:
         self._running = True
         try:
+            previous: list[str] = []
             while not self.stopped:
                 self._again = False
                 due = self.queue.due(self.clock.seconds())
-                if not due:
+                if not due or [i.name for i in due] == previous:  # nothing moved: wait for the clock instead
                     break
+                previous = [i.name for i in due]
                 by_domain: dict[str, list[QueueItem]] = {}
                 for item in due:
                     by_domain.setdefault(item.domain, []).append(item)
@@ -176,7 +179,7 @@ class DeliveryEngine:
             self._running = False
             nxt = self.queue.next_due()
             if nxt is not None and not self.stopped:
-                self._schedule(nxt - self.clock.seconds())
+                self._schedule(max(nxt - self.clock.seconds(), MIN_WAIT))
             self._check_settled()
 
     def _check_settled(self) -> None:
@@ -209,7 +212,7 @@ class DeliveryEngine:
             return items
         now = self.clock.seconds()
         recent = self._recent.setdefault(domain, deque())
-        while recent and recent[0] <= now - HOUR:
+        while recent and recent[0] + HOUR <= now:  # the same sum as the wait below: no float gap between them
             recent.popleft()
         allowed, out = limit - len(recent), []
         for item in items:
