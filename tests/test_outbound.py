@@ -231,6 +231,34 @@ def test_messages_per_connection_limit(tmp_path: Path) -> None:
     assert len(lab.mtas["mx1"].sessions) == 3
 
 
+def test_a_receiver_that_never_answers_is_given_up_on_the_virtual_clock(tmp_path: Path) -> None:
+    from twisted.internet.protocol import Protocol, ServerFactory
+
+    lab = OutboundLab(tmp_path, tls="preferred", mx1=None, retries=0)
+    lab.net.listen("198.51.100.11", 25, ServerFactory.forProtocol(Protocol))  # accepts, never greets
+    lab.send()
+    lab.run()
+    [silent, refused] = lab.engine.attempts
+    assert "timeout" in (silent.failure_reason or "") and silent.outcome is Outcome.NOT_SENT
+    assert 30 <= refused.at < 60  # the reply timeout (30 s) passed on the virtual clock, then the next MX
+    assert len(lab.inbox()) == 1  # bounced after its only attempt: the DSN
+
+
+def test_the_outbound_certificate_is_presented_to_a_receiver_that_asks(tmp_path: Path) -> None:
+    from lab.tls.certs import LabCA
+    from lab.tls.tlsctx import ServerTLS
+
+    lab = OutboundLab(tmp_path, tls="required", mx1=None)
+    ca = LabCA(tmp_path / "state")
+    server = ServerTLS(ca.issue("mx1", ["mx1.dest.test"]), request_client_cert=True, client_ca_pems=[ca.ca_pem])
+    mta = RemoteMTAFactory("mx1.dest.test", tls_server=server, clock=lab.net.clock)
+    lab.net.listen("198.51.100.11", 25, mta)
+    lab.send()
+    lab.run()
+    assert mta.messages[0].tls is True
+    assert mta.sessions[0].client_cert_subject == "CN=esa.lab.example"  # outbound.certificate: esa-lab
+
+
 def test_concurrent_connections_limit(tmp_path: Path) -> None:
     lab = OutboundLab(tmp_path, tls="no", mx1="ok", per_connection=1, concurrency=2)
     for _ in range(5):
