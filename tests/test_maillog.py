@@ -227,6 +227,10 @@ CASES = [
     ),
     (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
     (
+        lambda log: log.dcid_error(8, "greeting 421 4.3.2 busy"),
+        {"event": "dcid_error", "dcid": 8, "reason": "greeting 421 4.3.2 busy"},
+    ),
+    (
         lambda log: log.alert("warning", "system", "TLS was required for bank.example"),
         {
             "event": "alert",

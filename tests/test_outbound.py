@@ -179,6 +179,8 @@ def test_mx_preference_order_and_fallback_to_the_next_mx(tmp_path: Path) -> None
     lab.run()
     assert [a.mx_host for a in lab.engine.attempts] == ["mx1.dest.test", "mx2.dest.test"]
     assert (lab.engine.attempts[0].failure_reason or "").startswith("connection failed")
+    [error] = lab.events("dcid_error")
+    assert error["dcid"] == 1 and error["reason"].startswith("connection failed")
     assert len(lab.mtas["mx2"].messages) == 1
 
 

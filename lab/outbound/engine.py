@@ -310,6 +310,8 @@ class DeliveryEngine:
         )
         record = await client.run(interpreter.deliver)
         self.transcripts[dcid] = record.transcript
+        if report.failure is not None:
+            self.maillog.dcid_error(dcid, report.failure)
         self._log_answers(dcid, envelopes, report)
         self.maillog.dcid_close(dcid)
         counters = self.counter(domain)
