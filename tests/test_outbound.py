@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import email
 from pathlib import Path
+from typing import Any
 
 import pytest
 from outboundlab import OutboundLab
@@ -259,6 +260,27 @@ def test_the_outbound_certificate_is_presented_to_a_receiver_that_asks(tmp_path:
     lab.run()
     assert mta.messages[0].tls is True
     assert mta.sessions[0].client_cert_subject == "CN=esa.lab.example"  # outbound.certificate: esa-lab
+
+
+def test_a_published_policy_can_tighten_a_domains_control(tmp_path: Path) -> None:
+    """The seam MTA-STS plugs into: the control applied, and the policy recorded on each DeliveryAttempt."""
+    from dataclasses import replace
+
+    from lab.outbound.engine import DeliveryEngine
+
+    lab = OutboundLab(tmp_path, tls="preferred", mx1="absent", retries=0)
+    engine: DeliveryEngine = lab.engine
+
+    def sts(domain: str, control: Any) -> Any:
+        return replace(control, tls=DestinationTLS.REQUIRED_VERIFY), "sts", ("version: STSv1", "mode: enforce")
+
+    engine.policy_source = sts
+    lab.send()
+    lab.run()
+    attempt = engine.attempts[0]  # mx1; then mx2, where nobody listens
+    assert attempt.tls_setting == "Required (Verify)" and {a.policy_type for a in engine.attempts} == {"sts"}
+    assert attempt.policy_strings == ("version: STSv1", "mode: enforce")
+    assert lab.mtas["mx1"].messages == [] and len(lab.alerts()) == 1
 
 
 def test_concurrent_connections_limit(tmp_path: Path) -> None:

@@ -40,6 +40,15 @@ from lab.tls.tlsctx import ClientTLSFactory, KeyLog
 Connect = Callable[[str, str, int, ClientFactory], "Deferred[Any]"]
 #: recipient domain -> the hosts to try, in order (``lab.net.topology.Topology.mx``).
 Resolve = Callable[[str], Sequence[MXHost]]
+#: (recipient domain, its destination control) -> the control to apply, the RFC 8460 policy-type and
+#: policy-strings: where a published policy (MTA-STS) tightens a domain's control before its delivery round.
+PolicySource = Callable[[str, DestinationControl], tuple[DestinationControl, str, tuple[str, ...]]]
+
+
+def no_published_policy(_domain: str, control: DestinationControl) -> tuple[DestinationControl, str, tuple[str, ...]]:
+    """The destination control alone (RFC 8460: ``no-policy-found``)."""
+    return control, "no-policy-found", ()
+
 
 TLS_REQUIRED_STATUS = "4.7.10"  # RFC 3463 / RFC 5248: encryption needed
 EXPIRED_STATUS = "5.4.7"  # RFC 3463: delivery time expired
@@ -77,8 +86,10 @@ class DeliveryEngine:
         keylog: KeyLog | None = None,
         port: int = 25,
         reply_timeout: float = 30.0,
+        policy_source: PolicySource = no_published_policy,
     ) -> None:
         self.appliance = appliance
+        self.policy_source = policy_source
         self.queue = queue
         self.clock = clock
         self.maillog = maillog
@@ -98,6 +109,7 @@ class DeliveryEngine:
         self.counters: dict[str, DomainCounters] = {}
         self.transcripts: dict[int, list[str]] = {}  # DCID -> the client's transcript of that connection
         self._recent: dict[str, deque[float]] = {}  # domain -> times recipients were delivered (rate limit)
+        self._published: dict[str, tuple[str, tuple[str, ...]]] = {}  # domain -> policy-type, policy-strings
         self._timer: IDelayedCall | None = None
         self._running = False
         self._again = False
@@ -197,7 +209,10 @@ class DeliveryEngine:
             for item in items:
                 self._deliver_locally(item, local.name)
             return
-        control = self.appliance.outbound.destinations.lookup(domain)
+        control, policy_type, policy_strings = self.policy_source(
+            domain, self.appliance.outbound.destinations.lookup(domain)
+        )
+        self._published[domain] = (policy_type, policy_strings)
         items = self._within_rate(domain, control, items)
         size = control.max_messages_per_connection
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
@@ -358,6 +373,7 @@ class DeliveryEngine:
         else:
             outcome = Outcome.NOT_SENT
         event = report.tls_event
+        policy_type, policy_strings = self._published.get(domain, ("no-policy-found", ()))
         return DeliveryAttempt(
             dcid=dcid,
             at=at,
@@ -375,6 +391,8 @@ class DeliveryEngine:
             result_type=None if event is None else result_type(event, report.certificate_problem),
             failure_reason=report.tls_error or report.failure,
             outcome=outcome,
+            policy_type=policy_type,
+            policy_strings=policy_strings,
         )
 
     # -- what becomes of each recipient

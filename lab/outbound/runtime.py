@@ -17,7 +17,7 @@ from twisted.internet.protocol import ClientFactory
 from lab.net.carrier import ICarrier
 from lab.net.topology import Topology
 from lab.outbound.alerts import Alerts
-from lab.outbound.engine import DeliveryEngine, alert_mailbox_root
+from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root, no_published_policy
 from lab.outbound.queue import OutboundQueue
 from lab.smtp.listener import ApplianceRuntime
 
@@ -36,7 +36,12 @@ def topology_connect(topology: Topology, carrier: ICarrier) -> Any:
 
 
 def attach_outbound(
-    runtime: ApplianceRuntime, topology: Topology, carrier: ICarrier, *, queue_dir: Path | None = None
+    runtime: ApplianceRuntime,
+    topology: Topology,
+    carrier: ICarrier,
+    *,
+    queue_dir: Path | None = None,
+    policy_source: PolicySource = no_published_policy,
 ) -> DeliveryEngine:
     """Give ``runtime`` a delivery engine (its queue under ``<state>/queue``, reloaded if it is there) and
     start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it."""
@@ -58,6 +63,7 @@ def attach_outbound(
         trust_pems=(runtime.ca.ca_pem,),
         client_cert=client_cert,
         keylog=runtime.keylog,
+        policy_source=policy_source,
     )
     runtime.outbound = engine
     engine.kick()
