@@ -214,6 +214,10 @@ def test_required_verify_refuses_an_unverified_certificate(tmp_path: Path) -> No
     attempt = lab.engine.attempts[0]
     assert attempt.tls is True and attempt.certificate_verified is False and attempt.outcome is Outcome.NOT_SENT
     assert len(lab.alerts()) == 1
+    [bounced] = lab.events("bounced")
+    assert bounced["reason"].endswith(
+        "TLS was required with a verified certificate; mx1.dest.test's: certificate-host-mismatch"
+    )
 
 
 def test_a_certificate_naming_the_domain_verifies(tmp_path: Path) -> None:

@@ -271,6 +271,10 @@ class DeliveryEngine:
             answers.update(report.answers)
             if report.next is Next.DEFER:
                 reason, status = f"TLS was required but could not be negotiated with {mx.exchange}", TLS_REQUIRED_STATUS
+                if report.certificate_problem:
+                    reason = (
+                        f"TLS was required with a verified certificate; {mx.exchange}'s: {report.certificate_problem}"
+                    )
                 if control.tls.required:
                     required_failure = required_failure or (mx, report)
                 else:
