@@ -228,6 +228,61 @@ def test_a_certificate_naming_the_domain_verifies(tmp_path: Path) -> None:
     assert len(lab.mtas["mx1"].messages) == 1
 
 
+def cn_only_certificate(ca: Any, common_name: str) -> Any:
+    """A leaf of the lab CA that names its host in the CN only (no subjectAltName), as older CAs issued them."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    from lab.tls.certs import CertKey
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(ca._cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(hours=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(ca._key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return CertKey("cn-only", cert.public_bytes(serialization.Encoding.PEM), key_pem)
+
+
+@pytest.mark.parametrize(
+    ("common_name", "verified"),
+    [
+        ("mx1.dest.test", True),
+        ("*.dest.test", True),
+        ("*.test", True),
+        ("*.mx1.dest.test", False),
+        ("other.test", False),
+    ],
+)
+def test_a_certificate_without_subject_alt_names_is_matched_by_its_cn(
+    tmp_path: Path, common_name: str, verified: bool
+) -> None:
+    from lab.tls.certs import LabCA
+    from lab.tls.tlsctx import ServerTLS
+
+    lab = OutboundLab(tmp_path, tls="required-verify", mx1=None, retries=0)
+    server = ServerTLS(cn_only_certificate(LabCA(tmp_path / "state"), common_name))
+    mta = RemoteMTAFactory("mx1.dest.test", tls_server=server, clock=lab.net.clock)
+    lab.net.listen("198.51.100.11", 25, mta)
+    lab.send()
+    lab.run()
+    assert lab.engine.attempts[0].certificate_verified is verified  # *.test names the domain, dest.test
+    assert len(mta.messages) == int(verified)
+
+
 def test_messages_per_connection_limit(tmp_path: Path) -> None:
     lab = OutboundLab(tmp_path, tls="no", mx1="ok", per_connection=2)
     for _ in range(5):

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
-from OpenSSL import SSL
+from cryptography.x509.oid import NameOID
+from OpenSSL import SSL, crypto
 
 from lab.appliance.maillog import MailLog
 from lab.policy.destinations import DestinationTLS, Next, TLSEvent, decide
@@ -266,12 +267,43 @@ def certificate_problem(handle: SSL.Connection, names: Sequence[str], trust_pems
     leaf = handle.get_peer_certificate(as_cryptography=True)
     if leaf is None:
         return "certificate-not-trusted"
+    if not _names_of(leaf) and _common_name_verifies(handle, leaf, names, trust_pems):
+        return None
     if leaf.not_valid_after_utc < dt.datetime.now(dt.UTC):
         return "certificate-expired"
     for own in _names_of(leaf):
         if ClientTLS(server_name=own, trust_pems=trust_pems).server_cert_verified(handle):
             return "certificate-host-mismatch"
     return "certificate-not-trusted"
+
+
+def _common_name_verifies(
+    handle: SSL.Connection, leaf: x509.Certificate, names: Sequence[str], trust_pems: Sequence[bytes]
+) -> bool:
+    """A certificate without subjectAltName DNS names is matched by its CN (RFC 6125 6.4.4; RFC 2818 wildcards),
+    its chain checked against the trusted CAs with OpenSSL's store."""
+    common_names = [str(a.value) for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    if not any(_matches(cn, name) for cn in common_names for name in names):
+        return False
+    store = crypto.X509Store()
+    for pem in trust_pems:
+        for ca in x509.load_pem_x509_certificates(pem):
+            store.add_cert(crypto.X509.from_cryptography(ca))
+    chain = [crypto.X509.from_cryptography(c) for c in handle.get_peer_cert_chain(as_cryptography=True) or []]
+    try:
+        crypto.X509StoreContext(store, crypto.X509.from_cryptography(leaf), chain).verify_certificate()
+    except crypto.X509StoreContextError:
+        return False
+    return True
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """RFC 2818 3.1: ``*.example.com`` matches one label in front of ``example.com``, nothing else."""
+    pattern, name = pattern.rstrip(".").lower(), name.rstrip(".").lower()
+    if pattern.startswith("*."):
+        first, _, rest = name.partition(".")
+        return bool(first) and rest == pattern[2:]
+    return pattern == name
 
 
 def _names_of(cert: x509.Certificate) -> list[str]:
