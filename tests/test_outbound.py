@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from outboundlab import OutboundLab
 from twisted.internet.defer import Deferred
 
@@ -493,3 +495,28 @@ def test_a_crash_between_the_queue_writes_leaves_nothing_half_made(tmp_path: Pat
     assert list(again.items) == [kept.name] and again.message(kept) == b"kept\r\n"
     dropped = sorted(Path(path).name for path, _ in again.recovered)
     assert dropped == sorted([orphan.name, "half.tmp", "ghost.json"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(
+        st.tuples(st.lists(st.sampled_from(["a.test", "b.test", "c.test"]), min_size=1, max_size=3), st.booleans()),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_a_reloaded_queue_holds_exactly_what_was_saved(tmp_path_factory: pytest.TempPathFactory, plan: Any) -> None:
+    from dataclasses import replace
+
+    from lab.outbound.queue import OutboundQueue, QueueState
+
+    root = tmp_path_factory.mktemp("queue")
+    queue = OutboundQueue(root)
+    for mid, (domains, finish) in enumerate(plan, 1):
+        rcpts = [(rid, f"u{rid}@{domain}") for rid, domain in enumerate(domains)]
+        for item in queue.enqueue(f"m{mid}\r\n".encode(), mid=mid, sender="s@example.com", recipients=rcpts, now=mid):
+            done = {r.rid: replace(r, state=QueueState.DELIVERED) for r in item.recipients} if finish else {}
+            queue.update(replace(item.with_recipients(done), attempts=1, next_attempt=mid + 60.5))
+    again = OutboundQueue(root)
+    assert again.items == queue.items and again.recovered == []
+    assert all(again.message(item) == f"m{item.mid}\r\n".encode() for item in again)
