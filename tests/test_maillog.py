@@ -226,6 +226,24 @@ CASES = [
         {"event": "bounced", "rid": 0, "reason": "5.4.7 delivery time expired"},
     ),
     (lambda log: log.dcid_close(8), {"event": "dcid_close", "dcid": 8}),
+    (
+        lambda log: log.dcid_error(8, "greeting 421 4.3.2 busy"),
+        {"event": "dcid_error", "dcid": 8, "reason": "greeting 421 4.3.2 busy"},
+    ),
+    (
+        lambda log: log.alert("warning", "system", "TLS was required for bank.example"),
+        {
+            "event": "alert",
+            "level": "Warning",
+            "severity": "Warning",
+            "alert_class": "System",
+            "text": "TLS was required for bank.example",
+        },
+    ),
+    (
+        lambda log: log.alert("Information", "System", "queue drained"),
+        {"event": "alert", "level": "Info", "severity": "Information"},
+    ),
 ]
 
 

@@ -10,15 +10,32 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import fields
+from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from lab.appliance.model import Appliance, Certificate, Interface, Listener, TLSSettings
+from lab.appliance.model import (
+    ALERT_CLASSES,
+    ALERT_SEVERITIES,
+    AlertRecipient,
+    Appliance,
+    Certificate,
+    Interface,
+    Listener,
+    Outbound,
+    TLSSettings,
+)
 from lab.errors import BadInput, excerpt
 from lab.names import hostname_problem
 from lab.policy.deadlines import Timeouts
+from lab.policy.destinations import (
+    DESTINATION_TLS_SPELLINGS,
+    BounceProfile,
+    DestinationControl,
+    DestinationControls,
+    parse_destination_tls,
+)
 from lab.policy.hat import HostAccessTable, MemberSyntaxError, SenderGroup, parse_member
 from lab.policy.modes import Behaviour, ListenerType, TLSMode, parse_tls_mode
 from lab.policy.params import MailFlowPolicy, PolicyParams, predefined_groups, predefined_policies
@@ -100,6 +117,12 @@ def _normalise(builder: _Builder) -> None:
     for cert in doc.get("certificates") or []:
         if isinstance(cert, dict) and "kind" in cert:
             cert["kind"] = _lower(cert["kind"])
+    outbound = doc.get("outbound")
+    if isinstance(outbound, dict):
+        controls = [outbound.get("default_destination"), *(outbound.get("destination_controls") or [])]
+        for control in controls:
+            if isinstance(control, dict) and control.get("tls") is False:
+                control["tls"] = "no"  # YAML 1.1 reads an unquoted No as false
     listeners = doc.get("listeners")
     if not isinstance(listeners, list):
         return
@@ -177,7 +200,108 @@ class _Builder(DocumentBuilder):
                 )
             seen_sockets[socket] = index
             listeners.append(listener)
-        return Appliance(doc["hostname"], interfaces, certificates, tuple(listeners), source=self.file)
+        outbound = self.outbound(doc.get("outbound") or {}, interfaces, certificates)
+        return Appliance(
+            doc["hostname"], interfaces, certificates, tuple(listeners), source=self.file, outbound=outbound
+        )
+
+    # -- outbound (docs/outbound.md)
+
+    def outbound(self, raw: Any, interfaces: dict[str, Interface], certificates: dict[str, Certificate]) -> Outbound:
+        path: FieldPath = ["outbound"]
+        interface = raw.get("interface")
+        if interface is not None and interface not in interfaces:
+            known = ", ".join(interfaces)
+            raise self.fail(f"unknown interface {excerpt(interface)} (known: {known})", [*path, "interface"])
+        certificate = raw.get("certificate")
+        if certificate is not None and certificate not in certificates:
+            known = ", ".join(certificates) or "none"
+            raise self.fail(f"unknown certificate {excerpt(certificate)} (known: {known})", [*path, "certificate"])
+        profiles = self.bounce_profiles(raw.get("bounce_profiles") or [], [*path, "bounce_profiles"])
+        default = self.destination(
+            raw.get("default_destination") or {}, DestinationControl(), profiles, [*path, "default_destination"]
+        )
+        entries: dict[str, DestinationControl] = {}
+        for index, item in enumerate(raw.get("destination_controls") or []):
+            epath: FieldPath = [*path, "destination_controls", index]
+            domain = self.destination_domain(item["domain"], [*epath, "domain"])
+            if domain in entries:
+                raise self.fail(f"duplicate destination {domain}", [*epath, "domain"])
+            entries[domain] = self.destination(item, replace(default, domain=domain), profiles, epath)
+        alerts = raw.get("alerts") or {}
+        recipients = tuple(
+            self.alert_recipient(item, [*path, "alerts", "recipients", i])
+            for i, item in enumerate(alerts.get("recipients") or [])
+        )
+        return Outbound(
+            interface=interface,
+            certificate=certificate,
+            destinations=DestinationControls(default, entries),
+            bounce_profiles=profiles,
+            alerts_enabled=alerts.get("enabled", True),
+            alert_recipients=recipients,
+        )
+
+    def bounce_profiles(self, items: list[Any], path: FieldPath) -> dict[str, BounceProfile]:
+        profiles = {"Default": BounceProfile()}
+        seen: set[str] = set()
+        for index, item in enumerate(items):
+            ppath: FieldPath = [*path, index]
+            if item["name"] in seen:
+                raise self.fail(f"duplicate bounce profile {item['name']!r}", [*ppath, "name"])
+            seen.add(item["name"])
+            base = profiles.get(item["name"], BounceProfile())
+            values = {
+                k: item[k]
+                for k in ("initial_wait", "max_wait", "max_retries", "max_time_in_queue", "send_bounces")
+                if k in item
+            }
+            profile = BounceProfile(item["name"], **{**_fields_of(base), **values})
+            if profile.max_wait < profile.initial_wait:
+                raise self.fail("max_wait is shorter than initial_wait", [*ppath, "max_wait"])
+            profiles[item["name"]] = profile
+        return profiles
+
+    def destination(
+        self, item: Any, base: DestinationControl, profiles: dict[str, BounceProfile], path: FieldPath
+    ) -> DestinationControl:
+        """An entry's settings over ``base`` (an entry inherits what it leaves out from the default)."""
+        values: dict[str, Any] = {}
+        if "tls" in item:
+            setting = parse_destination_tls(str(item["tls"]))
+            if setting is None:
+                raise self.fail(
+                    f"{excerpt(item['tls'])} is not a TLS setting ({DESTINATION_TLS_SPELLINGS})", [*path, "tls"]
+                )
+            values["tls"] = setting
+        for key in ("max_concurrency", "max_messages_per_connection", "max_recipients_per_hour", "bounce_profile"):
+            if key in item:
+                values[key] = item[key]
+        profile = values.get("bounce_profile", base.bounce_profile)
+        if profile not in profiles:
+            known = ", ".join(profiles)
+            raise self.fail(f"unknown bounce profile {excerpt(profile)} (known: {known})", [*path, "bounce_profile"])
+        return replace(base, **values)
+
+    def destination_domain(self, raw: str, path: FieldPath) -> str:
+        text = raw.strip().rstrip(".").lower()
+        problem = hostname_problem(text[1:] if text.startswith(".") else text)
+        if problem is not None or "@" in text:
+            raise self.fail(f"{excerpt(raw)} is not a domain or .domain", path)
+        return text
+
+    def alert_recipient(self, item: Any, path: FieldPath) -> AlertRecipient:
+        chosen: dict[str, tuple[str, ...]] = {}
+        for key, known in (("classes", ALERT_CLASSES), ("severities", ALERT_SEVERITIES)):
+            words = [str(w).strip().lower() for w in item.get(key, ["all"])]
+            for i, word in enumerate(words):
+                if word != "all" and word not in known:
+                    raise self.fail(f"{excerpt(word)} is not one of {', '.join(known)} or all", [*path, key, i])
+            chosen[key] = known if "all" in words else tuple(dict.fromkeys(words))
+        domain = item["address"].rpartition("@")[2]
+        if hostname_problem(domain.lower()) is not None:
+            raise self.fail(f"{excerpt(item['address'])} is not an email address", [*path, "address"])
+        return AlertRecipient(item["address"], chosen["classes"], chosen["severities"])
 
     def hostname(self, name: str, path: FieldPath, *, certificate: bool = False) -> None:
         """RFC 1123 (it reaches the banner, the EHLO reply and certificates); a certificate may name an IP."""
@@ -401,6 +525,10 @@ class _Builder(DocumentBuilder):
         if not groups or groups[-1].name != "ALL":
             groups.append(SenderGroup.of("ALL", ["ALL"], predefined["ALL"]))
         return groups
+
+
+def _fields_of(profile: BounceProfile) -> dict[str, Any]:
+    return {f.name: getattr(profile, f.name) for f in fields(BounceProfile) if f.name != "name"}
 
 
 def _is_ip(text: str) -> bool:

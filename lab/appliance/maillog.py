@@ -78,6 +78,8 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "delayed": _rx(r"Delayed: DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID (?P<rid>\d+) - (?P<reason>.*)"),
     "bounced": _rx(r"Bounced: DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID (?P<rid>\d+) - (?P<reason>.*)"),
     "dcid_close": _rx(r"DCID (?P<dcid>\d+) close"),
+    "dcid_error": _rx(r"DCID (?P<dcid>\d+) connection error: (?P<reason>.*)"),
+    "alert": _rx(r"Alert: (?P<severity>Critical|Warning|Information) (?P<alert_class>[A-Z][A-Za-z]*): (?P<text>.*)"),
     "spool_leftover": _rx(
         r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
     ),
@@ -345,6 +347,18 @@ class MailLog:
 
     def dcid_close(self, dcid: int) -> str:
         return self.write(f"DCID {dcid} close")
+
+    def dcid_error(self, dcid: int, reason: str) -> str:
+        """The connection carried nothing for a reason other than TLS: refused, timed out, greeted with 421..."""
+        return self.write(f"DCID {dcid} connection error: {_text(reason)}")
+
+    # -- alerts -------------------------------------------------------------------------------------------------
+    def alert(self, severity: str, alert_class: str, text: str) -> str:
+        """A system alert (also mailed to the alert recipients): ``severity`` Critical, Warning or Information,
+        ``alert_class`` System, Hardware, ... The line's level is the severity (Information: Info)."""
+        severity, alert_class = _token(severity).capitalize(), _token(alert_class).capitalize()
+        level = "Info" if severity == "Information" else severity
+        return self.write(f"Alert: {severity} {alert_class}: {_text(text)}", level=level)
 
 
 def parse_line(line: str) -> dict[str, Any]:

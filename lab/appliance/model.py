@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lab.policy.deadlines import Timeouts
+from lab.policy.destinations import BounceProfile, DestinationControls
 from lab.policy.hat import HatMatch, HostAccessTable, Peer
 from lab.policy.modes import Behaviour, ListenerType, TLSMode
 from lab.policy.params import EffectiveParams, MailFlowPolicy, PolicyParams
@@ -108,6 +109,42 @@ class Listener:
         return self.defaults.over(DEFAULT_REJECT.effective(PolicyParams())).tls
 
 
+#: Alert classes and severities (as the appliance names them); ``all`` in a recipient's list means every one.
+ALERT_CLASSES = ("system", "hardware", "updater", "antivirus", "antispam")
+ALERT_SEVERITIES = ("critical", "warning", "information")
+
+
+@dataclass(frozen=True)
+class AlertRecipient:
+    address: str
+    classes: tuple[str, ...] = ALERT_CLASSES
+    severities: tuple[str, ...] = ALERT_SEVERITIES
+
+    def wants(self, alert_class: str, severity: str) -> bool:
+        return alert_class.lower() in self.classes and severity.lower() in self.severities
+
+
+@dataclass(frozen=True)
+class Outbound:
+    """How the appliance delivers (docs/outbound.md): from which interface, with which certificate, under which
+    destination controls and bounce profiles, and who gets alerts."""
+
+    interface: str | None = None  # None: the first interface
+    certificate: str | None = None  # presented when a receiver asks for a client certificate; None: none
+    destinations: DestinationControls = field(default_factory=DestinationControls)
+    bounce_profiles: dict[str, BounceProfile] = field(default_factory=lambda: {"Default": BounceProfile()})
+    alerts_enabled: bool = True
+    alert_recipients: tuple[AlertRecipient, ...] = ()
+
+    def bounce_profile(self, name: str) -> BounceProfile:
+        return self.bounce_profiles.get(name) or self.bounce_profiles.get("Default") or BounceProfile()
+
+    def alert_recipients_for(self, alert_class: str, severity: str) -> tuple[str, ...]:
+        if not self.alerts_enabled:
+            return ()
+        return tuple(r.address for r in self.alert_recipients if r.wants(alert_class, severity))
+
+
 @dataclass(frozen=True)
 class Appliance:
     hostname: str
@@ -115,6 +152,31 @@ class Appliance:
     certificates: dict[str, Certificate]
     listeners: tuple[Listener, ...]
     source: str | None = None  # the file it was loaded from
+    outbound: Outbound = field(default_factory=Outbound)
+
+    def local_domains(self) -> tuple[str, ...]:
+        """The domains the appliance accepts mail for (its public listeners' RAT entries, without ALL): mail for
+        them is delivered into the listener's spool, never relayed out."""
+        out: list[str] = []
+        for item in self.listeners:
+            if item.type is ListenerType.PUBLIC:
+                out.extend(entry for entry in item.rat if entry != "ALL" and entry not in out)
+        return tuple(out)
+
+    def local_listener(self, domain: str) -> Listener | None:
+        """The public listener whose RAT names ``domain`` (exactly or by ``.parent``), if any."""
+        name = domain.strip().rstrip(".").lower()
+        for item in self.listeners:
+            if item.type is not ListenerType.PUBLIC:
+                continue
+            if any(e != "ALL" and (name == e or (e.startswith(".") and name.endswith(e))) for e in item.rat):
+                return item
+        return None
+
+    def outbound_interface(self) -> Interface:
+        if self.outbound.interface is not None:
+            return self.interfaces[self.outbound.interface]
+        return next(iter(self.interfaces.values()))
 
     def listener(self, name: str) -> Listener:
         for item in self.listeners:

@@ -57,12 +57,22 @@ class Host:
 
 @dataclass(frozen=True)
 class DnsRecord:
-    """``A``/``AAAA``: name -> address; ``PTR``: address -> name; ``MX``: domain -> exchange with preference."""
+    """``A``/``AAAA``: name -> address; ``PTR``: address -> name; ``MX``: domain -> exchange with preference;
+    ``TXT``: name -> text (``_mta-sts.<domain>``, ``_smtp._tls.<domain>``)."""
 
     type: str
-    name: str  # A/AAAA: the host name; PTR: the address; MX: the mail domain
-    value: str  # A/AAAA: the address; PTR: the host name; MX: the exchange's host name
+    name: str  # A/AAAA/TXT: the owner name; PTR: the address; MX: the mail domain
+    value: str  # A/AAAA: the address; PTR: the host name; MX: the exchange's host name; TXT: the text
     preference: int | None = None  # MX only
+
+
+@dataclass(frozen=True)
+class MXHost:
+    """One host to try for a mail domain: its exchange name, MX preference and addresses (A, then AAAA)."""
+
+    exchange: str
+    preference: int
+    addresses: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,22 @@ class Topology:
         """The A and AAAA records of ``name``, in file order."""
         key = _canonical_name(name)
         return tuple(r.value for r in self.records if r.type in ("A", "AAAA") and r.name == key)
+
+    def mx(self, domain: str) -> tuple[MXHost, ...]:
+        """The virtual DNS answer for delivering to ``domain``, in the order to try: MX records by preference
+        (lowest first; equal preferences in file order), each with its addresses. Without an MX record the domain
+        itself is the one host, preference 0, if it has an address (RFC 5321 5.1, the implicit MX)."""
+        key = _canonical_name(domain)
+        records = sorted((r for r in self.records if r.type == "MX" and r.name == key), key=lambda r: r.preference or 0)
+        if not records:
+            addresses = self.forward(key)
+            return (MXHost(key, 0, addresses),) if addresses else ()
+        return tuple(MXHost(r.value, r.preference or 0, self.forward(r.value)) for r in records)
+
+    def txt(self, name: str) -> tuple[str, ...]:
+        """The TXT records of ``name`` (e.g. ``_mta-sts.example.com``), in file order."""
+        key = _canonical_name(name)
+        return tuple(r.value for r in self.records if r.type == "TXT" and r.name == key)
 
     def reverse_name(self, ip: str) -> tuple[str | None, bool]:
         """The PTR name of ``ip`` and whether it is verified (the name's A/AAAA records include ``ip``)."""
@@ -414,6 +440,7 @@ class _Builder(DocumentBuilder):
             "AAAA": ("name", "address"),
             "PTR": ("address", "name"),
             "MX": ("domain", "exchange"),
+            "TXT": ("name", "text"),
         }
         allowed = set(needs[kind]) | {"type"} | ({"preference"} if kind == "MX" else set())
         extra = sorted(set(item) - allowed)
@@ -430,6 +457,15 @@ class _Builder(DocumentBuilder):
             return DnsRecord(
                 "MX", _canonical_name(item["domain"]), _canonical_name(item["exchange"]), item.get("preference", 10)
             )
+        if kind == "TXT":
+            owner = _canonical_name(item["name"])
+            labels = owner.split(".")
+            while labels and labels[0].startswith("_") and len(labels[0]) > 1:  # _mta-sts, _smtp._tls
+                labels = labels[1:]
+            problem = _name_problem(".".join(labels)) if labels else "an underscore label needs a domain after it"
+            if problem:
+                raise self.fail(problem, [*path, "name"])
+            return DnsRecord("TXT", owner, item["text"])
         try:
             ip = ipaddress.ip_address(item["address"].strip())
         except ValueError:

@@ -13,7 +13,7 @@ the message a ``mail`` step sends is built by ``lab.smtp.message``.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -162,12 +162,16 @@ class ScriptedClient:
 
     # -- public
 
-    def run(self) -> Deferred[ClientRecord]:
-        """Deferred[ClientRecord]; it always fires (a harness fault fails it), never hangs."""
+    def run(self, body: Callable[[], Awaitable[None]] | None = None) -> Deferred[ClientRecord]:
+        """Deferred[ClientRecord]; it always fires (a harness fault fails it), never hangs.
+
+        ``body`` replaces the step list (the appliance's delivery client, ``lab.outbound.client``, drives the same
+        shell and interpreter with its own coroutine); it ends early by raising ``End``.
+        """
         if self._started:
             raise RuntimeError("a ScriptedClient runs once")
         self._started = True
-        return Deferred.fromCoroutine(self._main())
+        return Deferred.fromCoroutine(self._main(body))
 
     @property
     def record(self) -> ClientRecord:
@@ -338,11 +342,11 @@ class ScriptedClient:
 
     # -- the script
 
-    async def _main(self) -> ClientRecord:
+    async def _main(self, body: Callable[[], Awaitable[None]] | None) -> ClientRecord:
         from lab.smtp.interpreter import StepInterpreter  # it drives this shell
 
         try:
-            await StepInterpreter(self).run(self.steps)
+            await (body() if body is not None else StepInterpreter(self).run(self.steps))
         except End:
             pass
         except BaseException:  # a bad TLS option or a lab fault: never leave a connection behind

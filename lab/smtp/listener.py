@@ -17,9 +17,10 @@ Two things bound what one connection can cost, whatever the client does:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from typing import Protocol as TypingProtocol
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred
@@ -35,7 +36,7 @@ from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
 from lab.policy.hat import Peer
-from lab.policy.modes import ClientCert
+from lab.policy.modes import Behaviour, ClientCert
 from lab.smtp.core import events
 from lab.smtp.faults import NO_FAULTS, FaultPolicy
 from lab.smtp.session import Action, Close, Deliver, Message, Send, ServerSession, SessionConfig, StartTLS
@@ -51,6 +52,14 @@ FEED_SLICE = 4096
 
 #: How many peers' HAT resolutions a listener remembers (then it starts afresh): bounds the memory they take.
 RESOLUTIONS_KEPT = 4096
+
+
+class OutboundSink(TypingProtocol):
+    """The delivery queue as a listener sees it (``lab.outbound.engine.DeliveryEngine``)."""
+
+    def enqueue(self, data: bytes, *, mid: int, sender: str, recipients: Sequence[tuple[int, str]]) -> Sequence[Any]:
+        """Store durably (SpoolError if not) and deliver later."""
+
 
 #: Reverse DNS as the appliance sees it: ip -> (name or None, verified?)
 ReverseDNS = Callable[[str], tuple[str | None, bool]]
@@ -88,6 +97,7 @@ class ApplianceRuntime:
         self.faults = faults  # tests break the sessions on purpose (lab.smtp.faults) to prove verdicts fail
         self._tls: dict[Any, ServerTLS] = {} if tls_cache is None else tls_cache  # shared across runs by the lab
         self._ca: LabCA | None = None
+        self.outbound: OutboundSink | None = None  # lab.outbound.engine.DeliveryEngine: where RELAY mail goes
 
     @property
     def ca(self) -> LabCA:
@@ -97,9 +107,13 @@ class ApplianceRuntime:
 
     def certificate(self, listener: Listener) -> CertKey:
         """The certificate a listener presents; none assigned means the insecure demo certificate."""
-        if listener.certificate is None:
+        return self.certificate_named(listener.certificate)
+
+    def certificate_named(self, name: str | None) -> CertKey:
+        """One of the appliance's certificates by name (None: the demo certificate)."""
+        if name is None:
             return demo_certificate()
-        cert = self.appliance.certificates[listener.certificate]
+        cert = self.appliance.certificates[name]
         if cert.kind == "lab":
             return self.ca.issue(cert.name, list(cert.hostnames) or [self.appliance.hostname])
         if cert.kind == "pem":
@@ -240,6 +254,7 @@ class ListenerProtocol(Protocol):
         self._closing = False
         self._aborted = False
         self._lost = False
+        self.behaviour: Behaviour | None = None
 
     # -- connection
 
@@ -268,7 +283,7 @@ class ListenerProtocol(Protocol):
         if refusal is not None:
             self._refuse(refusal)
             return
-        behaviour = resolution.policy.behaviour
+        behaviour = self.behaviour = resolution.policy.behaviour
         config = SessionConfig(
             hostname=self.runtime.appliance.hostname,
             behaviour=behaviour,
@@ -469,6 +484,11 @@ class ListenerProtocol(Protocol):
             when=self.runtime.clock.seconds(),
         )
         data = header + message.data
+        if self.behaviour is Behaviour.RELAY and self.runtime.outbound is not None:
+            relayed = self._relay(message, data)
+            if relayed is not None:
+                self._delivered(message, relayed)
+                return
         committer = self.runtime.committer
         try:
             maildir = self.runtime.spool.for_listener(self.listener.name)
@@ -479,6 +499,29 @@ class ListenerProtocol(Protocol):
         except Exception as exc:  # the spool's own error or any OSError: never a crash, always a 451
             outcome = SpoolError(str(exc) or type(exc).__name__)
         self._delivered(message, outcome)
+
+    def _relay(self, message: Message, data: bytes) -> Outcome | None:
+        """RELAY: recipients outside the appliance's own domains go into the delivery queue, durably, before the
+        250 (docs/outbound.md). None: every recipient is local, so the message is spooled as usual."""
+        assert self.runtime.outbound is not None
+        appliance = self.runtime.appliance
+        remote = [
+            (rid, address)
+            for rid, address in enumerate(message.recipients)
+            if appliance.local_listener(address.strip("<>").rpartition("@")[2]) is None
+        ]
+        if not remote:
+            return None
+        if len(remote) < len(message.recipients):  # some are local: they go to the spool as well, first
+            try:
+                self.runtime.spool.for_listener(self.listener.name).deliver(data)
+            except Exception as exc:
+                return SpoolError(str(exc) or type(exc).__name__)
+        try:
+            items = self.runtime.outbound.enqueue(data, mid=message.mid, sender=message.sender, recipients=remote)
+        except Exception as exc:  # the queue's SpoolError or any OSError: a 451, never a crash
+            return SpoolError(str(exc) or type(exc).__name__)
+        return f"queue {', '.join(getattr(item, 'name', '?') for item in items)}"
 
     def _delivered(self, message: Message, outcome: Outcome) -> None:
         """``outcome``: the message's name in the spool (durable), or why it could not be stored."""
