@@ -17,7 +17,8 @@ from twisted.internet.protocol import ClientFactory
 from lab.net.carrier import ICarrier
 from lab.net.topology import Topology
 from lab.outbound.alerts import Alerts
-from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root, no_published_policy
+from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root
+from lab.outbound.published import MtaStsSource
 from lab.outbound.queue import OutboundQueue
 from lab.smtp.listener import ApplianceRuntime
 
@@ -41,10 +42,12 @@ def attach_outbound(
     carrier: ICarrier,
     *,
     queue_dir: Path | None = None,
-    policy_source: PolicySource = no_published_policy,
+    policy_source: PolicySource | None = None,
 ) -> DeliveryEngine:
     """Give ``runtime`` a delivery engine (its queue under ``<state>/queue``, reloaded if it is there) and
-    start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it."""
+    start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it. The domains'
+    published policies apply (MTA-STS over the topology's DNS and policy hosts) unless ``policy_source`` says
+    otherwise."""
     appliance = runtime.appliance
     queue = OutboundQueue(queue_dir or runtime.state_dir / "queue")
     for path, size in queue.recovered:
@@ -63,7 +66,8 @@ def attach_outbound(
         trust_pems=(runtime.ca.ca_pem,),
         client_cert=client_cert,
         keylog=runtime.keylog,
-        policy_source=policy_source,
+        policy_source=policy_source
+        or MtaStsSource.for_topology(topology, carrier, trust_pems=(runtime.ca.ca_pem,), maillog=runtime.maillog),
     )
     runtime.outbound = engine
     engine.kick()
