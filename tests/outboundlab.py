@@ -3,7 +3,8 @@
 ``dest.test`` has two MX hosts (mx1 preference 10, mx2 preference 20), each a ``RemoteMTAFactory`` with a
 lab-CA certificate for its own name; ``example.com`` is the appliance's own domain (the DSNs to its senders
 land in the Inboundmail spool). With ``sts`` (a mode), dest.test publishes MTA-STS (``_mta-sts`` TXT, a policy
-host ``sts`` for mta-sts.dest.test) and TLS-RPT (``_smtp._tls`` TXT, rua=mailto:tlsrpt@dest.test).
+host ``sts`` for mta-sts.dest.test); with ``tlsrpt`` it publishes TLS-RPT (``_smtp._tls`` TXT,
+rua=mailto:tlsrpt@dest.test) and the appliance sends its reports at each UTC midnight of the virtual clock.
 """
 
 from __future__ import annotations
@@ -78,10 +79,8 @@ hosts:
 {sts_policy}"""
 
 STS_HOST = "  - {name: sts, role: mta, addresses: [198.51.100.13], dns_names: [mta-sts.dest.test]}\n"
-STS_RECORDS = """\
-  - {type: TXT, name: _mta-sts.dest.test, text: "v=STSv1; id=1"}
-  - {type: TXT, name: _smtp._tls.dest.test, text: "v=TLSRPTv1; rua=mailto:tlsrpt@dest.test"}
-"""
+STS_RECORDS = '  - {type: TXT, name: _mta-sts.dest.test, text: "v=STSv1; id=1"}\n'
+TLSRPT_RECORDS = '  - {type: TXT, name: _smtp._tls.dest.test, text: "v=TLSRPTv1; rua=mailto:tlsrpt@dest.test"}\n'
 STS_POLICY = "mta_sts:\n  - {{domain: dest.test, host: sts, mode: {mode}, mx: [{mx}], max_age: {max_age}}}\n"
 
 MESSAGE = b"From: <alice@example.com>\r\nTo: <bob@dest.test>\r\nSubject: hello\r\n\r\n.a line with a dot\r\nbye\r\n"
@@ -105,6 +104,7 @@ class OutboundLab:
         sts_mx: str = "mx1.dest.test, mx2.dest.test",
         sts_max_age: int = 86400,
         serve_sts: bool = True,
+        tlsrpt: bool = False,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "appliance.yaml").write_text(
@@ -118,7 +118,7 @@ class OutboundLab:
         )
         (root / "topology.yaml").write_text(
             TOPOLOGY.replace("{sts_host}", STS_HOST if sts else "")
-            .replace("{sts_records}", STS_RECORDS if sts else "")
+            .replace("{sts_records}", (STS_RECORDS if sts else "") + (TLSRPT_RECORDS if tlsrpt else ""))
             .replace("{sts_policy}", STS_POLICY.format(mode=sts, mx=sts_mx, max_age=sts_max_age) if sts else "")
         )
         self.root = root
@@ -140,7 +140,9 @@ class OutboundLab:
             self.net.listen(ip, 25, mta)
             self.mtas[name] = mta
         self.policy_ports = serve_topology_policies(self.topology, self.net, ca) if serve_sts else []
-        self.engine: DeliveryEngine = attach_outbound(self.runtime, self.topology, self.net)
+        self.engine: DeliveryEngine = attach_outbound(
+            self.runtime, self.topology, self.net, daily_tls_reports=tlsrpt
+        )
 
     def send(self, data: bytes = MESSAGE, sender: str = "alice@example.com", to: tuple[str, ...] = ("bob@dest.test",)):
         mid = self.runtime.maillog.next_mid()

@@ -88,6 +88,10 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
         r" (?P<source>fetched|cached)"
     ),
     "mtasts_error": _rx(r"MTA-STS domain (?P<domain>\S+) (?P<result_type>sts-[a-z-]+): (?P<reason>.*)"),
+    "tlsrpt_report": _rx(
+        r"TLS-RPT report domain (?P<domain>\S+) day (?P<day>\d{4}-\d\d-\d\d) file (?P<file>\S+)"
+        r"(?: MID (?P<mid>\d+))?"
+    ),
     "alert": _rx(r"Alert: (?P<severity>Critical|Warning|Information) (?P<alert_class>[A-Z][A-Za-z]*): (?P<text>.*)"),
     "spool_leftover": _rx(
         r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
@@ -375,6 +379,12 @@ class MailLog:
     def dcid_error(self, dcid: int, reason: str) -> str:
         """The connection carried nothing for a reason other than TLS: refused, timed out, greeted with 421..."""
         return self.write(f"DCID {dcid} connection error: {_text(reason)}")
+
+    def tlsrpt_report(self, domain: str, day: str, file: str, mid: int | None) -> str:
+        """A TLS-RPT report (RFC 8460) of ``domain`` for the UTC ``day`` written as ``file`` and, with a MID,
+        queued to the domain's ``rua`` addresses."""
+        text = f"TLS-RPT report domain {_token(domain)} day {_token(day)} file {_token(file)}"
+        return self.write(text + (f" MID {int(mid)}" if mid is not None else ""))
 
     # -- alerts -------------------------------------------------------------------------------------------------
     def alert(self, severity: str, alert_class: str, text: str) -> str:

@@ -16,7 +16,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -37,6 +37,9 @@ from lab.policy.destinations import DestinationControl, Next, result_type
 from lab.smtp.client import ScriptedClient
 from lab.tls.certs import CertKey
 from lab.tls.tlsctx import ClientTLSFactory, KeyLog
+
+if TYPE_CHECKING:
+    from lab.outbound.reports import TlsReports
 
 #: (source IP, destination IP, port, client factory) -> Deferred: the carrier's connect, with its middleboxes.
 Connect = Callable[[str, str, int, ClientFactory], "Deferred[Any]"]
@@ -103,6 +106,8 @@ class DeliveryEngine:
             trust_pems=self.trust_pems, certs=lambda kind: certs.get(kind), keylog=keylog, cache=True
         )
         self.attempts: list[DeliveryAttempt] = []  # every delivery connection, in order (TLS-RPT reads these)
+        self.attempt_listeners: list[Callable[[DeliveryAttempt], None]] = []  # told of each one (lab.outbound.reports)
+        self.reports: TlsReports | None = None  # the TLS-RPT reporter over these attempts (attach_outbound)
         self.counters: dict[str, DomainCounters] = {}
         self.transcripts: dict[int, list[str]] = {}  # DCID -> the client's transcript of that connection
         self._recent: dict[str, deque[float]] = {}  # domain -> times recipients were delivered (rate limit)
@@ -136,6 +141,8 @@ class DeliveryEngine:
     def stop(self) -> None:
         """No more rounds (``smtplab serve`` stopping, a test ending); the queue stays on disk as it is."""
         self.stopped = True
+        if self.reports is not None:
+            self.reports.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -341,6 +348,8 @@ class DeliveryEngine:
             counters.tls_failure += 1
         attempt = self._attempt(dcid, at, domain, mx, ip, source, applied, envelopes, report)
         self.attempts.append(attempt)
+        for listener in self.attempt_listeners:
+            listener(attempt)
         return report, attempt
 
     def _log_answers(self, dcid: int, envelopes: list[Envelope], report: ConnectionReport) -> None:

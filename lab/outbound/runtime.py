@@ -20,6 +20,7 @@ from lab.outbound.alerts import Alerts
 from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root
 from lab.outbound.published import MtaStsSource
 from lab.outbound.queue import OutboundQueue
+from lab.outbound.reports import TlsReports
 from lab.smtp.listener import ApplianceRuntime
 
 
@@ -43,11 +44,13 @@ def attach_outbound(
     *,
     queue_dir: Path | None = None,
     policy_source: PolicySource | None = None,
+    daily_tls_reports: bool = True,
 ) -> DeliveryEngine:
     """Give ``runtime`` a delivery engine (its queue under ``<state>/queue``, reloaded if it is there) and
     start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it. The domains'
     published policies apply (MTA-STS over the topology's DNS and policy hosts) unless ``policy_source`` says
-    otherwise."""
+    otherwise. ``engine.reports`` writes and mails the TLS-RPT reports (RFC 8460) under ``<state>/tlsrpt``, at
+    each UTC midnight of the run's clock unless ``daily_tls_reports`` is False (then on demand: ``send_reports``)."""
     appliance = runtime.appliance
     queue = OutboundQueue(queue_dir or runtime.state_dir / "queue")
     for path, size in queue.recovered:
@@ -70,5 +73,8 @@ def attach_outbound(
         or MtaStsSource.for_topology(topology, carrier, trust_pems=(runtime.ca.ca_pem,), maillog=runtime.maillog),
     )
     runtime.outbound = engine
+    engine.reports = TlsReports(engine, txt=topology.txt, directory=runtime.state_dir / "tlsrpt")
+    if daily_tls_reports:
+        engine.reports.start()
     engine.kick()
     return engine
