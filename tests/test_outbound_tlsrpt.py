@@ -76,7 +76,7 @@ def test_an_enforce_report_counts_the_refused_mx_and_goes_to_the_good_one(tmp_pa
     lab.send()
     lab.run()
     assert lab.mtas["mx1"].messages == []
-    message, carried = lab.mtas["mx2"].messages
+    _message, carried = lab.mtas["mx2"].messages
     assert carried.tls and carried.rcpt_to == ["tlsrpt@dest.test"]
     _, report = report_of(carried.data)
     [policy] = report["policies"]
