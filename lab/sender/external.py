@@ -224,7 +224,7 @@ class ExternalSender:
     def _submit(self, staged: Sequence[Staged], reactor: Any) -> None:
         """Hand the sender one message per case. A command runs in a thread while the receivers serve (a sender
         such as swaks delivers before it exits)."""
-        from twisted.internet import defer, threads
+        from concurrent.futures import ThreadPoolExecutor
 
         def one(s: Staged) -> None:
             if self.profile.submit_smtp:
@@ -232,18 +232,20 @@ class ExternalSender:
                 try:
                     with smtplib.SMTP(host.strip("[]"), int(port), timeout=COMMAND_TIMEOUT) as smtp:
                         smtp.sendmail(MAIL_FROM, [s.case.recipient], message(s.case))
-                except (OSError, smtplib.SMTPException) as exc:
+                except (OSError, ValueError, smtplib.SMTPException) as exc:
                     raise HarnessError(f"submission to {self.profile.submit_smtp} failed: {exc}") from None
             else:
                 self._command(self.profile.submit_command, "submit", message(s.case), self._values(s))
 
-        done = defer.DeferredList([threads.deferToThread(one, s) for s in staged], consumeErrors=True)
-        nets_clock_driver(reactor, done, COMMAND_TIMEOUT + 10)
-        for ok, result in done.result:
-            if not ok:
-                if isinstance(result.value, HarnessError):
-                    raise result.value
-                raise HarnessError(f"submission failed: {result.value}")
+        with ThreadPoolExecutor(max_workers=min(16, max(1, len(staged)))) as pool:
+            futures = [pool.submit(one, s) for s in staged]
+            _until(reactor, lambda: all(f.done() for f in futures), COMMAND_TIMEOUT + 10)
+            for future in futures:
+                exc = future.exception()
+                if isinstance(exc, HarnessError):
+                    raise exc
+                if exc is not None:
+                    raise HarnessError(f"submission failed: {exc}")
 
     def _offset_log(self) -> None:
         path = self.profile.maillog
@@ -274,26 +276,14 @@ class ExternalSender:
             return []
 
     def _wait(self, staged: Sequence[Staged], reactor: Any) -> dict[str, str]:
-        from twisted.internet import defer, task
-
-        settled: defer.Deferred[None] = defer.Deferred()
         outcomes: dict[str, str] = {}
 
-        def look() -> None:
+        def settled() -> bool:
             outcomes.update(self._log_outcomes())
-            if all(s.factory.messages or s.case.recipient in outcomes for s in staged) and not settled.called:
-                settled.callback(None)
+            return all(s.factory.messages or s.case.recipient in outcomes for s in staged)
 
-        loop = task.LoopingCall(look)
-        loop.clock = reactor
-        loop.start(POLL, now=True)
-        try:
-            nets_clock_driver(reactor, settled, self.profile.wait)
-        except HarnessError:
-            pass  # the wait is over: what did not settle is judged as it stands
-        finally:
-            loop.stop()
-            nets_clock_driver(reactor, task.deferLater(reactor, POLL, lambda: None), 5)  # closes in flight
+        _until(reactor, settled, self.profile.wait, must=False)  # what did not settle is judged as it stands
+        _until(reactor, lambda: False, POLL, must=False)  # let closes in flight land
         outcomes.update(self._log_outcomes())
         return outcomes
 
@@ -306,10 +296,29 @@ class ExternalSender:
                         seconds=seconds)
 
 
-def nets_clock_driver(reactor: Any, d: Any, timeout: float) -> Any:
-    from lab.net.carrier import drive
+def _until(reactor: Any, done: Any, timeout: float, *, must: bool = True) -> None:
+    """Serve the receivers (drive the reactor) until ``done()`` holds, looking every ``POLL`` seconds; after
+    ``timeout`` seconds a ``HarnessError`` when ``must``, else just return."""
+    from twisted.internet import defer, task
 
-    return drive(reactor, d, timeout)
+    from lab.net.carrier import CarrierTimeout, drive
+
+    fired: defer.Deferred[None] = defer.Deferred()
+
+    def look() -> None:
+        if not fired.called and done():
+            fired.callback(None)
+
+    loop = task.LoopingCall(look)
+    loop.clock = reactor
+    loop.start(POLL, now=True)
+    try:
+        drive(reactor, fired, timeout)
+    except CarrierTimeout:
+        if must:
+            raise HarnessError(f"the sender's submissions did not finish within {timeout:g} s") from None
+    finally:
+        loop.stop()
 
 
 def _fill(text: str, values: dict[str, str], what: str) -> str:
