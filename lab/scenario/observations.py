@@ -135,7 +135,8 @@ class Observations(Mapping[str, Any]):
     )
     connections: int | None = field(default=None, metadata=_meta(ValueKind.INT, "TCP connections the client opened"))
     starttls_sent: bool | None = field(
-        default=None, metadata=_meta(ValueKind.BOOL, "the sender under test sent STARTTLS (sender runs, from the capture)")
+        default=None,
+        metadata=_meta(ValueKind.BOOL, "the sender under test sent STARTTLS (sender runs, from the capture)"),
     )
     plaintext_after_220: bool | None = field(
         default=None,

@@ -103,7 +103,9 @@ class _SenderCaseReader(_CaseReader):
 
     def validate(self) -> None:
         if not isinstance(self.doc, dict):
-            raise BadInput("a receiver case is a mapping (id, title, refs, receiver, expect ...)", file=self.file, line=1)
+            raise BadInput(
+                "a receiver case is a mapping (id, title, refs, receiver, expect ...)", file=self.file, line=1
+            )
         self.normalise()
         DocumentBuilder.validate(self)
 
@@ -183,4 +185,6 @@ def load_sender_cases(selectors: Sequence[str] | None = None) -> list[SenderCase
 def _add(cases: dict[str, SenderCase], case: SenderCase) -> None:
     other = cases.setdefault(case.id, case)
     if other is not case and Path(str(other.file)).resolve() != Path(str(case.file)).resolve():
-        raise BadInput(f"duplicate id {case.id!r} (also in {other.where()})", file=case.file, line=case.line, field="id")
+        raise BadInput(
+            f"duplicate id {case.id!r} (also in {other.where()})", file=case.file, line=case.line, field="id"
+        )

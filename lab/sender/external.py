@@ -12,6 +12,7 @@ passed, and runs ``stop``. Placeholders in commands and route lines: ``{domain}`
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
 import smtplib
@@ -24,7 +25,7 @@ from typing import Any
 
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture
-from lab.net.carrier import open_carrier
+from lab.net.tcp import TCPCarrier
 from lab.policy.modes import DELIVERY_TLS_SPELLINGS, DeliveryTLS, parse_delivery_tls
 from lab.sender.cases import SenderCase
 from lab.sender.receivers import Staged, middleboxes, receiver_factory
@@ -55,6 +56,7 @@ class SenderProfile:
     declared: str  # the policy as written (``secure`` is not ``verify``: docs/rules.md §6.6)
     submit_command: tuple[str, ...] = ()
     submit_smtp: str | None = None
+    any_exit: bool = False
     network: str = DEFAULT_NETWORK
     port: int = DEFAULT_PORT
     start: tuple[str, ...] = ()
@@ -94,6 +96,7 @@ class _ProfileReader(DocumentBuilder):
             declared=str(doc["policy"]).lower(),
             submit_command=tuple(submit.get("command", ())),
             submit_smtp=submit.get("smtp"),
+            any_exit=bool(submit.get("any_exit", False)),
             network=network,
             port=receivers.get("port", DEFAULT_PORT),
             start=tuple(doc.get("start", ())),
@@ -154,7 +157,7 @@ class ExternalSender:
         try:
             for index, case in enumerate(cases):
                 capture, keylog = Capture(), KeyLog()
-                net = open_carrier("tcp", capture=capture, reactor=reactor, connect_timeout=5.0)
+                net = TCPCarrier(capture=capture, reactor=reactor, connect_timeout=5.0)
                 nets.append(net)
                 host = str(hosts[index])
                 factory = receiver_factory(case, ca, keylog=keylog)
@@ -162,10 +165,12 @@ class ExternalSender:
                 try:
                     port = net.listen(host, self.profile.port, factory)
                 except Exception as exc:  # CannotListenError: the address is the harness's problem
-                    raise HarnessError(f"cannot stage {case.id}'s receiver on {host}:{self.profile.port}: {exc}") from None
+                    raise HarnessError(
+                        f"cannot stage {case.id}'s receiver on {host}:{self.profile.port}: {exc}"
+                    ) from None
                 where = (host, self.profile.port)
                 if boxes:
-                    net._relay(host, self.profile.port, boxes)  # the relay in front; the sender is routed to it
+                    net.place_relay(host, self.profile.port, boxes)  # in front; the sender is routed to it
                     where = net.ports[(host, self.profile.port)]
                 del port
                 staged.append(Staged(case, factory, capture, keylog, where[0], where[1], boxes))
@@ -175,19 +180,17 @@ class ExternalSender:
             if self.profile.start:
                 self._command(self.profile.start, "start", None, {})
             try:
-                self._submit(staged, reactor)
+                errors = self._submit(staged, reactor)
                 outcomes = self._wait(staged, reactor)
             finally:
                 if self.profile.stop:
                     self._command(self.profile.stop, "stop", None, {})
             seconds = time.monotonic() - begin
-            return [self._delivery(s, outcomes, seconds) for s in staged]
+            return [self._delivery(s, outcomes, seconds, errors.get(s.case.id)) for s in staged]
         finally:
             for net in nets:
-                try:
+                with contextlib.suppress(HarnessError):
                     net.run_until(net.close(abort=True), timeout=10)
-                except HarnessError:
-                    pass
 
     def _values(self, s: Staged) -> dict[str, str]:
         case = s.case
@@ -209,19 +212,22 @@ class ExternalSender:
             except OSError as exc:
                 raise HarnessError(f"cannot write the route file {route.file}: {exc.strerror or exc}") from None
 
-    def _command(self, argv: Sequence[str], what: str, stdin: bytes | None, values: dict[str, str]) -> None:
+    def _command(
+        self, argv: Sequence[str], what: str, stdin: bytes | None, values: dict[str, str], any_exit: bool = False
+    ) -> None:
         command = [_fill(part, values, what) for part in argv]
         try:
-            done = subprocess.run(command, input=stdin, capture_output=True, timeout=COMMAND_TIMEOUT, check=False)
+            done = subprocess.run(command, input=stdin, capture_output=True, timeout=self.profile.wait, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise HarnessError(f"the sender's {what} command {command[0]!r} failed: {exc}") from None
-        if done.returncode != 0:
+            raise HarnessError(f"the sender's {what} command {command[0]!r} failed: {str(exc)[-120:]}") from None
+        if done.returncode != 0 and not any_exit:
             said = (done.stderr or done.stdout).decode(errors="replace").strip().splitlines()
             raise HarnessError(
-                f"the sender's {what} command {command[0]!r} exited {done.returncode}" + (f": {said[-1]}" if said else "")
+                f"the sender's {what} command {command[0]!r} exited {done.returncode}"
+                + (f": {said[-1]}" if said else "")
             )
 
-    def _submit(self, staged: Sequence[Staged], reactor: Any) -> None:
+    def _submit(self, staged: Sequence[Staged], reactor: Any) -> dict[str, str]:
         """Hand the sender one message per case. A command runs in a thread while the receivers serve (a sender
         such as swaks delivers before it exits)."""
         from concurrent.futures import ThreadPoolExecutor
@@ -235,17 +241,21 @@ class ExternalSender:
                 except (OSError, ValueError, smtplib.SMTPException) as exc:
                     raise HarnessError(f"submission to {self.profile.submit_smtp} failed: {exc}") from None
             else:
-                self._command(self.profile.submit_command, "submit", message(s.case), self._values(s))
+                self._command(
+                    self.profile.submit_command, "submit", message(s.case), self._values(s), self.profile.any_exit
+                )
 
-        with ThreadPoolExecutor(max_workers=min(16, max(1, len(staged)))) as pool:
+        with ThreadPoolExecutor(max_workers=min(32, max(1, len(staged)))) as pool:
             futures = [pool.submit(one, s) for s in staged]
             _until(reactor, lambda: all(f.done() for f in futures), COMMAND_TIMEOUT + 10)
-            for future in futures:
-                exc = future.exception()
-                if isinstance(exc, HarnessError):
-                    raise exc
-                if exc is not None:
-                    raise HarnessError(f"submission failed: {exc}")
+        errors = {}
+        for s, future in zip(staged, futures, strict=True):
+            exc = future.exception()
+            if exc is not None:
+                errors[s.case.id] = str(exc) if isinstance(exc, HarnessError) else f"submission failed: {exc}"
+        if len(errors) == len(staged) and staged:
+            raise HarnessError(next(iter(errors.values())))  # nothing was handed over: the sender is at fault
+        return errors
 
     def _offset_log(self) -> None:
         path = self.profile.maillog
@@ -282,18 +292,20 @@ class ExternalSender:
             outcomes.update(self._log_outcomes())
             return all(s.factory.messages or s.case.recipient in outcomes for s in staged)
 
-        _until(reactor, settled, self.profile.wait, must=False)  # what did not settle is judged as it stands
+        # A sender that is its own submit command (swaks) is done once the command exited.
+        wait = POLL if self.profile.any_exit else self.profile.wait
+        _until(reactor, settled, wait, must=False)  # what did not settle is judged as it stands
         _until(reactor, lambda: False, POLL, must=False)  # let closes in flight land
         outcomes.update(self._log_outcomes())
         return outcomes
 
-    def _delivery(self, s: Staged, outcomes: dict[str, str], seconds: float) -> Delivery:
+    def _delivery(self, s: Staged, outcomes: dict[str, str], seconds: float, failed: str | None) -> Delivery:
         said = outcomes.get(s.case.recipient)
         lines = [line for line in self.log_lines() if f"<{s.case.recipient}>" in line or s.host in line]
         entries = [note(f"sender log: {line}", Kind.MAILLOG) for line in lines]
         entries += [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in s.box_notes()]
-        return Delivery(s, sender_outcome=said if said in ("deferred", "bounced") else None, entries=entries,
-                        seconds=seconds)
+        outcome = said if said in ("deferred", "bounced") else None
+        return Delivery(s, sender_outcome=outcome, entries=entries, seconds=seconds, error=failed)
 
 
 def _until(reactor: Any, done: Any, timeout: float, *, must: bool = True) -> None:
@@ -325,4 +337,6 @@ def _fill(text: str, values: dict[str, str], what: str) -> str:
     try:
         return text.format_map(values)
     except (KeyError, ValueError, IndexError) as exc:
-        raise BadInput(f"placeholder {exc} in {text!r}: use {', '.join('{' + k + '}' for k in values)}", field=what) from None
+        raise BadInput(
+            f"placeholder {exc} in {text!r}: use {', '.join('{' + k + '}' for k in values)}", field=what
+        ) from None

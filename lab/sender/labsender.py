@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet.protocol import ClientFactory
 
@@ -83,7 +84,7 @@ class LabSender:
             keylog=keylog.callback,
         )
 
-        def connect(f: ClientFactory) -> object:
+        def connect(f: ClientFactory) -> Any:
             return net.connect(SENDER_HOST, ip, 25, f, middleboxes=boxes)
 
         client = ScriptedClient(

@@ -87,7 +87,7 @@ class PostfixSender(PostfixPeer):
         return "\n".join(
             [
                 f"name: {name}",
-                f"description: Postfix smtp client at smtp_tls_security_level={self.level} (tests/peers/postfix_sender.py)",
+                f"description: Postfix smtp client at smtp_tls_security_level={self.level} (tests/peers)",
                 f"policy: {declared}",
                 f"receivers: {{network: {network}, port: {port}}}",
                 "routes:",
