@@ -110,7 +110,7 @@ def postfix(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[int, Ru
                         [*argv, "--no-timestamps"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
                     ),
                 )
-            )  # noqa: E501
+            )
         out = {}
         for key, report, proc in running:
             _, err = proc.communicate(timeout=240)
