@@ -21,8 +21,9 @@ from lab.scenario.result import CaseRun, Expected, RunResult, Target, Timings, T
 from lab.scenario.verdict import Verdict
 from lab.sender.cases import SenderCase
 from lab.sender.observe import observe
+from lab.sender.receivers import Staged
 from lab.sender.seam import MAIL_FROM, Delivery, ISender
-from lab.smtp.transcript import Kind, error
+from lab.smtp.transcript import Entry, Kind, error, note
 from lab.tls.certs import LabCA, default_state_dir
 
 NEVER_TRIED = "the sender never connected to this case's receiver within the wait: nothing to judge"
@@ -87,6 +88,8 @@ def _case_run(
         else:
             evaluation = judge(case.expect.for_policy(policy), case.strongest_level, policy, observed)
         capture, keylog = _write_capture(case, policy, delivery, report_dir, seed)
+        if sender.carrier != "memory":  # the lab engine's own transcript says it all; another sender's does not
+            transcript += receiver_view(staged)
     if evaluation.verdict is Verdict.ERROR:
         transcript.append(error(evaluation.reason, Kind.HARNESS))
     alt = evaluation.alternative
@@ -117,6 +120,17 @@ def _case_run(
         capture=capture,
         keylog=keylog,
     )
+
+
+def receiver_view(staged: Staged) -> list[Entry]:
+    """What the receiver read, connection by connection: the sender's commands as the remote MTA saw them."""
+    out = []
+    for number, session in enumerate(staged.factory.sessions, 1):
+        for tls, line in session.commands:
+            out.append(note(f"receiver, connection {number}, {'TLS' if tls else 'plaintext'}: {line}", Kind.RECEIVER))
+        if session.tls_error:
+            out.append(note(f"receiver, connection {number}: handshake failed ({session.tls_error})", Kind.RECEIVER))
+    return out
 
 
 def _write_capture(
