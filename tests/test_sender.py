@@ -4,13 +4,13 @@ Postfix smtp clients at each smtp_tls_security_level and against swaks, and bad 
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from peers import make_peer_workdir, require_kind, start_all, stop_all
+from peers import make_peer_workdir, require_kind, require_peer, start_all, stop_all
 from peers.postfix_sender import PostfixSender
 
 from lab.cli import main
@@ -20,10 +20,12 @@ from lab.scenario.result import CaseRun, RunResult, load_index
 from lab.scenario.verdict import Verdict
 from lab.sender.cases import load_sender_cases
 from lab.sender.command import run_senders
+from lab.sender.external import load_sender_profile
 from lab.sender.observe import plaintext_after_220
 from lab.tls.certs import LabCA, default_state_dir
 
 CASES = load_sender_cases()
+SENDER_PROFILES = Path(__file__).resolve().parent.parent / "conformance" / "senders"
 
 
 def run_cli(profile: Path, report: Path, *selectors: str) -> tuple[int, RunResult | None, str]:
@@ -206,26 +208,27 @@ def test_a_bad_profile_names_file_line_and_field(tmp_path: Path, capsys: pytest.
 
 
 def test_swaks_with_tls_is_judged_as_required(tmp_path: Path) -> None:
-    """swaks --tls connects to each receiver itself (one address per case) and quits when TLS fails."""
-    require_kind("postfix")  # CI installs swaks with the peers
-    swaks = "/usr/bin/swaks"
-    assert os.access(swaks, os.X_OK)
-    profile = tmp_path / "swaks.yaml"
-    profile.write_text(
-        "name: swaks-tls\npolicy: required\nreceivers: {network: 127.79.202.0/24}\n"
-        f"submit: {{any_exit: true, command: [{swaks}, --server, '{{host}}:{{port}}', --from, '{{from}}', "
-        "--to, '{to}', --tls, --timeout, '5', --data, '-', --silent, '2']}\nwait: 15\n"
-    )
-    code, result, err = run_cli(profile, tmp_path / "r")
+    """swaks --tls (the shipped profile) connects to each receiver itself and quits when TLS fails."""
+    require_peer("swaks", shutil.which("swaks") is not None, "apt-get install swaks")
+    code, result, err = run_cli(SENDER_PROFILES / "swaks-tls.yaml", tmp_path / "r")
     assert result is not None and code == 1, err
     seen = verdicts(result)
     assert all(not run.observed.get("plaintext_exposure", {}).get("envelope") for run in result.runs)
     assert seen["SND-DC-05"] is Verdict.OK and seen["SND-3207-4-02"] is Verdict.OK
     # docs/peers.md: swaks's --timeout does not cover the handshake, so a stalled one outlives the wait (ERROR,
-    # never judged), and swaks takes the reply injected behind the 220 for its EHLO reply inside TLS (FAILED).
+    # never judged), and swaks takes the reply injected behind the 220 for its EHLO reply inside TLS (FAILED):
+    # the receiver reads EHLO, MAIL, RCPT, DATA inside TLS and never a body.
     stalled = next(run for run in result.runs if run.case == "SND-3207-4-07")
     assert stalled.verdict is Verdict.ERROR and "submit command" in stalled.reason
-    assert seen["SND-3207-4.2-01"] is Verdict.FAILED
+    injected = next(run for run in result.runs if run.case == "SND-3207-4.2-01")
+    assert injected.verdict is Verdict.FAILED
+    assert any(e.text.endswith("TLS: DATA") for e in injected.transcript)
+
+
+@pytest.mark.parametrize("path", sorted(SENDER_PROFILES.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_sender_profiles_load(path: Path) -> None:
+    profile = load_sender_profile(path)
+    assert profile.name == path.stem or path.stem.startswith("example-")
 
 
 def test_index_json_round_trips_the_sender_policies(tmp_path: Path) -> None:
