@@ -9,6 +9,7 @@ receiver's name), short client timeouts so a stalled receiver ends within second
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -70,6 +71,10 @@ class PostfixSender(PostfixPeer):
             ]
         )
 
+    @staticmethod
+    def _postfix_path() -> str:
+        return shutil.which("postfix") or "/usr/sbin/postfix"
+
     def master_cf(self) -> str:
         return super().master_cf() + "smtp      unix  -       -       n       -       -       smtp\n"
 
@@ -93,6 +98,8 @@ class PostfixSender(PostfixPeer):
                 "routes:",
                 f"  - {{file: {self.routes_path}, line: '{{domain}} smtp:[{{host}}]:{{port}}'}}",
                 f"  - {{file: {self.policy_path}, line: '[{{host}}]:{{port}} {level}{match}'}}",
+                # routes change per run: reload, so that no daemon keeps an older transport map (texthash)
+                f"start: [{self._postfix_path()}, -c, {self.config_dir}, reload]",
                 f"submit: {{command: [/usr/sbin/sendmail, -C, {self.config_dir}, -f, '{{from}}', '{{to}}']}}",
                 f"outcome: {{maillog: {self.maillog_path}, dialect: postfix}}",
                 f"wait: {wait}",
