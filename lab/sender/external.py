@@ -301,11 +301,25 @@ class ExternalSender:
 
     def _delivery(self, s: Staged, outcomes: dict[str, str], seconds: float, failed: str | None) -> Delivery:
         said = outcomes.get(s.case.recipient)
-        lines = [line for line in self.log_lines() if f"<{s.case.recipient}>" in line or s.host in line]
+        lines = case_lines(self.log_lines(), s.case.recipient, s.host)
         entries = [note(f"sender log: {line}", Kind.MAILLOG) for line in lines]
         entries += [note(f"middlebox: {text}", Kind.MIDDLEBOX) for text in s.box_notes()]
         outcome = said if said in ("deferred", "bounced") else None
         return Delivery(s, sender_outcome=outcome, entries=entries, seconds=seconds, error=failed)
+
+
+_QUEUE_ID = re.compile(r"\]: ([0-9A-Za-z]{6,}): ")
+
+
+def case_lines(lines: Sequence[str], recipient: str, host: str) -> list[str]:
+    """The sender's log lines about one case: its message's (by the queue ids of the lines naming its recipient)
+    and its receiver's (``[host]``)."""
+    ids = {m.group(1) for line in lines if f"<{recipient}>" in line and (m := _QUEUE_ID.search(line))}
+    return [
+        line
+        for line in lines
+        if f"[{host}]" in line or ((m := _QUEUE_ID.search(line)) is not None and m.group(1) in ids)
+    ]
 
 
 def _until(reactor: Any, done: Any, timeout: float, *, must: bool = True) -> None:
