@@ -127,6 +127,7 @@ def by_case(result: RunResult) -> dict[str, CaseRun]:
     return {run.case: run for run in result.runs}
 
 
+@pytest.mark.peer
 def test_postfix_none_never_sends_starttls(postfix: dict[str, tuple[int, RunResult]]) -> None:
     code, result = postfix["none-as-none"]
     assert code == 0
@@ -134,6 +135,7 @@ def test_postfix_none_never_sends_starttls(postfix: dict[str, tuple[int, RunResu
     assert all(run.observed["delivered_plaintext"] for run in result.runs)
 
 
+@pytest.mark.peer
 def test_postfix_may_never_goes_on_in_plaintext_after_the_220(postfix: dict[str, tuple[int, RunResult]]) -> None:
     code, result = postfix["may-as-may"]
     runs = by_case(result)
@@ -144,6 +146,7 @@ def test_postfix_may_never_goes_on_in_plaintext_after_the_220(postfix: dict[str,
     assert code == 1 and {run.case for run in result.runs if run.verdict is Verdict.FAILED} == {"SND-8996-01"}
 
 
+@pytest.mark.peer
 def test_postfix_encrypt_sends_nothing_in_plaintext(postfix: dict[str, tuple[int, RunResult]]) -> None:
     code, result = postfix["encrypt-as-encrypt"]
     seen = verdicts(result)
@@ -155,6 +158,7 @@ def test_postfix_encrypt_sends_nothing_in_plaintext(postfix: dict[str, tuple[int
     assert code == 1 and {case for case, v in seen.items() if v is Verdict.FAILED} == {"SND-8996-01"}
 
 
+@pytest.mark.peer
 @pytest.mark.parametrize("level", ["verify", "secure"])
 def test_postfix_verify_and_secure_refuse_certificates_that_do_not_verify(
     postfix: dict[str, tuple[int, RunResult]], level: str
@@ -166,6 +170,7 @@ def test_postfix_verify_and_secure_refuse_certificates_that_do_not_verify(
     assert not any(run.observed["plaintext_exposure"]["envelope"] for run in result.runs)
 
 
+@pytest.mark.peer
 def test_postfix_may_declared_required_is_caught(postfix: dict[str, tuple[int, RunResult]]) -> None:
     code, result = postfix["may-as-required"]
     assert code == 1
@@ -207,6 +212,7 @@ def test_a_bad_profile_names_file_line_and_field(tmp_path: Path, capsys: pytest.
     assert f"{profile}:2: policy:" in err and "Traceback" not in err
 
 
+@pytest.mark.peer
 def test_swaks_with_tls_is_judged_as_required(tmp_path: Path) -> None:
     """swaks --tls (the shipped profile) connects to each receiver itself and quits when TLS fails."""
     require_peer("swaks", shutil.which("swaks") is not None, "apt-get install swaks")
