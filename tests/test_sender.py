@@ -26,6 +26,7 @@ from lab.tls.certs import LabCA, default_state_dir
 
 CASES = load_sender_cases()
 SENDER_PROFILES = Path(__file__).resolve().parent.parent / "conformance" / "senders"
+ROOT_CASES = Path(__file__).resolve().parent.parent / "scenarios" / "senders"
 
 
 def run_cli(profile: Path, report: Path, *selectors: str) -> tuple[int, RunResult | None, str]:
@@ -243,3 +244,14 @@ def test_index_json_round_trips_the_sender_policies(tmp_path: Path) -> None:
     again = RunResult.from_dict(data)
     assert {str(r.policy) for r in again.runs} == {"preferred-verify"}
     assert sys.version_info >= (3, 11)
+
+
+def test_a_bad_receiver_case_names_file_line_and_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = (ROOT_CASES / "starttls-454.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(source.replace("when: {delivered_plaintext: true}", "when: {delivered_in_clear: true}", 1))
+    assert main(["run", "--sender", "lab", str(bad), "--report-dir", str(tmp_path / "r")]) == 3
+    err = capsys.readouterr().err
+    assert f"{bad}:" in err and "delivered_in_clear" in err and "Traceback" not in err
+    assert main(["run", "--sender", "lab:sometimes", "--report-dir", str(tmp_path / "r")]) == 3
+    assert "--sender" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lab.errors import BadInput
 from lab.policy.modes import DELIVERY_TLS_SPELLINGS, DeliveryTLS, parse_delivery_tls
-from lab.scenario.result import RunResult
+from lab.scenario.result import RunResult, Target
 from lab.sender.cases import load_sender_cases
 from lab.sender.external import ExternalSender, load_sender_profile
 from lab.sender.labsender import LabSender
@@ -45,12 +45,13 @@ def run_senders(
         raise BadInput("no receiver case matches " + " ".join(selectors), field="selectors")
     results = [run_sender(s, cases, report_dir=report_dir, seed=seed, timestamps=timestamps) for s in senders]
     first = results[0]
+    targets = first.targets
+    if len(results) > 1:  # the lab engine under several controls: one target whose policy varies per run
+        targets = [Target(targets[0].name, targets[0].address, None)]
     return RunResult(
         seed=first.seed,
         carrier=first.carrier,
         started=first.started,
-        targets=list({t.name: t for r in results for t in r.targets}.values())
-        if len(senders) == 1
-        else [type(first.targets[0])(first.targets[0].name, first.targets[0].address, None)],
-        runs=[run for r in results for run in r.runs],
+        targets=targets,
+        runs=[run for result in results for run in result.runs],
     )

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from twisted.internet.error import CannotListenError
+
 from lab.errors import BadInput, HarnessError
 from lab.net.capture import Capture
 from lab.net.tcp import TCPCarrier
@@ -163,8 +165,8 @@ class ExternalSender:
                 factory = receiver_factory(case, ca, keylog=keylog)
                 boxes = middleboxes(case)
                 try:
-                    port = net.listen(host, self.profile.port, factory)
-                except Exception as exc:  # CannotListenError: the address is the harness's problem
+                    net.listen(host, self.profile.port, factory)
+                except CannotListenError as exc:  # the address is the harness's problem, not the sender's
                     raise HarnessError(
                         f"cannot stage {case.id}'s receiver on {host}:{self.profile.port}: {exc}"
                     ) from None
@@ -172,7 +174,6 @@ class ExternalSender:
                 if boxes:
                     net.place_relay(host, self.profile.port, boxes)  # in front; the sender is routed to it
                     where = net.ports[(host, self.profile.port)]
-                del port
                 staged.append(Staged(case, factory, capture, keylog, where[0], where[1], boxes))
             self._write_routes(staged)
             self._offset_log()
@@ -263,18 +264,10 @@ class ExternalSender:
 
     def _log_outcomes(self) -> dict[str, str]:
         """``recipient -> sent|deferred|bounced``: the sender's last word on each, from this run's log lines."""
-        path = self.profile.maillog
-        if not path:
-            return {}
-        try:
-            with open(path, "rb") as f:
-                f.seek(self._log_offset)
-                text = f.read().decode(errors="replace")
-        except OSError:
-            return {}
-        return {m.group(1): m.group(2) for m in _STATUS.finditer(text)}
+        return {m.group(1): m.group(2) for line in self.log_lines() if (m := _STATUS.search(line))}
 
     def log_lines(self) -> list[str]:
+        """The lines the sender's log gained since the run began."""
         path = self.profile.maillog
         if not path:
             return []

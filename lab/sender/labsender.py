@@ -45,7 +45,6 @@ class LabSender:
     """``--sender lab:POLICY``."""
 
     policy: DeliveryTLS
-    state_dir: object = None  # the lab CA's directory (client certificates come from there)
 
     @property
     def name(self) -> str:

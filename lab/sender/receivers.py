@@ -8,7 +8,6 @@ TCP on a loopback address per case, a relay in front when the case puts a middle
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lab.net.capture import Capture
@@ -77,7 +76,3 @@ class Staged:
 
     def box_notes(self) -> list[str]:
         return [note for box in self.boxes for note in box.notes]
-
-
-def state_ca(state_dir: Path) -> LabCA:
-    return LabCA(state_dir)
