@@ -155,6 +155,9 @@ def _run_sender(args: argparse.Namespace) -> int:
     from lab.scenario.verdict import Verdict
     from lab.sender.command import run_senders
 
+    for flag, value in (("--policy", args.policy), ("--target", args.target), ("--profile", args.profile)):
+        if value:
+            raise BadInput("judges a listener; with --sender the policy is lab:POLICY or the profile's", field=flag)
     report_dir = Path(args.report_dir)
     try:
         report_dir.mkdir(parents=True, exist_ok=True)
