@@ -255,3 +255,13 @@ def test_a_bad_receiver_case_names_file_line_and_field(tmp_path: Path, capsys: p
     assert f"{bad}:" in err and "delivered_in_clear" in err and "Traceback" not in err
     assert main(["run", "--sender", "lab:sometimes", "--report-dir", str(tmp_path / "r")]) == 3
     assert "--sender" in capsys.readouterr().err
+
+
+def test_a_schema_version_3_record_is_still_read() -> None:
+    """Version 4 only added the sender runs' policies and observations: a version 3 record reads unchanged."""
+    listener_run = run_senders("lab:required", ["SND-DC-05"], report_dir=None, timestamps=False).to_dict()
+    listener_run["schema_version"] = 3
+    for run in listener_run["runs"]:
+        for key in ("starttls_sent", "plaintext_after_220", "outcome"):
+            run["observed"].pop(key, None)
+    assert RunResult.from_dict(listener_run).schema_version == 4
