@@ -345,10 +345,10 @@ def test_smtplab_report_bad_input_is_one_line_and_exit_3(
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "index.json" in err and "no such file" in err
-    (tmp_path / "index.json").write_text('{"schema_version": 4}')
+    (tmp_path / "index.json").write_text('{"schema_version": 5}')
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "schema_version: unsupported schema_version 4" in err
+    assert err.count("\n") == 1 and "schema_version: unsupported schema_version 5" in err
     (tmp_path / "index.json").write_text("{not json")
     assert _smtplab(monkeypatch, "report", str(tmp_path)) == 3
     assert "not JSON" in capsys.readouterr().err

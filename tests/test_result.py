@@ -254,7 +254,7 @@ def test_json_is_deterministic_with_stable_key_order() -> None:
     data = json.loads(dumps(result))
     assert list(data) == ["schema_version", "tool", "seed", "carrier", "started", "targets", "address_map", "runs"]
     assert list(data["runs"][0])[:4] == ["case", "title", "section", "spec_refs"]
-    assert data["schema_version"] == SCHEMA_VERSION == 3
+    assert data["schema_version"] == SCHEMA_VERSION == 4
     assert data["tool"] == "smtplab 0.1.0"
     hostile = data["runs"][2]["transcript"][4]
     # stored as is: views escape, the record does not
@@ -263,7 +263,7 @@ def test_json_is_deterministic_with_stable_key_order() -> None:
 
 def test_write_index_is_atomic_and_readable(tmp_path: Path) -> None:
     path = write_index(sample_result(), tmp_path / "report" / "index.json")
-    assert path.read_bytes().startswith(b'{\n  "schema_version": 3,')
+    assert path.read_bytes().startswith(b'{\n  "schema_version": 4,')
     assert [p.name for p in path.parent.iterdir()] == ["index.json"]  # no temporary file left behind
     assert load_index(path) == sample_result()
 
@@ -286,7 +286,7 @@ def test_a_record_that_breaks_the_schema_is_not_written() -> None:
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda d: d.update(schema_version=4), "schema_version"),
+        (lambda d: d.update(schema_version=5), "schema_version"),
         (lambda d: d.pop("schema_version"), "schema_version"),
         (lambda d: d["runs"][0].update(verdict="PASSED"), "runs[0].verdict"),
         (lambda d: d["runs"][0].update(policy="encrypt"), "runs[0].policy"),

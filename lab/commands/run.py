@@ -54,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-timestamps", action="store_true", help="leave wall-clock times out of index.json")
     parser.add_argument("--baseline", metavar="INDEX", help="fail only on regressions against this index.json")
+    parser.add_argument(
+        "--sender",
+        metavar="SPEC",
+        help="judge a sender instead of a listener: lab[:POLICY,...] (the lab's client engine) or a sender "
+        "profile (conformance/senders/*.yaml); selectors then pick receiver cases (SND-...), docs/senders.md",
+    )
     external = parser.add_argument_group("external targets")
     external.add_argument("--target", metavar="HOST:PORT", help="run against this MTA instead of the lab")
     external.add_argument("--profile", metavar="FILE", help="a target profile (conformance/targets/*.yaml)")
@@ -112,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     from lab.report.terminal import ProgressReporter, make_console, render
     from lab.scenario.verdict import Verdict
 
+    if args.sender:
+        return _run_sender(args)
     plan = make_plan(request_from_args(args))
     baseline = None
     if args.baseline:
@@ -135,6 +143,36 @@ def run(args: argparse.Namespace) -> int:
         from lab.conformance.baseline import baseline_exit_code
 
         return baseline_exit_code(baseline, result)
+    code = result.exit_code()
+    if code == 0 and args.strict and any(run.verdict is Verdict.NON_STRICT for run in result.runs):
+        return 1
+    return code
+
+
+def _run_sender(args: argparse.Namespace) -> int:
+    """``--sender``: the receiver cases against a sender (lab.sender), the same reports."""
+    from lab.report import write_reports
+    from lab.report.terminal import make_console, render
+    from lab.scenario.verdict import Verdict
+    from lab.sender.command import run_senders
+
+    for flag, value in (("--policy", args.policy), ("--target", args.target), ("--profile", args.profile)):
+        if value:
+            raise BadInput("judges a listener; with --sender the policy is lab:POLICY or the profile's", field=flag)
+    report_dir = Path(args.report_dir)
+    try:
+        report_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create {report_dir}: {exc.strerror or exc}", field="--report-dir") from None
+    result = run_senders(
+        args.sender, list(args.selectors), report_dir=report_dir, seed=args.seed, timestamps=not args.no_timestamps
+    )
+    write_reports(result, report_dir)
+    render(result, make_console())
+    print(
+        f"reports: {report_dir / 'index.html'}, {report_dir / 'junit.xml'}, {report_dir / 'index.json'}",
+        file=sys.stderr,
+    )
     code = result.exit_code()
     if code == 0 and args.strict and any(run.verdict is Verdict.NON_STRICT for run in result.runs):
         return 1

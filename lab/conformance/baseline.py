@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from lab.errors import EXIT_FAILED, EXIT_OK, BadInput
-from lab.policy.modes import TLSMode
+from lab.policy.modes import DeliveryTLS, TLSMode
 from lab.scenario.result import CaseRun, RunResult
 from lab.scenario.verdict import Verdict
 
@@ -38,7 +38,7 @@ _POSITION = {verdict: i for i, verdict in enumerate(RANK)}
 #: A case new in this run with one of these verdicts is a new failure: it counts as a regression.
 NEW_FAILURES = frozenset({Verdict.XPASS, Verdict.FAILED, Verdict.ERROR})
 
-Key = tuple[str, TLSMode, str]
+Key = tuple[str, TLSMode | DeliveryTLS, str]
 
 
 class Kind(StrEnum):
@@ -59,7 +59,7 @@ class Change:
     """One (case, policy, target) across the two runs; ``old``/``new`` is None where the run has no such case."""
 
     case: str
-    policy: TLSMode
+    policy: TLSMode | DeliveryTLS
     target: str
     kind: Kind
     old: CaseRun | None

@@ -57,6 +57,11 @@ class TCPCarrier(LoopbackNetwork):
             self._relay(self._address(dst_ip, "dst_ip"), dst_port, middleboxes)
         return ()
 
+    def place_relay(self, host: str, port: int, middleboxes: Sequence[Middlebox]) -> None:
+        """Put a relay running ``middleboxes`` in front of ``host:port`` (a receiver this carrier serves, for a
+        sender outside the lab, ``lab.sender.external``); ``ports`` then names the relay's address."""
+        self._relay(self._address(host, "host"), port, middleboxes)
+
     def _relay(self, host: str, port: int, middleboxes: Sequence[Middlebox]) -> None:
         """Point ``host:port`` at a relay that runs ``middleboxes`` (one per target, started on first use)."""
         if (host, port) in self._relays:

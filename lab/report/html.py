@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from lab.policy.modes import TLSMode
+from lab.policy.modes import POLICY_ORDER
 from lab.report import (
     GLYPHS,
     PROBLEMS,
@@ -113,8 +113,8 @@ def _matrices(result: RunResult, views: list[dict[str, Any]]) -> list[dict[str, 
         by_target.setdefault(view["run"].target, []).append(view)
     out = []
     for target, items in by_target.items():
-        present = {v["run"].policy for v in items}
-        policies = [p for p in TLSMode if p in present]
+        present = {str(v["run"].policy) for v in items}
+        policies = [p for p in POLICY_ORDER if p in present]
         behaviours = list(dict.fromkeys(v["run"].client for v in items))
         rows = [
             {

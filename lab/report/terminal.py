@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 from rich.text import Text
 
-from lab.policy.modes import TLSMode
+from lab.policy.modes import POLICY_ORDER
 from lab.report import (
     GLYPHS,
     PROBLEMS,
@@ -30,7 +30,7 @@ from lab.report import (
     transcript_window,
     visible,
 )
-from lab.scenario.result import CaseRun, RunResult
+from lab.scenario.result import CaseRun, RunResult, is_sender_run
 from lab.scenario.verdict import ORDER, Verdict
 
 #: Width of non-terminal output: fixed, so CI logs and golden files do not depend on the runner's terminal.
@@ -75,9 +75,9 @@ def make_console(file: IO[str] | None = None) -> Console:
     )
 
 
-def _policies(runs: list[CaseRun]) -> list[TLSMode]:
-    present = {r.policy for r in runs}
-    return [p for p in TLSMode if p in present]
+def _policies(runs: list[CaseRun]) -> list[str]:
+    present = {str(r.policy) for r in runs}
+    return [p for p in POLICY_ORDER if p in present]
 
 
 def _cell(runs: list[CaseRun]) -> Text:
@@ -100,12 +100,12 @@ def matrix(result: RunResult) -> list[tuple[str, Table]]:
     for target, runs in by_target.items():
         policies = _policies(runs)
         table = Table()
-        table.add_column("client behaviour")
+        table.add_column("receiver case" if is_sender_run(runs[0]) else "client behaviour")
         for policy in policies:
             table.add_column(str(policy))
         behaviours = list(dict.fromkeys(r.client for r in runs))
         for behaviour in behaviours:
-            cells = [_cell([r for r in runs if r.client == behaviour and r.policy is p]) for p in policies]
+            cells = [_cell([r for r in runs if r.client == behaviour and r.policy == p]) for p in policies]
             table.add_row(visible(behaviour), *cells)
         tables.append((target, table))
     return tables

@@ -14,7 +14,7 @@ from typing import Any
 
 from lab.scenario.facts import describe_missing
 from lab.scenario.model import Alternative, Case
-from lab.scenario.verdict import Verdict
+from lab.scenario.verdict import Level, Verdict
 
 NO_MATCH = "no expected alternative matched"
 PLAINTEXT_UNDER_REQUIRED = (
@@ -74,11 +74,15 @@ def evaluate(
     if policy == "required" and observed.get("delivered_plaintext") is True and case.remote_mta is None:
         # docs/rules.md §2: Required refuses plaintext mail; whatever else a case expects, taking it is broken.
         return Evaluation(Verdict.FAILED, None, PLAINTEXT_UNDER_REQUIRED)
-    alternatives = case.expect.for_policy(policy)
+    return judge(case.expect.for_policy(policy), case.strongest_level, policy, observed)
+
+
+def judge(alternatives: Sequence[Alternative], level: Level, policy: str, observed: Mapping[str, Any]) -> Evaluation:
+    """The first alternative whose conditions hold, else ``level``'s verdict with the closest alternative's unmet
+    conditions (listener cases through ``evaluate``, receiver cases through ``lab.sender.run``)."""
     for alt in alternatives:
         if not alt.unmet(observed):
             return Evaluation(alt.verdict, alt, alt.label)
-    level = case.strongest_level
     if not alternatives:  # the loader refuses this; kept total for hand-built cases
         return Evaluation(level.verdict, None, f"{NO_MATCH}: the case lists none for {policy!r}")
     refusal = unrelated_refusal(alternatives, observed)

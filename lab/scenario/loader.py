@@ -427,8 +427,16 @@ def check_client_hosts(cases: Iterable[Case], hosts: Collection[str]) -> None:
         )
 
 
+#: The receiver cases (``lab.sender.cases``) share the catalogue directory but not this format.
+SENDER_CASES = "senders"
+
+
 def _files_under(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix in SUFFIXES and p.is_file() and SENDER_CASES not in p.relative_to(directory).parts[:1]
+    )
 
 
 def _load_files(files: Iterable[Path]) -> list[Case]:

@@ -134,6 +134,27 @@ class Observations(Mapping[str, Any]):
         metadata=_meta(ValueKind.EXPOSURE, "envelope addresses / body marker seen unencrypted in the capture"),
     )
     connections: int | None = field(default=None, metadata=_meta(ValueKind.INT, "TCP connections the client opened"))
+    starttls_sent: bool | None = field(
+        default=None,
+        metadata=_meta(ValueKind.BOOL, "the sender under test sent STARTTLS (sender runs, from the capture)"),
+    )
+    plaintext_after_220: bool | None = field(
+        default=None,
+        metadata=_meta(
+            ValueKind.BOOL,
+            "on a connection where the receiver had answered STARTTLS with 220, the sender then wrote an SMTP "
+            "command in plaintext (sender runs, from the capture)",
+        ),
+    )
+    outcome: str | None = field(
+        default=None,
+        metadata=_meta(
+            ValueKind.STR,
+            "what became of the message (sender runs): a receiver took it, the sender's log says deferred or "
+            "bounced, or none of these was seen in the bounded wait",
+            choices=("delivered", "deferred", "bounced", "unknown"),
+        ),
+    )
     spooled: int | None = field(
         default=None,
         metadata=_meta(

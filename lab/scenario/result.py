@@ -22,16 +22,17 @@ from typing import Any
 from lab import __version__
 from lab.appliance.maillog import log_record
 from lab.errors import BadInput, HarnessError
-from lab.policy.modes import TLSMode
+from lab.policy.modes import DeliveryTLS, TLSMode, run_policy
 from lab.scenario.observations import Observations
 from lab.scenario.verdict import ORDER, SpecRef, Verdict, exit_code
 from lab.scenario.verdict import Level as Level  # re-exported: the record's readers name it from here
 from lab.smtp.transcript import Entry, from_legacy_line, render
 from lab.yamlsource import load_schema, validate
 
-SCHEMA_VERSION = 3
-#: Older versions this smtplab still reads, upgraded by ``upgrade``.
-READABLE_VERSIONS = (1, 2, SCHEMA_VERSION)
+SCHEMA_VERSION = 4
+#: Older versions this smtplab still reads, upgraded by ``upgrade`` (4 added the sender runs: the Verify
+#: policies and the ``outcome`` / ``starttls_sent`` / ``plaintext_after_220`` observations).
+READABLE_VERSIONS = (1, 2, 3, SCHEMA_VERSION)
 SCHEMA_NAME = "index.schema.json"
 TOOL = f"smtplab {__version__}"
 
@@ -78,16 +79,18 @@ class Timings:
 
 @dataclass(frozen=True)
 class Target:
-    """A system under test: ``lab:Inboundmail``, ``postfix-may``, ``HOST:PORT``; policy None = varies per case."""
+    """A system under test: ``lab:Inboundmail``, ``postfix-may``, ``HOST:PORT``; policy None = varies per case.
+
+    A sender under test (``smtplab run --sender``) has the destination control it is declared to apply."""
 
     name: str
     address: str
-    policy: TLSMode | None = None
+    policy: TLSMode | DeliveryTLS | None = None
     address_map: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.policy is not None:
-            _set(self, "policy", TLSMode(self.policy))
+            _set(self, "policy", run_policy(self.policy))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "address": self.address, "policy": _opt_str(self.policy)}
@@ -141,7 +144,7 @@ class CaseRun:
     expectation: str = ""
     client: str
     target: str
-    policy: TLSMode
+    policy: TLSMode | DeliveryTLS  # a sender run's Verify settings are DeliveryTLS
     carrier: str
     verdict: Verdict
     reason: str
@@ -155,7 +158,7 @@ class CaseRun:
     deviation: str | None = None
 
     def __post_init__(self) -> None:
-        _set(self, "policy", TLSMode(self.policy))
+        _set(self, "policy", run_policy(self.policy))
         _set(self, "verdict", Verdict(self.verdict))
         _set(self, "spec_refs", [_coerce(r, SpecRef) for r in self.spec_refs])
         _set(self, "expected", _coerce(self.expected, Expected))
@@ -203,6 +206,15 @@ class CaseRun:
     def from_dict(cls, data: dict[str, Any]) -> CaseRun:
         """From an already validated mapping (``RunResult.from_dict`` validates)."""
         return cls(**data)
+
+
+SENDER_CASE_PREFIX = "SND-"
+
+
+def is_sender_run(run: CaseRun) -> bool:
+    """A receiver case run against a sender (``smtplab run --sender``): its ``client`` names the receiver case and
+    its ``target`` the sender under test."""
+    return run.case.startswith(SENDER_CASE_PREFIX)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -45,6 +45,9 @@ class FaultPolicy:
     bare_lf_ends_data: bool = False
     #: RFC 3207 4: STARTTLS is listed, then refused with this reply (454: "TLS not available").
     refuse_starttls: Reply | None = None
+    #: RFC 3207 4: after the 220 to STARTTLS, the client's ClientHello is never answered and the connection stays
+    #: open (a handshake that stalls: the client's own timeout has to end it).
+    stall_handshake: bool = False
     #: RFC 3207 4: STARTTLS is served though not listed (the policy offers no TLS).
     serve_unadvertised_starttls: bool = False
     #: RFC 3207 4: STARTTLS with an argument is served (instead of 501).
@@ -76,3 +79,6 @@ STARTTLS_454 = FaultPolicy(refuse_starttls=Reply(454, "4.7.0", "TLS not availabl
 RESPONSE_INJECTION = FaultPolicy(behind_starttls_220=INJECTED_REPLY)
 GARBAGE_AFTER_220 = FaultPolicy(answer_client_hello=GARBAGE)
 HANDSHAKE_FAIL = FaultPolicy(answer_client_hello=HANDSHAKE_FAILURE_ALERT)
+STARTTLS_421 = FaultPolicy(refuse_starttls=Reply(421, "4.7.0", "TLS not available, closing connection"))
+STARTTLS_554 = FaultPolicy(refuse_starttls=Reply(554, "5.7.0", "TLS not available"))
+STALL_HANDSHAKE = FaultPolicy(stall_handshake=True)

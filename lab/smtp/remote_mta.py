@@ -2,7 +2,9 @@
 
 It is the lab's server session (``lab.smtp.session.ServerSession``) with another MTA's reply texts and one of
 the fault policies of ``lab.smtp.faults``: its STARTTLS can be absent (a server without TLS), refused with 454,
-followed by garbage, followed by an injected response, or doomed to a failed handshake.
+followed by garbage, followed by an injected response, doomed to a failed handshake, refused with 421 (and the
+connection closed) or 554, or left to stall after the 220. The receivers that judge senders
+(``lab.sender.receivers``) are remote MTAs too, with the certificate and TLS settings of their case.
 ``injection_vulnerable`` makes it execute plaintext sent behind STARTTLS inside TLS (CVE-2011-0411), so the
 client's ``injection_executed`` detection has something to detect. The protocol here is a thin shell: it
 carries out the session's actions and keeps a record of each connection for the tests; it parses nothing.
@@ -40,6 +42,9 @@ FAULTS: dict[str, FaultPolicy] = {
     "garbage-after-220": faults.GARBAGE_AFTER_220,
     "response-injection": faults.RESPONSE_INJECTION,
     "handshake-fail": faults.HANDSHAKE_FAIL,
+    "421": faults.STARTTLS_421,
+    "554": faults.STARTTLS_554,
+    "stall-handshake": faults.STALL_HANDSHAKE,
 }
 MODES = tuple(FAULTS)
 
@@ -82,8 +87,8 @@ class SessionLog:
 
 
 class RemoteMTAFactory(ServerFactory):
-    """``starttls``: ``ok`` | ``absent`` | ``454`` | ``garbage-after-220`` | ``response-injection`` |
-    ``handshake-fail``. Without ``tls_server`` the demo certificate is used."""
+    """``starttls``: one of ``MODES`` (``ok``, ``absent``, ``454``, ``garbage-after-220``, ``response-injection``,
+    ``handshake-fail``, ``421``, ``554``, ``stall-handshake``). Without ``tls_server`` the demo certificate is used."""
 
     def __init__(
         self,

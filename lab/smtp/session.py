@@ -195,6 +195,7 @@ class ServerSession:
         self._data: DataReader | None = None  # DATA: the message text so far
         self._delivering: Message | None = None  # DELIVERING: the message the spool is writing
         self._answer_hello: bytes | None = None  # the ``answer_client_hello`` fault, armed by the 220
+        self._stalled = False  # the ``stall_handshake`` fault, armed by the 220: nothing is ever answered
 
     # -- state and facts
 
@@ -243,6 +244,8 @@ class ServerSession:
 
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client (plaintext, or decrypted inside TLS)."""
+        if self._stalled:
+            return []
         if self._answer_hello is not None and data and not self.closed:
             answer, self._answer_hello = self._answer_hello, None
             return [Send(answer), *self._close()]  # the ClientHello answered with what is not a ServerHello
@@ -393,13 +396,19 @@ class ServerSession:
     def _cmd_starttls(self, _argument: str) -> list[Action]:
         faults = self.config.faults
         if faults.refuse_starttls is not None:
-            return [Send.of(faults.refuse_starttls)]
+            refusal: list[Action] = [Send.of(faults.refuse_starttls)]
+            return refusal + (self._close() if faults.refuse_starttls.code == 421 else [])  # RFC 5321 3.8
         if faults.starttls_in_tls is not None and self.tls is not None:
             return [Send.of(faults.starttls_in_tls)]
         ready, behind_220 = replies.READY_TO_START_TLS, faults.behind_starttls_220
         if faults.answer_behind_starttls is not None and self._reader:
             behind_220 += faults.answer_behind_starttls.render() * self._reader.take().count(b"\n")
         actions: list[Action] = [Send(ready.render() + behind_220, ready), StartTLS()]
+        if faults.stall_handshake:
+            self._reader.clear()
+            self._stalled = True
+            self.machine.move(Move.STARTTLS_ACCEPTED)
+            return actions[:1]
         if faults.answer_client_hello is not None:
             self._reader.clear()
             self._answer_hello = faults.answer_client_hello

@@ -61,6 +61,7 @@ class Kind(StrEnum):
     MAILLOG = "maillog"  # a line the target appended to its mail log during the run
     DEMO_CERTIFICATE = "demo-certificate"  # how a demo-certificate case stands in against another MTA
     HARNESS = "harness"
+    RECEIVER = "receiver"  # a command a receiver of a sender run read (lab.sender), plaintext or inside TLS
 
 
 def _marker(direction: Direction, tls: bool) -> str:

@@ -148,8 +148,22 @@ class LabCA:
             return None
         return CertKey(cert_path.stem, cert_pem, key_pem)
 
-    def _sign_leaf(self, key: ec.EllipticCurvePrivateKey, names: tuple[str, ...], client: bool) -> x509.Certificate:
-        now = _now()
+    def issue_expired(self, name: str, hostnames: Sequence[str]) -> CertKey:
+        """A server certificate for ``hostnames`` from this CA whose validity ended a day ago (never cached: a
+        receiver that must present a broken certificate, docs/rules.md §6)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        ended = _now() - dt.timedelta(days=1)
+        cert = self._sign_leaf(key, tuple(hostnames), False, not_after=ended)
+        return CertKey(name, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+    def _sign_leaf(
+        self,
+        key: ec.EllipticCurvePrivateKey,
+        names: tuple[str, ...],
+        client: bool,
+        not_after: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        now = _now() if not_after is None else not_after - LEAF_VALIDITY
         sans: list[x509.GeneralName] = []
         for raw in names:
             ip = _as_ip(raw)
@@ -207,6 +221,26 @@ class LabCA:
         _write_atomic(key_path, _key_pem(key), 0o600)
         _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         return cert, key
+
+
+def self_signed(name: str, hostnames: Sequence[str]) -> CertKey:
+    """A server certificate for ``hostnames`` signed by its own key: no CA vouches for it (never cached)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0][:64])])
+    now = _now()
+    sans = [x509.DNSName(_canonical(n)) for n in hostnames]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + LEAF_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return CertKey(name, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
 
 def demo_certificate() -> CertKey:
