@@ -35,6 +35,7 @@ from lab.outbound.published import AppliedPolicy, no_published_policy
 from lab.outbound.queue import OutboundQueue, QueuedRecipient, QueueItem, QueueState
 from lab.policy.destinations import DestinationControl, Next, result_type
 from lab.smtp.client import ScriptedClient
+from lab.smtp.transcript import Entry
 from lab.tls.certs import CertKey
 from lab.tls.tlsctx import ClientTLSFactory, KeyLog
 
@@ -110,6 +111,7 @@ class DeliveryEngine:
         self.reports: TlsReports | None = None  # the TLS-RPT reporter over these attempts (attach_outbound)
         self.counters: dict[str, DomainCounters] = {}
         self.transcripts: dict[int, list[str]] = {}  # DCID -> the client's transcript of that connection
+        self.entries: dict[int, list[Entry]] = {}  # DCID -> the same transcript as entries (the run reports)
         self._recent: dict[str, deque[float]] = {}  # domain -> times recipients were delivered (rate limit)
         self._timer: IDelayedCall | None = None
         self._running = False
@@ -336,6 +338,7 @@ class DeliveryEngine:
         )
         record = await client.run(interpreter.deliver)
         self.transcripts[dcid] = record.transcript
+        self.entries[dcid] = record.entries
         if report.failure is not None:
             self.maillog.dcid_error(dcid, report.failure)
         self._log_answers(dcid, envelopes, report)
