@@ -3,7 +3,7 @@
 #
 #   scripts/compose.sh build        base image (debootstrap + docker import), wheelhouse, the lab image
 #   scripts/compose.sh up           build, then start the stack and wait until every service is healthy
-#   scripts/compose.sh run [T...]   up, then the runner service: the catalogue against each target profile T
+#   scripts/compose.sh run [T...]   up (unless it is), then the runner service: the catalogue against each target profile T
 #                                   (docker/targets/T.yaml; default: appliance postfix-may); reports are copied
 #                                   to ./smtplab-report-compose/T/; exits with the run's exit code
 #   scripts/compose.sh down [--all] remove the stack and its images, stop the daemon we started, restore the host;
@@ -201,8 +201,12 @@ up() {
   wait_healthy
 }
 
+stack_running() {
+  daemon_pid >/dev/null && [ -n "$(compose ps -q esa 2>/dev/null)" ]
+}
+
 run() {
-  up
+  if stack_running; then wait_healthy; else up; fi
   "$DOCKER" rm -f "$RUNNER" >/dev/null 2>&1 || true
   local code=0
   compose run --name "$RUNNER" runner smtplab-runner "$@" || code=$?
@@ -220,8 +224,8 @@ down() {
   need_tools
   if daemon_pid >/dev/null; then
     "$DOCKER" rm -f "$RUNNER" >/dev/null 2>&1 || true
-    compose --profile run down --volumes --rmi all --remove-orphans
-    "$DOCKER" rmi "$BASE_IMAGE" >/dev/null 2>&1 || true
+    compose --profile run down --volumes --remove-orphans
+    "$DOCKER" rmi "$LAB_IMAGE" "$BASE_IMAGE" >/dev/null 2>&1 || true # the data root goes below anyway
     stop_daemon
   fi
   rm -rf "$STATE/docker" "$STATE/exec" "$STATE/dockerd.pid" "$STATE/rootfs"
