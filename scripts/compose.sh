@@ -210,12 +210,20 @@ run() {
   "$DOCKER" rm -f "$RUNNER" >/dev/null 2>&1 || true
   local code=0
   compose run --name "$RUNNER" runner smtplab-runner "$@" || code=$?
-  rm -rf "$REPORTS"
-  if "$DOCKER" cp "$RUNNER:/reports" "$REPORTS" 2>/dev/null; then
+  local copied report
+  copied=$(mktemp -d)
+  if "$DOCKER" cp "$RUNNER:/reports/." "$copied" 2>/dev/null; then
+    mkdir -p "$REPORTS"
+    for report in "$copied"/*; do # one directory per target: replaces that target's previous report only
+      [ -e "$report" ] || continue
+      rm -rf "${REPORTS:?}/$(basename "$report")"
+      mv "$report" "$REPORTS/"
+    done
     say "reports copied to $REPORTS"
   else
     say "the runner left no reports"
   fi
+  rm -rf "$copied"
   "$DOCKER" rm -f "$RUNNER" >/dev/null
   return "$code"
 }
