@@ -236,6 +236,10 @@ down() {
     "$DOCKER" rmi "$LAB_IMAGE" "$BASE_IMAGE" >/dev/null 2>&1 || true # the data root goes below anyway
     stop_daemon
   fi
+  # a daemon that died without cleaning up leaves its overlay mounts: unmount them, deepest first, before rm
+  awk -v root="$STATE/" 'index($2, root) == 1 {print $2}' /proc/mounts | sort -r | while read -r mount; do
+    umount "$mount"
+  done
   rm -rf "$STATE/docker" "$STATE/exec" "$STATE/dockerd.pid" "$STATE/rootfs"
   restore_host_state
   if [ "${1:-}" = --all ]; then
