@@ -48,6 +48,14 @@ def hostname_problem(name: str, *, fqdn: bool = False, wildcard: bool = False) -
 _LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback IP literal; a host name is not (only an ``allow_remote`` target has one)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_loopback(address: str, field: str = "address") -> str:
     """Peers may only ever bind 127.0.0.0/8; anything else is a user error, not something to try."""
     try:

@@ -3,7 +3,8 @@
 Quick mode (``--listen HOST:PORT --tls MODE``) serves one public listener; full mode (``--config FILE``)
 serves every listener of an appliance file, each mapped onto a loopback address with ``--bind``.
 Virtual addresses (192.168.2.1 ...) never reach a socket: a listener whose interface is not a loopback
-address must be bound explicitly.
+address must be bound explicitly, unless ``--allow-remote`` says this machine really has that address (a
+container on an internal network, docs/compose.md).
 
 Start and stop are where mail gets lost, so both are checked: ``--spool``, ``--state`` and ``--log`` are created
 and written to before the first connection (exit 3 with one line if not), a crash's leftovers in the spool's
@@ -70,9 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--state", metavar="DIR", help="state directory for the lab CA (default $SMTPLAB_STATE or ./.smtplab)"
     )
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="serve on addresses other than loopback too: for a container on an internal network (docs/compose.md)",
+    )
 
 
-def _host_port(text: str, flag: str) -> tuple[str, int]:
+def _host_port(text: str, flag: str, allow_remote: bool = False) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise BadInput(f"{text!r} is not HOST:PORT", field=flag)
@@ -81,13 +87,13 @@ def _host_port(text: str, flag: str) -> tuple[str, int]:
         address = ipaddress.ip_address(host)
     except ValueError:
         raise BadInput(f"{host!r} is not an IP address", field=flag) from None
-    if not address.is_loopback:
+    if not address.is_loopback and not allow_remote:
         raise BadInput(f"{host} is not a loopback address; smtplab serves only on 127.0.0.0/8 or ::1", field=flag)
     return host, int(port)
 
 
 def _quick(args: argparse.Namespace) -> tuple[Appliance, dict[str, tuple[str, int]]]:
-    host, port = _host_port(args.listen, "--listen")
+    host, port = _host_port(args.listen, "--listen", args.allow_remote)
     certificate = None
     if args.cert or args.key:
         if not (args.cert and args.key):
@@ -123,12 +129,12 @@ def _full(args: argparse.Namespace) -> tuple[Appliance, dict[str, tuple[str, int
             raise BadInput(
                 f"no listener {name!r} in {args.config} (listeners: {', '.join(sorted(names))})", field="--bind"
             )
-        binds[name] = _host_port(address, "--bind")
+        binds[name] = _host_port(address, "--bind", args.allow_remote)
     for item in appliance.listeners:
         if item.name in binds:
             continue
         address = appliance.interfaces[item.interface].address
-        if not ipaddress.ip_address(address).is_loopback:
+        if not ipaddress.ip_address(address).is_loopback and not args.allow_remote:
             raise BadInput(
                 f"listener {item.name}: interface address {address} is a lab address, not this machine's; "
                 f"map it with --bind {item.name}=127.0.0.1:PORT",

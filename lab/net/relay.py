@@ -15,7 +15,6 @@ answers) and reads again once it drained; a side that does not read stalls its c
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +23,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.python.failure import Failure
 
 from lab.errors import HarnessError
+from lab.names import is_loopback
 from lab.net.capture import Direction
 from lab.net.middlebox import Middlebox, MiddleboxChain
 
@@ -207,7 +207,7 @@ class MiddleboxRelay:
         self.address = address or (RELAY_ADDRESS if target_host != RELAY_ADDRESS else RELAY_SPARE)
         self.connect_timeout = connect_timeout
         # A loopback target sees the relay's own address; a remote one (allow_remote) whatever route reaches it.
-        self.source = (self.address, 0) if _is_loopback(target_host) else None
+        self.source = (self.address, 0) if is_loopback(target_host) else None
         self.notes: list[str] = []
         self.splices: set[_Splice] = set()
         self._port: Any = None
@@ -238,10 +238,3 @@ class MiddleboxRelay:
         self.splices.clear()
         port, self._port = self._port, None
         return defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False

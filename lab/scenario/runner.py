@@ -28,6 +28,7 @@ from lab.appliance.maillog import MailLog, log_record
 from lab.appliance.model import Appliance, Listener
 from lab.appliance.spool import MaildirNames, Spool
 from lab.errors import HarnessError
+from lab.names import is_loopback
 from lab.net.capture import Capture, Direction
 from lab.net.carrier import EXTERNAL_CARRIER, ICarrier, open_carrier
 from lab.net.middlebox import StartTLSStripper
@@ -422,7 +423,11 @@ class Runner:
     def _external(self, case: Case, policy: str, capture: Capture) -> _Outcome:
         target = self.options.target
         assert target is not None
-        source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
+        # A loopback target gets a loopback client address other than its own; a remote one (a profile's
+        # allow_remote, e.g. a container on an internal network) is reached from the address the kernel picks.
+        source: str | None = None
+        if is_loopback(target.host):
+            source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
         if "blocked_client" in case.facts:  # the case is about that address: the client connects from it
             source = str(target.facts["blocked_client"])
         notes: list[Entry] = []
