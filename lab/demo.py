@@ -5,18 +5,21 @@ A lesson is data (a YAML file, ``lab/lessons/*.yaml`` or a teacher's own, checke
 catalogue case and the policy it runs under, the verdict the lesson expects and what to notice. Nothing here
 re-implements the lab: the answers go through the real CLI (``lab.appliance_cli``) on the lesson's own copy of
 the built-in appliance, the case through ``lab.pipeline`` on the memory carrier, the picture through
-``lab.report.ladder``.
+``lab.report.ladder``. A step may instead run one virtual day of the built-in lab's outbound mail (``day:
+outbound``, ``lab.outbound.labday``: MTA-STS applied, the TLS-RPT report sent) and show its mail log.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 
@@ -45,6 +48,7 @@ class Step:
     cli: tuple[str, ...] = ()
     show: tuple[str, ...] = ()
     expect: Verdict | None = None
+    day: str | None = None  # "outbound": the step runs lab.outbound.labday instead of a case
 
 
 @dataclass(frozen=True)
@@ -64,17 +68,22 @@ class _LessonBuilder(DocumentBuilder):
         doc: dict[str, Any] = self.doc
         steps = []
         for i, raw in enumerate(doc["steps"]):
-            if raw["case"] not in known_cases:
+            if ("day" in raw) == ("case" in raw or "policy" in raw):
+                raise self.fail("a step runs either a case (case, policy) or a day (day: outbound)", ["steps", i])
+            if "day" not in raw and ("case" not in raw or "policy" not in raw):
+                raise self.fail("a step that runs a case gives both case and policy", ["steps", i])
+            if "case" in raw and raw["case"] not in known_cases:
                 raise self.fail(f"no case {raw['case']!r} in the catalogue (see `smtplab list`)", ["steps", i, "case"])
             steps.append(
                 Step(
                     narration=raw["narration"].strip(),
-                    case=raw["case"],
-                    policy=raw["policy"],
+                    case=raw.get("case", ""),
+                    policy=raw.get("policy", ""),
                     notice=raw["notice"].strip(),
                     cli=tuple(str(answer) for answer in raw.get("cli", [])),
                     show=tuple(raw.get("show", [])),
                     expect=Verdict(raw["expect"]) if "expect" in raw else None,
+                    day=raw.get("day"),
                 )
             )
         return Lesson(doc["id"], doc["title"], doc["intro"].strip(), tuple(steps), self.file)
@@ -114,11 +123,13 @@ def run_step(step: Step) -> CaseRun:
 
 
 class Teacher:
-    """Runs lessons on a console; ``wait`` is called between steps (Enter, or nothing under ``--no-pause``)."""
+    """Runs lessons on a console; ``wait`` is called between steps (Enter, or nothing under ``--no-pause``);
+    ``log`` gets the mail log of every ``day`` step."""
 
-    def __init__(self, console: Console, wait: Callable[[], None]) -> None:
+    def __init__(self, console: Console, wait: Callable[[], None], log: TextIO | None = None) -> None:
         self.console = console
         self.wait = wait
+        self.log = log
 
     def say(self, text: str = "") -> None:
         self.console.print(text, soft_wrap=True)
@@ -152,6 +163,12 @@ class Teacher:
                 self.say(f"! smtplab cli exited {code}: the lesson's answers were refused")
                 good = False
         self.say()
+        if step.day is not None:
+            good = self.day() and good
+            self.say(f"What to notice: {step.notice}")
+            self.say()
+            self.wait()
+            return good
         self.say(f"$ smtplab run --policy {step.policy} {step.case}")
         run = run_step(step)
         print_ladder(run, self.console)
@@ -169,3 +186,27 @@ class Teacher:
         self.say()
         self.wait()
         return good
+
+    def day(self) -> bool:
+        """One virtual day of the built-in lab's outbound mail: its mail log, what the MX hosts received, the
+        TLS-RPT report; as expected when the report reached its rua address."""
+        from lab.outbound.labday import outbound_day  # the engine, only for lessons that send
+
+        with tempfile.TemporaryDirectory(prefix="smtplab-day-") as scratch:
+            result = outbound_day(Path(scratch), self.log)
+            self.say(f"mail log ({len(result.log)} lines):")
+            for line in result.log:
+                self.say(f"  {visible(line)}")
+            self.say()
+            for host, messages in result.received.items():
+                rcpts = ", ".join(r for m in messages for r in m.rcpt_to)
+                self.say(f"{host} received {len(messages)} message(s): {rcpts}")
+            for sent in result.reports:
+                self.say(f"TLS-RPT report {sent.path.name} to {', '.join(sent.rua)}:")
+                for line in json.dumps(json.loads(gzip.decompress(sent.path.read_bytes())), indent=2).splitlines():
+                    self.say(f"  {line}")
+            delivered = {r for m in result.received.get("mx.secure.example", []) for r in m.rcpt_to}
+        if "tlsrpt@secure.example" not in delivered:
+            self.say("! the TLS-RPT report did not reach tlsrpt@secure.example")
+            return False
+        return True

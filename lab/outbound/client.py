@@ -210,7 +210,10 @@ class DeliveryInterpreter(StepInterpreter):
         decision = sts_decide(policy, mx, outcome)
         action = None
         if decision.result_type is not None:
-            report.sts_result, report.sts_reason = decision.result_type, decision.reason
+            reason = decision.reason
+            if reason == decision.result_type:  # a certificate problem: say what it is about this MX
+                reason = _CERTIFICATE_PROBLEMS.get(reason, reason).format(mx=mx)
+            report.sts_result, report.sts_reason = decision.result_type, reason
             if not decision.deliver:
                 nxt, action = Next.DEFER, "not delivered"
             else:
@@ -280,6 +283,14 @@ class DeliveryInterpreter(StepInterpreter):
         conn = self.client.conn
         if conn is not None and conn.usable and not conn.tls_pending:
             await self._quit(None)
+
+
+#: RFC 8460 result types of a certificate that does not do for MTA-STS, as one line about the MX.
+_CERTIFICATE_PROBLEMS = {
+    "certificate-host-mismatch": "the certificate does not name {mx}",
+    "certificate-expired": "the certificate of {mx} has expired",
+    "certificate-not-trusted": "the certificate of {mx} does not chain to a trusted CA",
+}
 
 
 def dot_stuffed(data: bytes) -> bytes:
