@@ -23,10 +23,10 @@ def test_every_lesson_runs_as_expected() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     out = done.stdout
     ids = [lesson.id for lesson in builtin_lessons()]
-    assert ids == ["tls-settings", "stripping", "injection-and-smuggling"]
+    assert ids == ["tls-settings", "stripping", "injection-and-smuggling", "mta-sts"]
     for lesson_id in ids:
         assert f"=== Lesson {lesson_id}:" in out
-    assert "lessons: 3 as expected, 0 not" in out
+    assert "lessons: 4 as expected, 0 not" in out
     assert "|------------------------>|   EHLO" in out  # a plaintext arrow
     assert "|~~~~~~~~~~~~~~~~~~~~~~~~>|   MAIL FROM" in out  # a TLS arrow
     assert "[=TLS=]" in out

@@ -59,3 +59,16 @@ def test_the_lesson_runs_and_its_mail_log_reads_back(tmp_path: Path, capsys: pyt
 def test_a_log_file_that_cannot_be_written_is_exit_3(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "mta-sts", "--no-pause", "--log", str(tmp_path / "no" / "such" / "dir.log")]) == 3
     assert "cannot write the mail log" in capsys.readouterr().err
+
+
+def test_a_step_runs_a_case_or_a_day_not_both(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lesson = tmp_path / "lesson.yaml"
+    head = "id: mine\ntitle: t\nintro: i\nsteps:\n  - narration: n\n    notice: w\n"
+    for extra, problem in (
+        ("    day: outbound\n    case: 3207-4-01\n    policy: required\n", "runs either a case"),
+        ("", "runs either a case"),
+        ("    case: 3207-4-01\n", "that runs a case gives both case and policy"),
+    ):
+        lesson.write_text(head + extra)
+        assert main(["demo", "--no-pause", "--lesson-file", str(lesson)]) == 3
+        assert f"lesson.yaml:5: steps[0]: a step {problem}" in capsys.readouterr().err
