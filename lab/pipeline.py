@@ -31,7 +31,6 @@ from lab.scenario.runner import ExternalTarget, RunOptions, lab_target_name, run
 #: listens a second for a reply that must not come), so four workers, each with its own namespaces (docs/netns.md).
 CARRIER_JOBS = {"netns": 4}
 
-
 @dataclass(frozen=True)
 class RunRequest:
     """What to run and how, as ``smtplab run`` and the pytest plugin both say it.

@@ -31,3 +31,5 @@ def check_host(empty_ok: bool) -> Callable[[str], str]:
         return text
 
     return check
+
+
