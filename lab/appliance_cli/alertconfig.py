@@ -84,7 +84,6 @@ def new(ctx: Context, appliance: Appliance) -> None:
     address = ask_value(ctx.term, 'Please enter a new email address to send alerts. (Ex: "administrator@example.com")',
                         "", _address(taken))
     entry = CommentedMap([("address", address)])
-    entry.fa.set_flow_style()
     changed = _classes_and_severities(ctx, entry, ALERT_CLASSES, ALERT_SEVERITIES, new=True)
     _recipients(ctx).append(entry)
     ctx.change(f"alert recipient {address}: added ({'; '.join(changed)})")

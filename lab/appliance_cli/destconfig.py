@@ -73,7 +73,6 @@ def new(ctx: Context, appliance: Appliance) -> None:
     check = _domain(list(entries))
     domain = ask_value(ctx.term, "Enter the domain you wish to configure.", "", check)
     entry = CommentedMap([("domain", domain)])
-    entry.fa.set_flow_style()  # one line, like the entries of the built-in file
     inherited = replace(appliance.outbound.destinations.default, domain=domain)
     changed = walk(ctx, appliance, domain, inherited, entry, always_tls=True)
     ctx.doc.outbound_list("destination_controls").append(entry)
