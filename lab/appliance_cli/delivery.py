@@ -11,6 +11,7 @@ table, mail log, alerts), stopped after one round, so a deferral is reported rat
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -59,7 +60,7 @@ def entries_of(lines: list[str]) -> list[Entry]:
     ``[=TLS=]`` row)."""
     entries = [from_legacy_line(line) for line in lines]
     wire = [i for i, entry in enumerate(entries) if entry.direction in (Direction.SENT, Direction.RECEIVED)]
-    for before, after in zip(wire, wire[1:], strict=False):
+    for before, after in itertools.pairwise(wire):
         notes = [i for i in range(before + 1, after) if entries[i].direction is Direction.NOTE]
         if not entries[before].tls and entries[after].tls and notes:
             entries[notes[0]] = replace(entries[notes[0]], kind=Kind.TLS_STARTED)

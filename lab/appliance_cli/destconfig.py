@@ -145,7 +145,8 @@ def walk(
             changed.append(f"{key} {'unlimited' if value is None else value}")
 
     options = [str(mode) for mode in TLS_CHOICES]
-    tls = TLS_CHOICES[ask_choice(term, "Do you wish to configure TLS support?", options, TLS_CHOICES.index(current.tls))]
+    chosen = ask_choice(term, "Do you wish to configure TLS support?", options, TLS_CHOICES.index(current.tls))
+    tls = TLS_CHOICES[chosen]
     if tls != current.tls or always_tls:
         target["tls"] = tls.name.lower().replace("_", "-")
         changed.append(f"TLS {tls}")
