@@ -38,8 +38,9 @@ def test_typing_the_seed_steps_into_the_interactive_cli(tmp_path: Path) -> None:
         raise AssertionError(f"{what} never appeared:\n{screen()}")
 
     def answer(keys: str, expect: str) -> str:
+        before = screen()  # the prompt answered may end like the next one ([1]> after [1]>): wait for a change
         tm("send-keys", "-t", session, keys, "Enter")
-        return wait_for(lambda text: text.rstrip().endswith(expect), repr(expect))
+        return wait_for(lambda text: text.rstrip() != before.rstrip() and text.rstrip().endswith(expect), repr(expect))
 
     command = f"{shlex.quote(sys.executable)} -m lab cli --config {shlex.quote(str(config))}"
     tm("new-session", "-d", "-s", session, "-x", "200", "-y", "50", command)

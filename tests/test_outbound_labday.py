@@ -65,8 +65,8 @@ def test_a_step_runs_a_case_or_a_day_not_both(tmp_path: Path, capsys: pytest.Cap
     lesson = tmp_path / "lesson.yaml"
     head = "id: mine\ntitle: t\nintro: i\nsteps:\n  - narration: n\n    notice: w\n"
     for extra, problem in (
-        ("    day: outbound\n    case: 3207-4-01\n    policy: required\n", "runs either a case"),
-        ("", "runs either a case"),
+        ("    day: outbound\n    case: 3207-4-01\n    policy: required\n", "runs one of a case"),
+        ("", "runs one of a case"),
         ("    case: 3207-4-01\n", "that runs a case gives both case and policy"),
     ):
         lesson.write_text(head + extra)

@@ -108,6 +108,29 @@ class ConfigDocument:
         section: CommentedMap = hat[key]
         return section
 
+    def outbound(self) -> CommentedMap:
+        """The ``outbound`` mapping, created on first use."""
+        if not isinstance(self.working.get("outbound"), dict):
+            self.working["outbound"] = CommentedMap()
+        outbound: CommentedMap = self.working["outbound"]
+        return outbound
+
+    def outbound_map(self, key: str) -> CommentedMap:
+        """``outbound.default_destination`` or ``outbound.alerts``, created on first use."""
+        outbound = self.outbound()
+        if not isinstance(outbound.get(key), dict):
+            outbound[key] = CommentedMap()
+        section: CommentedMap = outbound[key]
+        return section
+
+    def outbound_list(self, key: str, parent: CommentedMap | None = None) -> CommentedSeq:
+        """``outbound.destination_controls`` (or a list under ``parent``), created on first use."""
+        owner = self.outbound() if parent is None else parent
+        if not isinstance(owner.get(key), list):
+            owner[key] = CommentedSeq()
+        items: CommentedSeq = owner[key]
+        return items
+
     def policy(self, index: int, name: str) -> CommentedMap:
         policies = self.section(index, "policies")
         if not isinstance(policies.get(name), dict):

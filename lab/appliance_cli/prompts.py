@@ -95,3 +95,28 @@ def ask_item(term: Terminal, question: str, items: Sequence[str]) -> int | None:
         if named:
             return named[0]
         term.refuse(f"Error: {answer!r} is neither a number from 1 to {len(items)} nor a name listed above")
+
+
+def ask_several(term: Terminal, question: str, options: Sequence[str], default: Sequence[int]) -> list[int]:
+    """A numbered menu taking several answers separated by commas (numbers or texts); the 0-based indexes in
+    menu order. ``default`` is what an empty answer takes."""
+    shown = ",".join(str(i + 1) for i in default)
+    while True:
+        term.say()
+        term.say(question)
+        for number, option in enumerate(options, 1):
+            term.say(f"{number}. {option}")
+        answer = term.ask(f"Enter one or more, separated by commas. [{shown}]> ", options) or shown
+        chosen: set[int] = set()
+        for word in (w.strip() for w in answer.split(",")):
+            if word.isdigit() and 1 <= int(word) <= len(options):
+                chosen.add(int(word) - 1)
+            elif word.lower() in (o.lower() for o in options):
+                chosen.add([o.lower() for o in options].index(word.lower()))
+            else:
+                term.refuse(f"Error: {word[:60]!r} is not a choice: enter numbers from 1 to {len(options)}")
+                break
+        else:
+            if chosen:
+                return sorted(chosen)
+            term.refuse("Error: choose at least one")

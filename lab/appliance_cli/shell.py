@@ -1,33 +1,21 @@
-"""The top-level prompt: the appliance commands, ``commit`` and ``clear``.
-
-Outbound delivery (destination controls, alerts, ``tlsverify``) is not modelled yet; those commands say so in one
-line rather than pretend.
-"""
+"""The top-level prompt: the appliance commands, ``commit`` and ``clear``."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lab.appliance_cli import certconfig, listenerconfig
+from lab.appliance_cli import alertconfig, certconfig, destconfig, listenerconfig, tlsverify
 from lab.appliance_cli.context import Context
 from lab.appliance_cli.prompts import ask_yes_no
 from lab.appliance_cli.terminal import EndOfInput
 from lab.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput
 
-NOT_MODELLED = {
-    "destconfig": "destconfig: outbound delivery is not modelled yet (the lab's appliance only receives), "
-    "so there are no destination controls to configure",
-    "alertconfig": "alertconfig: outbound delivery is not modelled yet, so there are no TLS delivery alerts "
-    "to configure",
-    "tlsverify": "tlsverify: outbound delivery is not modelled yet, so there is no outbound TLS to test",
-}
-
 HELP = [
     ("listenerconfig", "Configure mail listeners (and their Host Access Tables, under edit > hostaccess)."),
     ("certconfig", "Configure security certificates."),
-    ("destconfig", "Configure destination controls (outbound: not modelled yet)."),
-    ("alertconfig", "Configure email alerts (outbound: not modelled yet)."),
-    ("tlsverify", "Test the TLS connection to a domain (outbound: not modelled yet)."),
+    ("destconfig", "Configure destination controls (TLS, limits, bounce profile per domain)."),
+    ("alertconfig", "Configure email alerts (who gets which classes and severities)."),
+    ("tlsverify", "Test the TLS connection to a domain: tlsverify DOMAIN (a delivery through the lab)."),
     ("commit", "Commit the pending changes to the appliance file."),
     ("clear", "Clear the pending changes."),
     ("help", "This list."),
@@ -42,6 +30,8 @@ class Shell:
         self.commands: dict[str, Callable[[], None]] = {
             "listenerconfig": lambda: listenerconfig.run(self.ctx),
             "certconfig": lambda: certconfig.run(self.ctx),
+            "destconfig": lambda: destconfig.run(self.ctx),
+            "alertconfig": lambda: alertconfig.run(self.ctx),
             "commit": self.commit,
             "clear": self.clear,
             "help": self.help,
@@ -58,15 +48,17 @@ class Shell:
         try:
             while True:
                 term.say()
-                command = term.ask(self.prompt(), words).lower()
+                command, _, argument = term.ask(self.prompt(), words).partition(" ")
+                command, argument = command.lower(), argument.strip()
                 if not command:
                     continue
                 if command in ("quit", "exit", "q"):
                     if self.leave():
                         break
-                elif command in NOT_MODELLED:
-                    term.say()
-                    term.say(NOT_MODELLED[command])
+                elif command == "tlsverify":
+                    tlsverify.run(self.ctx, argument)
+                elif argument and command in self.commands:
+                    term.refuse(f"Error: {command} takes no argument (its dialog asks)")
                 elif command in self.commands:
                     self.commands[command]()
                 else:
