@@ -6,18 +6,22 @@ either a catalogue case and the policy it runs under (the appliance receiving) o
 appliance sending), what the lesson expects and what to notice. Nothing here re-implements the lab: the answers
 go through the real CLI (``lab.appliance_cli``) on the lesson's own copy of the built-in appliance, the case
 through ``lab.pipeline`` on the memory carrier, the delivery through the delivery engine
-(``lab.appliance_cli.delivery``, as ``tlsverify`` does), the picture through ``lab.report.ladder``.
+(``lab.appliance_cli.delivery``, as ``tlsverify`` does), the picture through ``lab.report.ladder``. A step may
+instead run one virtual day of the built-in lab's outbound mail (``day: outbound``, ``lab.outbound.labday``:
+MTA-STS applied, retries, the TLS-RPT report at midnight) and show its mail log.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -61,6 +65,7 @@ class Step:
     show: tuple[str, ...] = ()
     expect: Verdict | None = None
     delivery: Delivery | None = None
+    day: str | None = None  # "outbound": the step runs lab.outbound.labday
 
 
 @dataclass(frozen=True)
@@ -81,8 +86,8 @@ class _LessonBuilder(DocumentBuilder):
         steps = []
         for i, raw in enumerate(doc["steps"]):
             runs_case = "case" in raw or "policy" in raw or "expect" in raw
-            if runs_case == ("delivery" in raw):
-                raise self.fail("a step runs either a case (case, policy) or a delivery, one of the two", ["steps", i])
+            if [runs_case, "delivery" in raw, "day" in raw].count(True) != 1:
+                raise self.fail("a step runs one of a case (case, policy), a delivery or a day", ["steps", i])
             if runs_case and ("case" not in raw or "policy" not in raw):
                 raise self.fail("a step that runs a case gives both case and policy", ["steps", i])
             if runs_case and raw["case"] not in known_cases:
@@ -102,6 +107,7 @@ class _LessonBuilder(DocumentBuilder):
                     show=tuple(raw.get("show", [])),
                     expect=Verdict(raw["expect"]) if "expect" in raw else None,
                     delivery=delivery,
+                    day=raw.get("day"),
                 )
             )
         return Lesson(doc["id"], doc["title"], doc["intro"].strip(), tuple(steps), self.file)
@@ -142,11 +148,13 @@ def run_step(step: Step) -> CaseRun:
 
 
 class Teacher:
-    """Runs lessons on a console; ``wait`` is called between steps (Enter, or nothing under ``--no-pause``)."""
+    """Runs lessons on a console; ``wait`` is called between steps (Enter, or nothing under ``--no-pause``);
+    ``log`` gets the mail log of every ``day`` step."""
 
-    def __init__(self, console: Console, wait: Callable[[], None]) -> None:
+    def __init__(self, console: Console, wait: Callable[[], None], log: TextIO | None = None) -> None:
         self.console = console
         self.wait = wait
+        self.log = log
 
     def say(self, text: str = "") -> None:
         self.console.print(text, soft_wrap=True)
@@ -181,6 +189,8 @@ class Teacher:
                 good = False
         if step.delivery is not None:
             good = self.delivery(step.delivery, config) and good
+        elif step.day is not None:
+            good = self.day() and good
         else:
             good = self.case(step) and good
         self.say(f"What to notice: {step.notice}")
@@ -238,6 +248,31 @@ class Teacher:
         how = "over TLS" if report.tls and report.state == "delivered" else \
             "in the clear" if report.state == "delivered" else "nothing sent"
         self.say(f"result: {report.state} ({how})")
+        return True
+
+    def day(self) -> bool:
+        """One virtual day of the built-in lab's outbound mail: its mail log, what the MX hosts received, the
+        TLS-RPT report; as expected when the report reached its rua address."""
+        from lab.outbound.labday import outbound_day
+
+        self.say()
+        with tempfile.TemporaryDirectory(prefix="smtplab-day-") as scratch:
+            result = outbound_day(Path(scratch), self.log)
+            self.say(f"mail log ({len(result.log)} lines):")
+            for line in result.log:
+                self.say(f"  {visible(line)}")
+            self.say()
+            for host, messages in result.received.items():
+                rcpts = ", ".join(r for m in messages for r in m.rcpt_to)
+                self.say(f"{host} received {len(messages)} message(s): {rcpts}")
+            for sent in result.reports:
+                self.say(f"TLS-RPT report {sent.path.name} to {', '.join(sent.rua)}:")
+                for line in json.dumps(json.loads(gzip.decompress(sent.path.read_bytes())), indent=2).splitlines():
+                    self.say(f"  {line}")
+            delivered = {r for m in result.received.get("mx.secure.example", []) for r in m.rcpt_to}
+        if "tlsrpt@secure.example" not in delivered:
+            self.say("! the TLS-RPT report did not reach tlsrpt@secure.example")
+            return False
         return True
 
     def alert_mailbox(self, report: DeliveryReport) -> None:

@@ -2,7 +2,9 @@
 
 ``dest.test`` has two MX hosts (mx1 preference 10, mx2 preference 20), each a ``RemoteMTAFactory`` with a
 lab-CA certificate for its own name; ``example.com`` is the appliance's own domain (the DSNs to its senders
-land in the Inboundmail spool).
+land in the Inboundmail spool). With ``sts`` (a mode), dest.test publishes MTA-STS (``_mta-sts`` TXT, a policy
+host ``sts`` for mta-sts.dest.test); with ``tlsrpt`` it publishes TLS-RPT (``_smtp._tls`` TXT,
+rua=mailto:tlsrpt@dest.test) and the appliance sends its reports at each UTC midnight of the virtual clock.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from lab.net.capture import Direction
 from lab.net.memory import MemoryNetwork
 from lab.net.topology import Topology, load_topology
 from lab.outbound.engine import DeliveryEngine
+from lab.outbound.published import serve_topology_policies
 from lab.outbound.runtime import attach_outbound
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
@@ -65,15 +68,20 @@ hosts:
   - {name: mx1, role: mta, addresses: [198.51.100.11], dns_names: [mx1.dest.test]}
   - {name: mx2, role: mta, addresses: [198.51.100.12], dns_names: [mx2.dest.test]}
   - {name: internal, role: internal, addresses: [192.168.1.25], dns_names: [mail.example.com]}
-dns:
+{sts_host}dns:
   - {type: MX, domain: dest.test, preference: 20, exchange: mx2.dest.test}
   - {type: MX, domain: dest.test, preference: 10, exchange: mx1.dest.test}
   - {type: MX, domain: example.com, preference: 10, exchange: esa.lab.example}
-links:
+{sts_records}links:
   - {between: [esa, mx1]}
   - {between: [esa, mx2]}
   - {between: [esa, internal]}
-"""
+{sts_policy}"""
+
+STS_HOST = "  - {name: sts, role: mta, addresses: [198.51.100.13], dns_names: [mta-sts.dest.test]}\n"
+STS_RECORDS = '  - {type: TXT, name: _mta-sts.dest.test, text: "v=STSv1; id=1"}\n'
+TLSRPT_RECORDS = '  - {type: TXT, name: _smtp._tls.dest.test, text: "v=TLSRPTv1; rua=mailto:tlsrpt@dest.test"}\n'
+STS_POLICY = "mta_sts:\n  - {{domain: dest.test, host: sts, mode: {mode}, mx: [{mx}], max_age: {max_age}}}\n"
 
 MESSAGE = b"From: <alice@example.com>\r\nTo: <bob@dest.test>\r\nSubject: hello\r\n\r\n.a line with a dot\r\nbye\r\n"
 
@@ -92,6 +100,11 @@ class OutboundLab:
         per_hour: int | None = None,
         mx1_names: tuple[str, ...] = ("mx1.dest.test",),
         net: Any = None,
+        sts: str | None = None,
+        sts_mx: str = "mx1.dest.test, mx2.dest.test",
+        sts_max_age: int = 86400,
+        serve_sts: bool = True,
+        tlsrpt: bool = False,
     ) -> None:
         root.mkdir(parents=True, exist_ok=True)
         (root / "appliance.yaml").write_text(
@@ -103,7 +116,11 @@ class OutboundLab:
                 per_hour="null" if per_hour is None else per_hour,
             )
         )
-        (root / "topology.yaml").write_text(TOPOLOGY)
+        (root / "topology.yaml").write_text(
+            TOPOLOGY.replace("{sts_host}", STS_HOST if sts else "")
+            .replace("{sts_records}", (STS_RECORDS if sts else "") + (TLSRPT_RECORDS if tlsrpt else ""))
+            .replace("{sts_policy}", STS_POLICY.format(mode=sts, mx=sts_mx, max_age=sts_max_age) if sts else "")
+        )
         self.root = root
         self.topology: Topology = load_topology(root / "topology.yaml")
         self.net = net or MemoryNetwork()
@@ -122,7 +139,10 @@ class OutboundLab:
             mta = RemoteMTAFactory(f"{name}.dest.test", starttls=mode, tls_server=server, clock=self.net.clock)
             self.net.listen(ip, 25, mta)
             self.mtas[name] = mta
-        self.engine: DeliveryEngine = attach_outbound(self.runtime, self.topology, self.net)
+        self.policy_ports = serve_topology_policies(self.topology, self.net, ca) if serve_sts else []
+        self.engine: DeliveryEngine = attach_outbound(
+            self.runtime, self.topology, self.net, daily_tls_reports=tlsrpt
+        )
 
     def send(self, data: bytes = MESSAGE, sender: str = "alice@example.com", to: tuple[str, ...] = ("bob@dest.test",)):
         mid = self.runtime.maillog.next_mid()

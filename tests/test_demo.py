@@ -23,10 +23,10 @@ def test_every_lesson_runs_as_expected() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     out = done.stdout
     ids = [lesson.id for lesson in builtin_lessons()]
-    assert ids == ["tls-settings", "stripping", "injection-and-smuggling", "outbound"]
+    assert ids == ["tls-settings", "stripping", "injection-and-smuggling", "outbound", "mta-sts"]
     for lesson_id in ids:
         assert f"=== Lesson {lesson_id}:" in out
-    assert "lessons: 4 as expected, 0 not" in out
+    assert "lessons: 5 as expected, 0 not" in out
     assert "|------------------------>|   EHLO" in out  # a plaintext arrow
     assert "|~~~~~~~~~~~~~~~~~~~~~~~~>|   MAIL FROM" in out  # a TLS arrow
     assert "[=TLS=]" in out
@@ -129,7 +129,7 @@ def test_a_step_with_a_case_and_a_delivery_is_one_line_and_exit_3(tmp_path: Path
     done = smtplab("demo", "--no-pause", "--lesson-file", str(lesson))
     assert done.returncode == 3
     assert done.stderr.splitlines() == [
-        f"smtplab: {lesson}:5: steps[0]: a step runs either a case (case, policy) or a delivery, one of the two"
+        f"smtplab: {lesson}:5: steps[0]: a step runs one of a case (case, policy), a delivery or a day"
     ]
     lesson.write_text(
         "id: mine\ntitle: t\nintro: i\nsteps:\n  - narration: n\n    notice: o\n"

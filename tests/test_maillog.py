@@ -244,6 +244,40 @@ CASES = [
         lambda log: log.alert("Information", "System", "queue drained"),
         {"event": "alert", "level": "Info", "severity": "Information"},
     ),
+    (
+        lambda log: log.dcid_mtasts(9, "enforce", "mx1.dest.test", "certificate-host-mismatch", "not delivered"),
+        {
+            "event": "dcid_mtasts",
+            "level": "Warning",
+            "dcid": 9,
+            "mode": "enforce",
+            "mx": "mx1.dest.test",
+            "result": "certificate-host-mismatch",
+            "action": "not delivered",
+        },
+    ),
+    (
+        lambda log: log.dcid_mtasts(9, "testing", "mx1.dest.test", None),
+        {"event": "dcid_mtasts", "level": "Info", "result": "ok", "action": None},
+    ),
+    (
+        lambda log: log.mtasts_policy("dest.test", "enforce", 86400, "fetched"),
+        {"event": "mtasts_policy", "domain": "dest.test", "mode": "enforce", "max_age": 86400, "source": "fetched"},
+    ),
+    (
+        lambda log: log.mtasts_error("dest.test", "sts-policy-fetch-error", "HTTP 404"),
+        {"event": "mtasts_error", "level": "Warning", "result_type": "sts-policy-fetch-error", "reason": "HTTP 404"},
+    ),
+    (
+        lambda log: log.tlsrpt_report("dest.test", "2026-12-02", "esa!dest.test!1!2!x.json.gz", 3),
+        {
+            "event": "tlsrpt_report",
+            "domain": "dest.test",
+            "day": "2026-12-02",
+            "file": "esa!dest.test!1!2!x.json.gz",
+            "mid": 3,
+        },
+    ),
 ]
 
 

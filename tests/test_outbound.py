@@ -328,12 +328,14 @@ def test_a_published_policy_can_tighten_a_domains_control(tmp_path: Path) -> Non
     from dataclasses import replace
 
     from lab.outbound.engine import DeliveryEngine
+    from lab.outbound.published import AppliedPolicy
 
     lab = OutboundLab(tmp_path, tls="preferred", mx1="absent", retries=0)
     engine: DeliveryEngine = lab.engine
 
     def sts(domain: str, control: Any) -> Any:
-        return replace(control, tls=DestinationTLS.REQUIRED_VERIFY), "sts", ("version: STSv1", "mode: enforce")
+        tightened = replace(control, tls=DestinationTLS.REQUIRED_VERIFY)
+        return AppliedPolicy(tightened, "sts", ("version: STSv1", "mode: enforce"))
 
     engine.policy_source = sts
     lab.send()

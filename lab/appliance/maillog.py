@@ -21,7 +21,7 @@ from lab.errors import BadInput
 PREVIEW_BYTES = 64  # how much of discarded injected bytes the log shows
 TAIL_LINES = 1000  # the most recent lines a MailLog keeps in memory (``lines``); everything goes to the sink
 
-_INT_FIELDS = {"icid", "mid", "rid", "dcid", "nbytes", "port"}
+_INT_FIELDS = {"icid", "mid", "rid", "dcid", "nbytes", "port", "max_age"}
 
 
 def _rx(pattern: str) -> re.Pattern[str]:
@@ -71,6 +71,10 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "dcid_tls_failed": _rx(r"DCID (?P<dcid>\d+) TLS failed: (?P<reason>.*)"),
     "dcid_certificate": _rx(r"DCID (?P<dcid>\d+) TLS certificate (?P<state>verified|unverified)(?:: (?P<reason>.*))?"),
     "dcid_no_starttls": _rx(r"DCID (?P<dcid>\d+) STARTTLS command not supported"),
+    "dcid_mtasts": _rx(
+        r"DCID (?P<dcid>\d+) MTA-STS (?P<mode>enforce|testing|none) mx (?P<mx>\S+): (?P<result>[a-z-]+)"
+        r"(?: - (?P<action>.*))?"
+    ),
     "dcid_tls_required": _rx(
         r"DCID (?P<dcid>\d+) IP (?P<peer_ip>\S+) TLS was required but could not be successfully negotiated"
     ),
@@ -79,6 +83,15 @@ GRAMMAR: dict[str, re.Pattern[str]] = {
     "bounced": _rx(r"Bounced: DCID (?P<dcid>\d+) MID (?P<mid>\d+) to RID (?P<rid>\d+) - (?P<reason>.*)"),
     "dcid_close": _rx(r"DCID (?P<dcid>\d+) close"),
     "dcid_error": _rx(r"DCID (?P<dcid>\d+) connection error: (?P<reason>.*)"),
+    "mtasts_policy": _rx(
+        r"MTA-STS domain (?P<domain>\S+) policy (?P<mode>enforce|testing|none) max_age (?P<max_age>\d+)"
+        r" (?P<source>fetched|cached)"
+    ),
+    "mtasts_error": _rx(r"MTA-STS domain (?P<domain>\S+) (?P<result_type>sts-[a-z-]+): (?P<reason>.*)"),
+    "tlsrpt_report": _rx(
+        r"TLS-RPT report domain (?P<domain>\S+) day (?P<day>\d{4}-\d\d-\d\d) file (?P<file>\S+)"
+        r"(?: MID (?P<mid>\d+))?"
+    ),
     "alert": _rx(r"Alert: (?P<severity>Critical|Warning|Information) (?P<alert_class>[A-Z][A-Za-z]*): (?P<text>.*)"),
     "spool_leftover": _rx(
         r"Spool recovery: removed (?P<path>.+) \((?P<nbytes>\d+) bytes, (?P<state>delivered|incomplete)\)"
@@ -336,6 +349,21 @@ class MailLog:
             level="Warning",
         )
 
+    def dcid_mtasts(self, dcid: int, mode: str, mx: str, result: str | None, action: str | None = None) -> str:
+        """The MTA-STS check of one MX (RFC 8461 4): ``result`` is the RFC 8460 result type, None when it passed;
+        ``action`` what became of the messages (not delivered, delivered anyway)."""
+        text = f"DCID {dcid} MTA-STS {_token(mode)} mx {_token(mx)}: {_token(result or 'ok')}"
+        return self.write(text + (f" - {_text(action)}" if action else ""), level="Warning" if result else "Info")
+
+    def mtasts_policy(self, domain: str, mode: str, max_age: int, source: str) -> str:
+        """The MTA-STS policy in force for ``domain``: just ``fetched`` from its policy host, or still the ``cached``
+        one after a failed refetch (RFC 8461 5.1)."""
+        return self.write(f"MTA-STS domain {_token(domain)} policy {_token(mode)} max_age {int(max_age)} {source}")
+
+    def mtasts_error(self, domain: str, result_type: str, reason: str) -> str:
+        """``domain`` publishes MTA-STS (TXT) but its policy could not be had: the RFC 8460 result type and why."""
+        return self.write(f"MTA-STS domain {_token(domain)} {_token(result_type)}: {_text(reason)}", level="Warning")
+
     def message_done(self, dcid: int, mid: int, rids: Sequence[int]) -> str:
         return self.write(f"Message done DCID {dcid} MID {mid} to RID [{', '.join(str(int(r)) for r in rids)}]")
 
@@ -351,6 +379,12 @@ class MailLog:
     def dcid_error(self, dcid: int, reason: str) -> str:
         """The connection carried nothing for a reason other than TLS: refused, timed out, greeted with 421..."""
         return self.write(f"DCID {dcid} connection error: {_text(reason)}")
+
+    def tlsrpt_report(self, domain: str, day: str, file: str, mid: int | None) -> str:
+        """A TLS-RPT report (RFC 8460) of ``domain`` for the UTC ``day`` written as ``file`` and, with a MID,
+        queued to the domain's ``rua`` addresses."""
+        text = f"TLS-RPT report domain {_token(domain)} day {_token(day)} file {_token(file)}"
+        return self.write(text + (f" MID {int(mid)}" if mid is not None else ""))
 
     # -- alerts -------------------------------------------------------------------------------------------------
     def alert(self, severity: str, alert_class: str, text: str) -> str:

@@ -28,6 +28,7 @@ from lab.net.memory import MemoryNetwork
 from lab.net.topology import MXHost, Topology
 from lab.outbound.alerts import SentAlert
 from lab.outbound.attempt import DeliveryAttempt
+from lab.outbound.published import serve_topology_policies
 from lab.outbound.runtime import attach_outbound
 from lab.policy.destinations import DestinationControl
 from lab.smtp.listener import ApplianceRuntime
@@ -157,6 +158,7 @@ def deliver(
         )
         for ip in mx.addresses:
             net.listen(ip, 25, factory)
+    serve_topology_policies(topology, net, ca)  # the MTA-STS policy hosts (docs/topology-format.md, mta_sts)
     engine = attach_outbound(runtime, topology, net)
     engine.stop()  # one round, below: a deferral is reported, not retried
     message = (

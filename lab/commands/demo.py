@@ -26,6 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lesson-file", metavar="FILE", action="append", default=[], help="run a lesson from FILE (repeatable)"
     )
+    parser.add_argument(
+        "--log",
+        metavar="FILE",
+        help="write the mail log of the lessons' lab days to FILE (for smtplab track and smtplab tls-report)",
+    )
 
 
 def _chosen(args: argparse.Namespace) -> list[Lesson]:
@@ -55,8 +60,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"{lesson.id:<28} {lesson.title} ({len(lesson.steps)} steps)")
         return 0
     pause = not args.no_pause and sys.stdin.isatty()
-    teacher = Teacher(make_console(), _enter if pause else lambda: None)
-    results = [teacher.lesson(lesson) for lesson in lessons]
+    with contextlib.ExitStack() as stack:
+        log = None
+        if args.log:
+            try:
+                log = stack.enter_context(open(args.log, "w", encoding="utf-8"))
+            except OSError as exc:
+                raise BadInput(f"cannot write the mail log: {exc.strerror or exc}", file=args.log) from None
+        teacher = Teacher(make_console(), _enter if pause else lambda: None, log)
+        results = [teacher.lesson(lesson) for lesson in lessons]
     bad = [lesson.id for lesson, good in zip(lessons, results, strict=True) if not good]
     named = f" ({', '.join(bad)})" if bad else ""
     teacher.say(f"lessons: {len(lessons) - len(bad)} as expected, {len(bad)} not{named}")

@@ -100,6 +100,28 @@ class Middlebox:
 
 
 @dataclass(frozen=True)
+class StsPolicyHost:
+    """An MTA-STS policy host (RFC 8461 3.3): ``host`` serves ``https://mta-sts.<domain>/.well-known/mta-sts.txt``
+    with this policy. Whether senders look for it is the ``_mta-sts.<domain>`` TXT record's business."""
+
+    domain: str
+    host: str  # the topology host that answers for mta-sts.<domain>
+    mode: str  # enforce | testing | none
+    mx: tuple[str, ...] = ()  # patterns: mx1.example.org, *.example.org
+    max_age: int = 86400
+
+    @property
+    def policy_name(self) -> str:
+        return f"mta-sts.{self.domain}"
+
+    @property
+    def text(self) -> str:
+        """The policy file as the host serves it (RFC 8461 3.2, CRLF line ends)."""
+        lines = ["version: STSv1", f"mode: {self.mode}", *(f"mx: {m}" for m in self.mx), f"max_age: {self.max_age}"]
+        return "".join(line + "\r\n" for line in lines)
+
+
+@dataclass(frozen=True)
 class Topology:
     networks: tuple[Network, ...]
     hosts: tuple[Host, ...]
@@ -108,6 +130,7 @@ class Topology:
     middleboxes: tuple[Middlebox, ...] = ()
     name: str = ""
     source: str | None = None
+    sts_hosts: tuple[StsPolicyHost, ...] = ()
 
     def host(self, name: str) -> Host:
         """The host called ``name``; ``KeyError`` if there is none."""
@@ -140,6 +163,11 @@ class Topology:
         """The TXT records of ``name`` (e.g. ``_mta-sts.example.com``), in file order."""
         key = _canonical_name(name)
         return tuple(r.value for r in self.records if r.type == "TXT" and r.name == key)
+
+    def sts_host(self, domain: str) -> StsPolicyHost | None:
+        """The MTA-STS policy host of ``domain`` (``mta_sts`` in the file), or None."""
+        key = _canonical_name(domain)
+        return next((p for p in self.sts_hosts if p.domain == key), None)
 
     def reverse_name(self, ip: str) -> tuple[str | None, bool]:
         """The PTR name of ``ip`` and whether it is verified (the name's A/AAAA records include ``ip``)."""
@@ -305,7 +333,8 @@ class _Builder(DocumentBuilder):
         )
         self.check_mx(topology)
         middleboxes = self.build_middleboxes(doc.get("middleboxes") or [], links)
-        return replace(topology, middleboxes=middleboxes)
+        sts_hosts = self.build_sts_hosts(doc.get("mta_sts") or [], topology)
+        return replace(topology, middleboxes=middleboxes, sts_hosts=sts_hosts)
 
     def build_networks(self, items: list[Any]) -> None:
         parsed: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
@@ -487,6 +516,38 @@ class _Builder(DocumentBuilder):
                 raise self.fail(
                     f"MX exchange {exchange} has no A record pointing at a host", ["dns", index, "exchange"]
                 )
+
+    def build_sts_hosts(self, items: list[Any], topology: Topology) -> tuple[StsPolicyHost, ...]:
+        """``mta_sts``: each domain once, a known host that ``mta-sts.<domain>`` resolves to, valid mx patterns."""
+        out: list[StsPolicyHost] = []
+        for index, item in enumerate(items):
+            path: FieldPath = ["mta_sts", index]
+            problem = _name_problem(item["domain"])
+            if problem:
+                raise self.fail(problem, [*path, "domain"])
+            domain = _canonical_name(item["domain"])
+            if any(p.domain == domain for p in out):
+                raise self.fail(f"a second MTA-STS policy host for {domain}", [*path, "domain"])
+            try:
+                host = topology.host(item["host"])
+            except KeyError:
+                raise self.fail(f"unknown host {excerpt(item['host'])}", [*path, "host"]) from None
+            name = f"mta-sts.{domain}"
+            if not set(topology.forward(name)) & set(host.addresses):
+                raise self.fail(
+                    f"{name} has no A record pointing at host {host.name} (add it to the host's dns_names)",
+                    [*path, "host"],
+                )
+            patterns = []
+            for i, raw in enumerate(item.get("mx") or []):
+                problem = hostname_problem(_canonical_name(raw), fqdn=True, wildcard=True)
+                if problem:
+                    raise self.fail(problem, [*path, "mx", i])
+                patterns.append(_canonical_name(raw))
+            if not patterns and item["mode"] != "none":
+                raise self.fail(f"mode {item['mode']} needs at least one mx pattern (RFC 8461 3.2)", [*path, "mx"])
+            out.append(StsPolicyHost(domain, host.name, item["mode"], tuple(patterns), item.get("max_age", 86400)))
+        return tuple(out)
 
     def pair(self, raw: list[str], path: FieldPath) -> tuple[str, str]:
         known = {h.name for h in self.hosts}

@@ -18,6 +18,8 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 
 from lab.appliance.maillog import MailLog
+from lab.outbound.mtasts import Policy, TLSOutcome
+from lab.outbound.mtasts import decide as sts_decide
 from lab.policy.destinations import DestinationTLS, Next, TLSEvent, decide
 from lab.smtp.client import End, ScriptedClient
 from lab.smtp.core.events import ReceivedReply
@@ -71,6 +73,8 @@ class ConnectionReport:
     certificate_problem: str | None = None  # RFC 8460 result type of a certificate that did not verify
     tls_error: str | None = None
     failure: str | None = None  # why the connection carried nothing (refused, greeting 421, lost ...)
+    sts_result: str | None = None  # the MTA-STS check of this MX failed: its RFC 8460 result type
+    sts_reason: str | None = None
     answers: dict[tuple[int, int], Answer] = field(default_factory=dict)  # (MID, RID) -> answer
     carried: list[int] = field(default_factory=list)  # MIDs whose DATA was sent
 
@@ -91,8 +95,10 @@ class DeliveryInterpreter(StepInterpreter):
         maillog: MailLog,
         report: ConnectionReport,
         client_cert: str = "none",
+        sts: Policy | None = None,
     ) -> None:
         super().__init__(client)
+        self.sts = sts  # the recipient domain's MTA-STS policy in force: every MX is checked against it
         self.dcid, self.hostname, self.setting = dcid, hostname, setting
         self.names = tuple(names)  # the receiving host, then the destination domain: what a certificate may name
         self.trust_pems = tuple(trust_pems)
@@ -183,8 +189,37 @@ class DeliveryInterpreter(StepInterpreter):
         report.tls_event = event
         nxt = decide(self.setting, event)
         self.transcript.note(f"{self.setting}: TLS {event}: {nxt}", Kind.DECISION)
+        if self.sts is not None:
+            nxt = self._check_sts(self.sts, event, nxt)
         if nxt is Next.DEFER and self.setting.required:
             self.log.dcid_tls_required(self.dcid, report.peer_ip)
+        return nxt
+
+    def _check_sts(self, policy: Policy, event: TLSEvent, nxt: Next) -> Next:
+        """RFC 8461 4-5 for this MX: the mx patterns, STARTTLS, the certificate; enforce defers what fails."""
+        report, mx = self.report, self.names[0]
+        problem = report.certificate_problem
+        outcome = TLSOutcome(
+            starttls_offered=event not in (TLSEvent.NOT_ADVERTISED, TLSEvent.REFUSED),
+            handshake_ok=event is not TLSEvent.FAILED_AFTER_220,
+            certificate_trusted=problem not in ("certificate-not-trusted",),
+            certificate_names_host=problem != "certificate-host-mismatch",
+            certificate_expired=problem == "certificate-expired",
+            failure=report.tls_error,
+        )
+        decision = sts_decide(policy, mx, outcome)
+        action = None
+        if decision.result_type is not None:
+            reason = decision.reason
+            if reason == decision.result_type:  # a certificate problem: say what it is about this MX
+                reason = _CERTIFICATE_PROBLEMS.get(reason, reason).format(mx=mx)
+            report.sts_result, report.sts_reason = decision.result_type, reason
+            if not decision.deliver:
+                nxt, action = Next.DEFER, "not delivered"
+            else:
+                action = "delivered anyway" if nxt is not Next.DEFER else None
+        self.log.dcid_mtasts(self.dcid, str(policy.mode), mx, decision.result_type, action)
+        self.transcript.note(f"MTA-STS {policy.mode}: {decision.result_type or 'ok'}: {nxt}", Kind.DECISION)
         return nxt
 
     def _tls_up_facts(self) -> TLSEvent:
@@ -194,15 +229,17 @@ class DeliveryInterpreter(StepInterpreter):
         facts = tls_facts(handle)
         report.tls, report.tls_version, report.cipher = True, facts.version, facts.cipher
         self.log.dcid_tls_success(self.dcid, facts.version, facts.cipher)
-        if not self.setting.verifies:
+        if not self.setting.verifies and self.sts is None:
             return TLSEvent.OK
-        problem = certificate_problem(handle, self.names, self.trust_pems)
+        # MTA-STS: the certificate must be valid for the MX host itself (RFC 8461 4.2), not the domain
+        names = self.names[:1] if self.sts is not None else self.names
+        problem = certificate_problem(handle, names, self.trust_pems)
         report.certificate_verified = problem is None
         report.certificate_problem = problem
         if problem is None:
             self.log.dcid_certificate(self.dcid, True)
             return TLSEvent.OK
-        self.log.dcid_certificate(self.dcid, False, f"{problem} (names checked: {', '.join(self.names)})")
+        self.log.dcid_certificate(self.dcid, False, f"{problem} (names checked: {', '.join(names)})")
         return TLSEvent.UNVERIFIED
 
     # -- one message
@@ -246,6 +283,14 @@ class DeliveryInterpreter(StepInterpreter):
         conn = self.client.conn
         if conn is not None and conn.usable and not conn.tls_pending:
             await self._quit(None)
+
+
+#: RFC 8460 result types of a certificate that does not do for MTA-STS, as one line about the MX.
+_CERTIFICATE_PROBLEMS = {
+    "certificate-host-mismatch": "the certificate does not name {mx}",
+    "certificate-expired": "the certificate of {mx} has expired",
+    "certificate-not-trusted": "the certificate of {mx} does not chain to a trusted CA",
+}
 
 
 def dot_stuffed(data: bytes) -> bytes:

@@ -13,10 +13,10 @@ RAT) are delivered into that listener's spool, without SMTP.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -30,24 +30,25 @@ from lab.outbound.alerts import Alerts
 from lab.outbound.attempt import DeliveryAttempt, Outcome
 from lab.outbound.client import Answer, ConnectionReport, DeliveryInterpreter, Envelope
 from lab.outbound.dsn import FailedRecipient, build_dsn
+from lab.outbound.mtasts import Mode
+from lab.outbound.published import AppliedPolicy, no_published_policy
 from lab.outbound.queue import OutboundQueue, QueuedRecipient, QueueItem, QueueState
 from lab.policy.destinations import DestinationControl, Next, result_type
 from lab.smtp.client import ScriptedClient
+from lab.smtp.transcript import Entry
 from lab.tls.certs import CertKey
 from lab.tls.tlsctx import ClientTLSFactory, KeyLog
+
+if TYPE_CHECKING:
+    from lab.outbound.reports import TlsReports
 
 #: (source IP, destination IP, port, client factory) -> Deferred: the carrier's connect, with its middleboxes.
 Connect = Callable[[str, str, int, ClientFactory], "Deferred[Any]"]
 #: recipient domain -> the hosts to try, in order (``lab.net.topology.Topology.mx``).
 Resolve = Callable[[str], Sequence[MXHost]]
-#: (recipient domain, its destination control) -> the control to apply, the RFC 8460 policy-type and
-#: policy-strings: where a published policy (MTA-STS) tightens a domain's control before its delivery round.
-PolicySource = Callable[[str, DestinationControl], tuple[DestinationControl, str, tuple[str, ...]]]
-
-
-def no_published_policy(_domain: str, control: DestinationControl) -> tuple[DestinationControl, str, tuple[str, ...]]:
-    """The destination control alone (RFC 8460: ``no-policy-found``)."""
-    return control, "no-policy-found", ()
+#: (recipient domain, its destination control) -> the rules to apply (``lab.outbound.published.AppliedPolicy``),
+#: at once or as an awaitable: where a published policy (MTA-STS) tightens a domain's control before its round.
+PolicySource = Callable[[str, DestinationControl], AppliedPolicy | Awaitable[AppliedPolicy]]
 
 
 TLS_REQUIRED_STATUS = "4.7.10"  # RFC 3463 / RFC 5248: encryption needed
@@ -106,10 +107,12 @@ class DeliveryEngine:
             trust_pems=self.trust_pems, certs=lambda kind: certs.get(kind), keylog=keylog, cache=True
         )
         self.attempts: list[DeliveryAttempt] = []  # every delivery connection, in order (TLS-RPT reads these)
+        self.attempt_listeners: list[Callable[[DeliveryAttempt], None]] = []  # told of each one (lab.outbound.reports)
+        self.reports: TlsReports | None = None  # the TLS-RPT reporter over these attempts (attach_outbound)
         self.counters: dict[str, DomainCounters] = {}
         self.transcripts: dict[int, list[str]] = {}  # DCID -> the client's transcript of that connection
+        self.entries: dict[int, list[Entry]] = {}  # DCID -> the same transcript as entries (the run reports)
         self._recent: dict[str, deque[float]] = {}  # domain -> times recipients were delivered (rate limit)
-        self._published: dict[str, tuple[str, tuple[str, ...]]] = {}  # domain -> policy-type, policy-strings
         self._timer: IDelayedCall | None = None
         self._running = False
         self._again = False
@@ -140,6 +143,8 @@ class DeliveryEngine:
     def stop(self) -> None:
         """No more rounds (``smtplab serve`` stopping, a test ending); the queue stays on disk as it is."""
         self.stopped = True
+        if self.reports is not None:
+            self.reports.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -209,16 +214,15 @@ class DeliveryEngine:
             for item in items:
                 self._deliver_locally(item, local.name)
             return
-        control, policy_type, policy_strings = self.policy_source(
-            domain, self.appliance.outbound.destinations.lookup(domain)
-        )
-        self._published[domain] = (policy_type, policy_strings)
+        answer = self.policy_source(domain, self.appliance.outbound.destinations.lookup(domain))
+        applied = answer if isinstance(answer, AppliedPolicy) else await answer
+        control = applied.control
         items = self._within_rate(domain, control, items)
         size = control.max_messages_per_connection
         chunks = [items[i : i + size] for i in range(0, len(items), size)]
         for start in range(0, len(chunks), control.max_concurrency):
             wave = chunks[start : start + control.max_concurrency]
-            await gatherResults([Deferred.fromCoroutine(self._round(domain, control, chunk)) for chunk in wave])
+            await gatherResults([Deferred.fromCoroutine(self._round(domain, applied, chunk)) for chunk in wave])
 
     def _within_rate(self, domain: str, control: DestinationControl, items: list[QueueItem]) -> list[QueueItem]:
         """The items that fit this hour's recipient allowance; the others wait until the allowance frees up."""
@@ -250,8 +254,9 @@ class DeliveryEngine:
         self.counter(item.domain).delivered += len(item.pending)
         self.queue.update(item.with_recipients({r.rid: replace(r, state=QueueState.DELIVERED) for r in item.pending}))
 
-    async def _round(self, domain: str, control: DestinationControl, items: list[QueueItem]) -> None:
+    async def _round(self, domain: str, applied: AppliedPolicy, items: list[QueueItem]) -> None:
         """One delivery round for ``items``: each MX in turn until every recipient has an answer."""
+        control = applied.control
         answers: dict[tuple[int, int], Answer] = {}
         dcid, reason, status = 0, f"no MX or address record for {domain}", NO_ROUTE_STATUS
         hosts = [(mx, ip) for mx in self.resolve(domain) for ip in mx.addresses]
@@ -266,12 +271,14 @@ class DeliveryEngine:
             envelopes = self._envelopes(items, answers)
             if not envelopes:
                 break
-            report, attempt = await self._connection(domain, control, mx, ip, envelopes)
+            report, attempt = await self._connection(domain, applied, mx, ip, envelopes)
             dcid = attempt.dcid
             answers.update(report.answers)
             if report.next is Next.DEFER:
                 reason, status = f"TLS was required but could not be negotiated with {mx.exchange}", TLS_REQUIRED_STATUS
-                if report.certificate_problem:
+                if report.sts_result and applied.sts is not None and applied.sts.mode is Mode.ENFORCE:
+                    reason = f"the MTA-STS policy of {domain} (enforce) refuses {mx.exchange}: {report.sts_reason}"
+                elif report.certificate_problem:
                     reason = (
                         f"TLS was required with a verified certificate; {mx.exchange}'s: {report.certificate_problem}"
                     )
@@ -299,8 +306,9 @@ class DeliveryEngine:
     # -- one connection
 
     async def _connection(
-        self, domain: str, control: DestinationControl, mx: MXHost, ip: str, envelopes: list[Envelope]
+        self, domain: str, applied: AppliedPolicy, mx: MXHost, ip: str, envelopes: list[Envelope]
     ) -> tuple[ConnectionReport, DeliveryAttempt]:
+        control = applied.control
         dcid = self.maillog.next_dcid()
         source = self.appliance.outbound_interface().address
         at = self.clock.seconds()
@@ -326,9 +334,11 @@ class DeliveryEngine:
             maillog=self.maillog,
             report=report,
             client_cert="lab" if self.client_cert is not None else "none",
+            sts=applied.sts,
         )
         record = await client.run(interpreter.deliver)
         self.transcripts[dcid] = record.transcript
+        self.entries[dcid] = record.entries
         if report.failure is not None:
             self.maillog.dcid_error(dcid, report.failure)
         self._log_answers(dcid, envelopes, report)
@@ -339,8 +349,10 @@ class DeliveryEngine:
             counters.tls_success += 1
         elif report.tls_event is not None:
             counters.tls_failure += 1
-        attempt = self._attempt(dcid, at, domain, mx, ip, source, control, envelopes, report)
+        attempt = self._attempt(dcid, at, domain, mx, ip, source, applied, envelopes, report)
         self.attempts.append(attempt)
+        for listener in self.attempt_listeners:
+            listener(attempt)
         return report, attempt
 
     def _log_answers(self, dcid: int, envelopes: list[Envelope], report: ConnectionReport) -> None:
@@ -363,7 +375,7 @@ class DeliveryEngine:
         mx: MXHost,
         ip: str,
         source: str,
-        control: DestinationControl,
+        applied: AppliedPolicy,
         envelopes: list[Envelope],
         report: ConnectionReport,
     ) -> DeliveryAttempt:
@@ -377,7 +389,12 @@ class DeliveryEngine:
         else:
             outcome = Outcome.NOT_SENT
         event = report.tls_event
-        policy_type, policy_strings = self._published.get(domain, ("no-policy-found", ()))
+        found = None if event is None else result_type(event, report.certificate_problem)
+        reason = report.tls_error or report.failure
+        if applied.sts is not None and event is not None:
+            found, reason = report.sts_result, report.sts_reason if report.sts_result else reason
+        elif applied.error is not None:  # MTA-STS published but no policy to be had: that failure is reported
+            found, reason = applied.error.result_type, applied.error.reason
         return DeliveryAttempt(
             dcid=dcid,
             at=at,
@@ -385,18 +402,18 @@ class DeliveryEngine:
             mx_host=mx.exchange,
             receiving_ip=ip,
             sending_ip=source,
-            tls_setting=str(control.tls),
+            tls_setting=str(applied.control.tls),
             mids=tuple(e.mid for e in envelopes),
             receiving_helo=report.receiving_helo,
             tls=report.tls,
             tls_version=report.tls_version,
             cipher=report.cipher,
             certificate_verified=report.certificate_verified,
-            result_type=None if event is None else result_type(event, report.certificate_problem),
-            failure_reason=report.tls_error or report.failure,
+            result_type=found,
+            failure_reason=reason,
             outcome=outcome,
-            policy_type=policy_type,
-            policy_strings=policy_strings,
+            policy_type=applied.policy_type,
+            policy_strings=applied.policy_strings,
         )
 
     # -- what becomes of each recipient
@@ -483,7 +500,9 @@ class DeliveryEngine:
         self, domain: str, control: DestinationControl, mx: MXHost, report: ConnectionReport
     ) -> None:
         why = report.tls_error or (str(report.tls_event) if report.tls_event else "TLS not negotiated")
-        if report.certificate_problem:
+        if report.sts_result:
+            why = f"the MTA-STS policy refuses it ({report.sts_result}: {report.sts_reason})"
+        elif report.certificate_problem:
             why = f"the certificate did not verify ({report.certificate_problem})"
         text = (
             f"TLS was required for domain {domain} ({control.tls}) but could not be negotiated with"

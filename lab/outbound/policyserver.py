@@ -8,7 +8,7 @@ before it sends its GET. What can go wrong comes back as a ``PolicyError`` carry
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -276,16 +276,26 @@ def current_policy(
     src_ip: str | None,
     host_ip: str | None,
     trust_pems: Sequence[bytes],
+    *,
+    fetched: Callable[[Policy | PolicyError], None] | None = None,
     **fetch_options: Any,
 ) -> defer.Deferred[Policy | PolicyError | None]:
     """The MTA-STS policy in force for ``domain`` before a delivery: the ``_mta-sts`` TXT strings decide whether
     to fetch (a new id, nothing cached), the cache answers otherwise (RFC 8461 5.1). ``host_ip`` is the address
-    of ``mta-sts.<domain>`` (None: the name does not resolve, a fetch error). None: the domain has no policy."""
+    of ``mta-sts.<domain>`` (None: the name does not resolve, a fetch error). None: the domain has no policy.
+    ``fetched`` sees what a fetch brought, when one was needed (the answer may still be the cached policy)."""
     record = parse_txt(txt_records)
     if not isinstance(record, StsRecord) or not cache.needs_fetch(domain, record):
         return defer.succeed(resolve(cache, domain, record, None))
     if host_ip is None:
         failure = PolicyError("sts-policy-fetch-error", f"{policy_host(domain)} does not resolve")
+        if fetched is not None:
+            fetched(failure)
         return defer.succeed(resolve(cache, domain, record, failure))
-    fetched = fetch_policy(carrier, src_ip, host_ip, domain, trust_pems, **fetch_options)
-    return fetched.addCallback(lambda result: resolve(cache, domain, record, result))
+
+    def judged(result: Policy | PolicyError) -> Policy | PolicyError | None:
+        if fetched is not None:
+            fetched(result)
+        return resolve(cache, domain, record, result)
+
+    return fetch_policy(carrier, src_ip, host_ip, domain, trust_pems, **fetch_options).addCallback(judged)

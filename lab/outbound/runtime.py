@@ -17,8 +17,10 @@ from twisted.internet.protocol import ClientFactory
 from lab.net.carrier import ICarrier
 from lab.net.topology import Topology
 from lab.outbound.alerts import Alerts
-from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root, no_published_policy
+from lab.outbound.engine import DeliveryEngine, PolicySource, alert_mailbox_root
+from lab.outbound.published import MtaStsSource
 from lab.outbound.queue import OutboundQueue
+from lab.outbound.reports import TlsReports
 from lab.smtp.listener import ApplianceRuntime
 
 
@@ -41,10 +43,14 @@ def attach_outbound(
     carrier: ICarrier,
     *,
     queue_dir: Path | None = None,
-    policy_source: PolicySource = no_published_policy,
+    policy_source: PolicySource | None = None,
+    daily_tls_reports: bool = True,
 ) -> DeliveryEngine:
     """Give ``runtime`` a delivery engine (its queue under ``<state>/queue``, reloaded if it is there) and
-    start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it."""
+    start it: what the queue already holds is delivered as it falls due; RELAY listeners feed it. The domains'
+    published policies apply (MTA-STS over the topology's DNS and policy hosts) unless ``policy_source`` says
+    otherwise. ``engine.reports`` writes and mails the TLS-RPT reports (RFC 8460) under ``<state>/tlsrpt``, at
+    each UTC midnight of the run's clock unless ``daily_tls_reports`` is False (then on demand: ``send_reports``)."""
     appliance = runtime.appliance
     queue = OutboundQueue(queue_dir or runtime.state_dir / "queue")
     for path, size in queue.recovered:
@@ -63,8 +69,12 @@ def attach_outbound(
         trust_pems=(runtime.ca.ca_pem,),
         client_cert=client_cert,
         keylog=runtime.keylog,
-        policy_source=policy_source,
+        policy_source=policy_source
+        or MtaStsSource.for_topology(topology, carrier, trust_pems=(runtime.ca.ca_pem,), maillog=runtime.maillog),
     )
     runtime.outbound = engine
+    engine.reports = TlsReports(engine, txt=topology.txt, directory=runtime.state_dir / "tlsrpt")
+    if daily_tls_reports:
+        engine.reports.start()
     engine.kick()
     return engine

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ClientFactory
@@ -25,7 +26,9 @@ from lab.outbound.attempt import DeliveryAttempt
 from lab.outbound.engine import DeliveryEngine, DomainCounters
 from lab.outbound.queue import OutboundQueue
 from lab.policy.destinations import BounceProfile, DestinationControl, DestinationControls, DestinationTLS
-from lab.tls.certs import LabCA
+from lab.smtp.transcript import Entry
+from lab.tls.certs import CertKey, LabCA
+from lab.tls.tlsctx import KeyLog
 
 DEFAULT_MESSAGE = (
     b"From: <sender@esa.lab.example>\r\nTo: <rcpt@receiver.test>\r\nSubject: smtplab delivery\r\n\r\nhello\r\n"
@@ -41,6 +44,7 @@ class SendResult:
     attempts: tuple[DeliveryAttempt, ...]
     log: tuple[str, ...]  # the mail-log lines of the delivery
     transcripts: dict[int, list[str]] = field(default_factory=dict)  # DCID -> the client's transcript
+    entries: dict[int, list[Entry]] = field(default_factory=dict)  # DCID -> the transcript as entries
     counters: DomainCounters = field(default_factory=DomainCounters)
 
 
@@ -60,10 +64,14 @@ def deliver_one(
     hostname: str = "esa.lab.example",
     source_ip: str = "192.168.2.1",
     reply_timeout: float = 30.0,
+    middleboxes: Sequence[Any] = (),
+    client_cert: CertKey | None = None,
+    keylog: KeyLog | None = None,
 ) -> Deferred[SendResult]:
     """Deliver ``data`` to ``receiver_ip:receiver_port`` (the one MX of ``domain``, called ``mx_host``, by
     default ``mx.<domain>``) under ``setting``. The receiver's certificate is checked against ``trust_pems``
-    (default: the lab CA in ``state_dir``). Drive the carrier until the Deferred fires (``carrier.run_until``)."""
+    (default: the lab CA in ``state_dir``); ``client_cert`` is presented to a receiver that asks for one;
+    ``middleboxes`` sit on the path. Drive the carrier until the Deferred fires (``carrier.run_until``)."""
     mx = MXHost(mx_host or f"mx.{domain}", 0, (receiver_ip,))
     control = DestinationControl(domain=domain, tls=setting)
     outbound = Outbound(
@@ -78,7 +86,7 @@ def deliver_one(
     trust = tuple(trust_pems) if trust_pems is not None else (LabCA(state_dir).ca_pem,)
 
     def connect(source: str, target: str, port: int, factory: ClientFactory) -> Deferred[object]:
-        result: Deferred[object] = carrier.connect(source, target, receiver_port, factory)
+        result: Deferred[object] = carrier.connect(source, target, receiver_port, factory, middleboxes=middleboxes)
         return result
 
     engine = DeliveryEngine(
@@ -91,6 +99,8 @@ def deliver_one(
         spool=Spool(state_dir / "send-spool"),
         alerts=Alerts(appliance, state_dir / "send-alerts", maillog, carrier.clock.seconds),
         trust_pems=trust,
+        client_cert=client_cert,
+        keylog=keylog,
         port=receiver_port,
         reply_timeout=reply_timeout,
     )
@@ -109,6 +119,8 @@ def deliver_one(
             state = "delivered"
         else:
             state = "deferred"
-        return SendResult(state, tuple(engine.attempts), tuple(lines), dict(engine.transcripts), counters)
+        return SendResult(
+            state, tuple(engine.attempts), tuple(lines), dict(engine.transcripts), dict(engine.entries), counters
+        )
 
     return Deferred.fromCoroutine(run())
