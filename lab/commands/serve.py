@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from twisted.internet.error import CannotListenError
     from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
+    from lab.smtp.eager_tcp import listen
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
     appliance, binds = _quick(args) if args.listen else _full(args)
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
         print(listener_summary(appliance, item))
         factories.append(runtime.factory(item))
         try:
-            ports.append(reactor.listenTCP(port, factories[-1], backlog=item.tcp_queue, interface=host))
+            ports.append(listen(reactor, port, factories[-1], backlog=item.tcp_queue, interface=host))
         except CannotListenError as exc:
             raise HarnessError(f"cannot listen on {host}:{port} for {item.name}: {exc.socketError}") from None
         if runtime.certificate(item).insecure_demo and _may_start_tls(item):
