@@ -8,6 +8,7 @@ can leave a file in ``tmp/``; it was never acknowledged, and ``Maildir.recover``
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email.utils
 import functools
@@ -77,6 +78,7 @@ class Maildir:
                 _fsync_dir(self.path.parent)
         except OSError as exc:
             raise SpoolError(f"cannot create Maildir {self.path}: {exc.strerror or exc}") from exc
+        self._tmp, self._new = f"{self.path}/tmp/", f"{self.path}/new/"  # strings: cheaper than Paths per message
 
     def deliver(self, message: bytes) -> str:
         """Store ``message``; returns its file name in ``new/``. Raises SpoolError, leaving nothing behind."""
@@ -108,23 +110,23 @@ class Maildir:
             for index, name, fd in written:
                 try:
                     os.fsync(fd)
-                    os.link(self.path / "tmp" / name, self.path / "new" / name)  # never replaces a message
+                    os.link(self._tmp + name, self._new + name)  # never replaces a message
                 except OSError as exc:
                     outcomes[index] = SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}")
                 else:
                     linked.append(name)
             if linked:
                 try:
-                    _fsync_dir(self.path / "new")
+                    _fsync_dir(self._new)
                 except OSError as exc:
                     for name in linked:
-                        (self.path / "new" / name).unlink(missing_ok=True)
+                        _remove(self._new + name)
                     failure = SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}")
                     outcomes = [failure if isinstance(item, str) else item for item in outcomes]
         finally:
             for _index, name, fd in written:  # the tmp/ names go once new/ holds the messages (or they failed)
                 os.close(fd)
-                (self.path / "tmp" / name).unlink(missing_ok=True)
+                _remove(self._tmp + name)
         return outcomes
 
     def _write_one(self, message: bytes) -> tuple[str, int]:
@@ -133,7 +135,7 @@ class Maildir:
             name = self._names()
             if "/" in name or name.startswith(".") or not name:
                 raise SpoolError(f"unusable Maildir file name {name!r}")
-            tmp = self.path / "tmp" / name
+            tmp = self._tmp + name
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             except FileExistsError:
@@ -146,13 +148,13 @@ class Maildir:
                     view = view[os.write(fd, view) :]
             except BaseException as exc:
                 os.close(fd)
-                tmp.unlink(missing_ok=True)
+                _remove(tmp)
                 if isinstance(exc, OSError):
                     raise SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}") from exc
                 raise
-            if (self.path / "new" / name).exists():  # taken in new/ (a name source that repeats): another name
+            if os.path.lexists(self._new + name):  # taken in new/ (a name source that repeats): another name
                 os.close(fd)
-                tmp.unlink(missing_ok=True)
+                _remove(tmp)
                 continue
             return name, fd
         raise SpoolError(f"no unique file name in {self.path} after {MAX_ATTEMPTS} attempts")
@@ -280,7 +282,12 @@ def probe_dir(path: Path) -> None:
     probe.unlink()
 
 
-def _fsync_dir(path: Path) -> None:
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def _fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
