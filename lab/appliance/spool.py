@@ -19,6 +19,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up
 COMMITTERS = 4  # threads writing the spool: fsyncs of one batch wait on the disk while the next batch is written
+FSYNC_THREADS = 32  # the files of a batch are fsynced concurrently (``_fsync_all``)
 
 
 class SpoolError(Exception):
@@ -90,9 +92,10 @@ class Maildir:
     def deliver_many(self, messages: Sequence[bytes]) -> list[str | SpoolError]:
         """Store several messages with one fsync of ``new/`` for all of them (group commit).
 
-        Every message is written to ``tmp/`` first, then each file is fsynced (the first fsync's journal commit
-        carries the others' data, so theirs find little left to do), linked into ``new/``, and ``new/`` is fsynced
-        once: only then is any of them durable (its name returned). A message that fails gets its SpoolError and
+        Every message is written to ``tmp/`` first, then the files are fsynced all at once (one thread each:
+        the file system commits concurrent fsyncs together, where one after the other each waits for a commit
+        of its own), each is linked into ``new/``, and ``new/`` is fsynced once: only then is any of them durable
+        (its name returned). A message that fails gets its SpoolError and
         leaves nothing behind; when the directory fsync fails, every message of the batch does.
         """
         outcomes: list[str | SpoolError] = []
@@ -107,9 +110,11 @@ class Maildir:
                 else:
                     written.append((len(outcomes), name, fd))
                     outcomes.append(name)
-            for index, name, fd in written:
+            synced = _fsync_all([fd for _index, _name, fd in written])
+            for (index, name, _fd), problem in zip(written, synced, strict=True):
                 try:
-                    os.fsync(fd)
+                    if problem is not None:
+                        raise problem
                     os.link(self._tmp + name, self._new + name)  # never replaces a message
                 except OSError as exc:
                     outcomes[index] = SpoolError(f"cannot spool to {self.path}: {exc.strerror or exc}")
@@ -280,6 +285,29 @@ def probe_dir(path: Path) -> None:
     probe = path / f".smtplab-probe-{os.getpid()}"
     os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
     probe.unlink()
+
+
+_fsyncs: ThreadPoolExecutor | None = None
+_fsyncs_lock = threading.Lock()
+
+
+def _fsync_all(fds: list[int]) -> list[OSError | None]:
+    """fsync every descriptor, concurrently when there are several; each one's error, or None."""
+    global _fsyncs
+    if len(fds) <= 1:
+        return [_fsync_one(fd) for fd in fds]
+    with _fsyncs_lock:
+        if _fsyncs is None:
+            _fsyncs = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="fsync")
+    return list(_fsyncs.map(_fsync_one, fds))
+
+
+def _fsync_one(fd: int) -> OSError | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    return None
 
 
 def _remove(path: str) -> None:

@@ -9,6 +9,9 @@ Start and stop are where mail gets lost, so both are checked: ``--spool``, ``--s
 and written to before the first connection (exit 3 with one line if not), a crash's leftovers in the spool's
 ``tmp/`` are logged and removed, and SIGTERM/SIGINT stop cleanly: no new connections, spool writes in flight
 get their 250, every other open session ``421 4.3.2``, exit 0.
+
+``--workers N`` forks N processes that each run a reactor on every listening address (``SO_REUSEPORT``); the
+parent prepares the spool and the log once, then supervises them (``lab.commands.serve_workers``).
 """
 
 from __future__ import annotations
@@ -295,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
             probe_dir(state_dir)
         except OSError as exc:
             raise _unusable("--state", state_dir, _os_problem("cannot create or write", state_dir, exc)) from None
-    place = Place(appliance, binds, state_dir, spool_root, Path(args.log) if args.log else None)
-    place.spool_flag = "--spool" if args.spool else "--state"
+    log_path = Path(args.log) if args.log else None
+    place = Place(appliance, binds, state_dir, spool_root, log_path, "--spool" if args.spool else "--state")
     if workers == 1:
         return _serve(place)
     return _serve_workers(place, workers)
@@ -311,7 +314,7 @@ class Place:
     state_dir: Path
     spool_root: Path
     log_path: Path | None
-    spool_flag: str = "--spool"
+    spool_flag: str  # the flag that named the spool, for its error lines (--spool, or --state by default)
 
 
 @dataclasses.dataclass(frozen=True)
