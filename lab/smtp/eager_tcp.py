@@ -6,8 +6,8 @@ few dozen bytes that the socket almost always takes at once, so ``EagerServer`` 
 nothing is waiting before it, and buffers only what the socket did not take (then Twisted's own path goes on:
 writability, backpressure to the producer, errors). The bytes and their order are the same; only when they
 leave changes. Inside TLS the same holds for the encrypted records, which Twisted's TLS layer writes through
-the class ``startTLS`` is given; and its holding of small writes until the next reactor turn (one timer per
-write) is replaced by writing at once, since the listener writes each group of replies in one call.
+the class ``startTLS`` is given (Twisted's TLS layer still gathers the small writes of one reactor turn into one
+write at the end of it, so a pipelined group's replies leave in few records).
 
 ``listen`` opens the port; with ``reuse_port`` the socket gets ``SO_REUSEPORT`` so that the worker processes of
 ``smtplab serve --workers N`` each listen on the same address and the kernel spreads connections among them.
@@ -15,14 +15,11 @@ write) is replaced by writing at once, since the listener writes each group of r
 
 from __future__ import annotations
 
-import functools
 import socket
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
 def _write_now(connection: Any, data: bytes) -> None:
@@ -59,23 +56,6 @@ class EagerServer(tcp.Server):
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
         _newtls.startTLS(self, ctx, normal, _EagerDescriptor)  # type: ignore[no-untyped-call]
-        tls = self.protocol
-        if isinstance(tls, BufferingTLSTransport):  # records leave at once too, not at the next reactor turn
-            tls._aggregator = _WriteNow(functools.partial(TLSMemoryBIOProtocol.write, tls))  # type: ignore[assignment]
-            tls.write = tls._aggregator.write  # type: ignore[method-assign]
-
-
-class _WriteNow:
-    """Stands in for Twisted's ``_AggregateSmallWrites``: the listener already writes a reply group at once."""
-
-    def __init__(self, write: Callable[[bytes], None]) -> None:
-        self.write = write
-
-    def flush(self) -> None:
-        """Nothing is held."""
-
-    def close(self) -> None:
-        """Nothing is held."""
 
 
 class ServingPort(tcp.Port):

@@ -425,15 +425,10 @@ class ListenerProtocol(Protocol):
     # -- carrying out the session's actions
 
     def _apply(self, actions: list[Action]) -> None:
-        replies: list[bytes] = []  # consecutive replies (a pipelined group's) leave in one write
         for action in actions:
             if isinstance(action, Send):
-                replies.append(action.data)
-                continue
-            if replies:
-                self.transport.write(b"".join(replies))
-                replies = []
-            if isinstance(action, StartTLS):
+                self.transport.write(action.data)
+            elif isinstance(action, StartTLS):
                 server_tls = self.owner.server_tls()
                 if server_tls.certkey.insecure_demo:
                     self.log.demo_certificate(self.icid)
@@ -445,8 +440,6 @@ class ListenerProtocol(Protocol):
                 self._deliver(action.message)
             elif isinstance(action, Close):
                 self._close(action.abort)
-        if replies:
-            self.transport.write(b"".join(replies))
 
     def _close(self, abort: bool) -> None:
         """Graceful: the close deadline (close grace) bounds it; abort: at once. Input is no longer read."""
