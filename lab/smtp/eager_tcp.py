@@ -26,6 +26,7 @@ def _write_now(connection: Any, data: bytes) -> None:
     """``FileDescriptor.write``, but first try to send ``data`` at once when nothing is queued before it."""
     if (
         data
+        and connection._eager
         and connection.connected
         and not connection.disconnecting
         and not connection._tempDataBuffer
@@ -46,7 +47,19 @@ class _EagerDescriptor(FileDescriptor):
 
 
 class EagerServer(tcp.Server):
-    """A server-side TCP connection whose writes leave at once when the socket takes them."""
+    """A server-side TCP connection whose writes leave at once when the socket takes them.
+
+    Not before its first read: the banner written in ``connectionMade`` goes out when the reactor's turn ends,
+    as Twisted sends it, after the listening port's accept loop. Sent at once, a client could read it, close and
+    connect again while that loop still runs, and its new connection would be counted beside the closed one
+    against Max Concurrency (the close is only seen on a later turn).
+    """
+
+    _eager = False
+
+    def doRead(self) -> Any:
+        self._eager = True
+        return super().doRead()
 
     def write(self, data: bytes) -> None:
         if self.TLS:
