@@ -4,7 +4,8 @@
                                          [--concurrency 50,500] [--drivers 2] [--idle 10000]
 
 Servers, each in its own process on its own 127.x address, all with the same certificate (RSA-2048 or EC P-256,
-generated for the run): ``smtplab serve --tls preferred`` (durable spool), aiosmtpd 1.4.6 with a handler that
+generated for the run): ``smtplab serve`` (durable spool; with ``--workers N`` also ``smtplab serve --workers N``
+beside it, the CPU of its parent and workers summed), aiosmtpd 1.4.6 with a handler that
 stores nothing and with its Maildir handler, stock ``twisted.mail.smtp.ESMTP`` with a delivery that stores
 nothing, and Postfix when it can run (``tests/peers``). Each measurement is ``--seconds`` of closed-loop load by
 ``--drivers`` load-generator processes (asyncio and Python's ``ssl``) sharing the concurrent clients; a session is

@@ -166,9 +166,12 @@ class MailLog:
         echo: Callable[[str], None] | None = None,
         tail: int = TAIL_LINES,
         flush_soon: Callable[[Callable[[], None]], object] | None = None,
+        ids: tuple[int, int] = (1, 1),
     ) -> None:
         """``flush_soon(f)``: call ``f`` shortly (``smtplab serve``: once the reactor's current turn is over), so
-        the lines of one turn reach the sink in one write; without it every line is flushed as it is written."""
+        the lines of one turn reach the sink in one write; without it every line is flushed as it is written.
+        ``ids``: the first ICID/MID/DCID and the step between two (``smtplab serve --workers N``: worker K counts
+        K, K+N, K+2N ..., so that IDs stay unique across the processes writing one log)."""
         self.lines: deque[str] = deque(maxlen=tail)
         self._clock = clock
         self._echo = echo
@@ -180,6 +183,7 @@ class MailLog:
         else:
             self._sink = sink
         self._counters = {"icid": 0, "mid": 0, "dcid": 0}
+        self._first_id, self._id_step = ids
         self._flush_soon = flush_soon
         self._flush_pending = False
         self._stamp: tuple[int, str] = (-1, "")  # the last second formatted, and its text
@@ -187,7 +191,7 @@ class MailLog:
     # -- counters -----------------------------------------------------------------------------------------------
     def _next(self, kind: str) -> int:
         self._counters[kind] += 1
-        return self._counters[kind]
+        return self._first_id + (self._counters[kind] - 1) * self._id_step
 
     def next_icid(self) -> int:
         return self._next("icid")

@@ -10,17 +10,26 @@ Start and stop are where mail gets lost, so both are checked: ``--spool``, ``--s
 and written to before the first connection (exit 3 with one line if not), a crash's leftovers in the spool's
 ``tmp/`` are logged and removed, and SIGTERM/SIGINT stop cleanly: no new connections, spool writes in flight
 get their 250, every other open session ``421 4.3.2``, exit 0.
+
+``--workers N`` forks N processes that each run a reactor on every listening address (``SO_REUSEPORT``); the
+parent prepares the spool and the log once, then supervises them (``lab.commands.serve_workers``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import ipaddress
+import os
+import select
+import socket
+import stat
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
@@ -28,6 +37,7 @@ from lab.appliance.model import Appliance, Certificate, Listener
 from lab.appliance.spool import GroupCommit, Spool, SpoolError, probe_dir
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
+from lab.policy.params import EffectiveParams
 from lab.tls.certs import default_state_dir, load_pem
 
 if TYPE_CHECKING:
@@ -35,6 +45,7 @@ if TYPE_CHECKING:
 
 HELP = "run appliance listeners on real sockets (quick mode or a full appliance file)"
 FILES_BESIDES_CONNECTIONS = 256  # log, spool files being written, listening sockets, the reactor's own
+MAX_WORKERS = 64
 SHUTDOWN_GRACE = 5.0  # seconds a clean stop waits for spool writes in flight and sessions to close, then aborts
 
 
@@ -68,6 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--spool", metavar="DIR", help="spool root; one Maildir per listener (default STATE/spool)")
     parser.add_argument("--log", metavar="FILE", help="mail log file (default: standard output)")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        metavar="N",
+        help="worker processes sharing every listening address (SO_REUSEPORT), each with its own reactor; "
+        "N or auto (one per core); default 1",
+    )
     parser.add_argument(
         "--state", metavar="DIR", help="state directory for the lab CA (default $SMTPLAB_STATE or ./.smtplab)"
     )
@@ -155,18 +173,92 @@ def _os_problem(action: str, path: Path, exc: OSError) -> str:
     return f"{action}: {culprit}{reason}"
 
 
-def _open_log(path: Path | None, clock: IReactorTime) -> MailLog:
-    """Lines are flushed once per reactor turn: the lines of one turn reach the file in one write."""
+def _open_log(path: Path | None, clock: IReactorTime | None) -> MailLog:
+    """Lines are flushed once per reactor turn: the lines of one turn reach the file in one write.
 
-    def flush_soon(flush: Callable[[], None]) -> object:
-        return clock.callLater(0, flush)
+    Without a reactor (``clock`` None: the parent of ``--workers``) every line is written as it comes.
+    """
+    flush_soon = None
+    if clock is not None:
+        reactor_clock = clock
 
+        def flush_soon(flush: Callable[[], None]) -> object:
+            return reactor_clock.callLater(0, flush)
+
+    now = clock.seconds if clock is not None else time.time
     if path is None:
-        return MailLog(sys.stdout, clock=clock.seconds, flush_soon=flush_soon)
+        return MailLog(sys.stdout, clock=now, flush_soon=flush_soon)
     try:
-        return MailLog(path, clock=clock.seconds, flush_soon=flush_soon)
+        return MailLog(path, clock=now, flush_soon=flush_soon)
     except OSError as exc:
         raise _unusable("--log", path, _os_problem("cannot open for appending", path, exc)) from None
+
+
+class SharedLogFile(io.TextIOBase):
+    """The mail log of several worker processes: whole lines only, each flush one ``write(2)`` with O_APPEND.
+
+    A buffered text file may split a line between two writes, and another worker's lines could land between
+    them; here a flush writes every pending line at once (into a pipe, in pieces of at most ``PIPE_BUF`` that
+    end at a line end: larger pipe writes may interleave).
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        super().__init__()
+        self._owned = path is not None
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if path is not None else 1
+        self._piece = select.PIPE_BUF if stat.S_ISFIFO(os.fstat(self._fd).st_mode) else 0
+        self._pending: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._pending.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        data = "".join(self._pending).encode("utf-8")
+        self._pending = []
+        for piece in _pieces(data, self._piece):
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            if self._owned:
+                os.close(self._fd)
+        super().close()
+
+
+def _pieces(data: bytes, limit: int) -> list[bytes]:
+    """``data`` in pieces of at most ``limit`` bytes (0: one piece) that each end at a line end."""
+    if not limit or len(data) <= limit:
+        return [data]
+    pieces, start = [], 0
+    while start < len(data):
+        end = data.rfind(b"\n", start, start + limit) + 1
+        if end <= start:  # one line longer than the limit: alone
+            end = data.find(b"\n", start) + 1 or len(data)
+        pieces.append(data[start:end])
+        start = end
+    return pieces
+
+
+def _open_shared_log(path: Path | None, clock: IReactorTime, worker: Worker) -> tuple[MailLog, SharedLogFile]:
+    """A worker's mail log: the shared file (or standard output), IDs ``index+1``, ``index+1+count`` ..."""
+    try:
+        sink = SharedLogFile(path)
+    except OSError as exc:
+        where = path or Path("-")
+        raise _unusable("--log", where, _os_problem("cannot open for appending", where, exc)) from None
+    log = MailLog(
+        cast(TextIO, sink),
+        clock=clock.seconds,
+        flush_soon=lambda flush: clock.callLater(0, flush),
+        ids=(worker.index + 1, worker.count),
+    )
+    return log, sink
 
 
 def _prepare_spool(spool: Spool, appliance: Appliance, flag: str, maillog: MailLog) -> None:
@@ -202,13 +294,8 @@ def _report_errors_to_stderr() -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from twisted.internet import defer, reactor
-    from twisted.internet.error import CannotListenError
-    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
-
-    from lab.smtp.listener import ApplianceRuntime, ListenerFactory
-
     appliance, binds = _quick(args) if args.listen else _full(args)
+    workers = _workers(args.workers)
     _raise_open_files(sum(item.max_concurrency for item in appliance.listeners))
     state_dir = Path(args.state) if args.state else default_state_dir()
     spool_root = Path(args.spool) if args.spool else state_dir / "spool"
@@ -217,32 +304,80 @@ def run(args: argparse.Namespace) -> int:
             probe_dir(state_dir)
         except OSError as exc:
             raise _unusable("--state", state_dir, _os_problem("cannot create or write", state_dir, exc)) from None
-    maillog = _open_log(Path(args.log) if args.log else None, IReactorTime(reactor))
-    spool = Spool(spool_root)
-    _prepare_spool(spool, appliance, "--spool" if args.spool else "--state", maillog)
+    log_path = Path(args.log) if args.log else None
+    place = Place(appliance, binds, state_dir, spool_root, log_path, "--spool" if args.spool else "--state")
+    if workers == 1:
+        return _serve(place)
+    return _serve_workers(place, workers)
+
+
+@dataclasses.dataclass
+class Place:
+    """What ``smtplab serve`` serves and where: the appliance, its addresses, its state, spool and log."""
+
+    appliance: Appliance
+    binds: dict[str, tuple[str, int]]
+    state_dir: Path
+    spool_root: Path
+    log_path: Path | None
+    spool_flag: str  # the flag that named the spool, for its error lines (--spool, or --state by default)
+
+
+@dataclasses.dataclass(frozen=True)
+class Worker:
+    """One of ``count`` worker processes (``index`` from 0); ``ready()`` once it listens."""
+
+    index: int
+    count: int
+    ready: Callable[[], None]
+
+
+def _serve(place: Place, worker: Worker | None = None) -> int:
+    """Serve on this process's reactor until SIGTERM/SIGINT; as one of several workers when ``worker`` is given."""
+    from twisted.internet import defer, reactor
+    from twisted.internet.error import CannotListenError
+    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+
+    from lab.smtp.eager_tcp import listen
+    from lab.smtp.listener import ApplianceRuntime, ListenerFactory
+
+    appliance = place.appliance if worker is None else _share_limits(place.appliance, worker.index, worker.count)
+    clock = IReactorTime(reactor)
+    if worker is None:
+        maillog = _open_log(place.log_path, clock)
+        _prepare_spool(Spool(place.spool_root), appliance, place.spool_flag, maillog)
+    else:  # the parent prepared the spool; IDs are strided so that every worker's are unique
+        maillog, shared = _open_shared_log(place.log_path, clock, worker)
+    spool = Spool(place.spool_root)  # after the fork: its Maildir names carry this process's PID
     committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes, fsyncs in batches
     runtime = ApplianceRuntime(
-        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=state_dir, committer=committer
+        appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=place.state_dir, committer=committer
     )
 
     ports: list[Any] = []
     factories: list[ListenerFactory] = []
     for item in appliance.listeners:
-        host, port = binds[item.name]
-        print(listener_summary(appliance, item))
+        host, port = place.binds[item.name]
         factories.append(runtime.factory(item))
         try:
-            ports.append(reactor.listenTCP(port, factories[-1], backlog=item.tcp_queue, interface=host))
+            ports.append(
+                listen(
+                    reactor,
+                    port,
+                    factories[-1],
+                    backlog=item.tcp_queue,
+                    interface=host,
+                    reuse_port=worker is not None,
+                )
+            )
         except CannotListenError as exc:
             raise HarnessError(f"cannot listen on {host}:{port} for {item.name}: {exc.socketError}") from None
-        if runtime.certificate(item).insecure_demo and _may_start_tls(item):
-            print(
-                f"WARNING: {item.name} presents the built-in demo certificate, which is INSECURE "
-                "(its private key ships with smtplab); assign a certificate for real use"
-            )
-        print(f"Listening: {item.name} on {host}:{port} (TCP queue {item.tcp_queue}), spool {spool_root / item.name}")
-        print()
+        if worker is None:
+            _announce(place, item, runtime.certificate(item).insecure_demo)
+            _listening(place, item)
     sys.stdout.flush()
+    if worker is not None:
+        worker.ready()
 
     def stop_cleanly() -> defer.Deferred[Any]:
         """Before the reactor stops (SIGINT, SIGTERM): stop accepting, then let every open session end."""
@@ -255,8 +390,61 @@ def run(args: argparse.Namespace) -> int:
     reactor.run()  # SIGINT and SIGTERM stop the reactor once every session has its answer (stop_cleanly)
     committer.stop()
     maillog.close_file()
-    print("smtplab serve: stopped")
+    if worker is None:
+        print("smtplab serve: stopped")
+    else:
+        shared.close()
     return 0
+
+
+def _announce(place: Place, item: Listener, insecure_demo: bool) -> None:
+    print(listener_summary(place.appliance, item))
+    if insecure_demo and _may_start_tls(item):
+        print(
+            f"WARNING: {item.name} presents the built-in demo certificate, which is INSECURE "
+            "(its private key ships with smtplab); assign a certificate for real use"
+        )
+
+
+def _listening(place: Place, item: Listener, workers: int = 1) -> None:
+    host, port = place.binds[item.name]
+    spread = f", {workers} worker processes" if workers > 1 else ""
+    print(
+        f"Listening: {item.name} on {host}:{port} (TCP queue {item.tcp_queue}{spread}), "
+        f"spool {place.spool_root / item.name}"
+    )
+    print()
+
+
+def _serve_workers(place: Place, count: int) -> int:
+    """``--workers N``: prepare once here, then fork N workers that each serve every listener (SO_REUSEPORT)."""
+    from twisted.internet.task import Clock
+
+    from lab.commands.serve_workers import supervise
+    from lab.smtp.listener import ApplianceRuntime  # no reactor: forking after it is installed would share it
+
+    if "twisted.internet.reactor" in sys.modules:
+        raise HarnessError("--workers: the reactor is already installed in this process; cannot fork workers")
+    with _open_log(place.log_path, None) as maillog:  # spool recovery is logged once, before any worker writes
+        _prepare_spool(Spool(place.spool_root), place.appliance, place.spool_flag, maillog)
+    runtime = ApplianceRuntime(
+        place.appliance, clock=Clock(), maillog=maillog, spool=Spool(place.spool_root), state_dir=place.state_dir
+    )
+    for item in place.appliance.listeners:
+        _check_bind(*place.binds[item.name], item.name)
+        _announce(place, item, runtime.certificate(item).insecure_demo)  # a lab certificate is issued here, once
+
+    def listening() -> None:
+        for item in place.appliance.listeners:
+            _listening(place, item, count)
+        sys.stdout.flush()
+
+    def say(line: str) -> None:
+        print(f"smtplab serve: {line}", file=sys.stderr, flush=True)
+
+    code = supervise(count, lambda index, ready: _serve(place, Worker(index, count, ready)), listening, say)
+    print("smtplab serve: stopped" if code == 0 else "smtplab serve: stopped (a worker failed)")
+    return code
 
 
 def _raise_open_files(connections: int) -> None:
@@ -273,6 +461,62 @@ def _raise_open_files(connections: int) -> None:
         want = min(want, hard)
     if want > soft:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _workers(text: str) -> int:
+    if text == "auto":
+        from lab.commands.serve_workers import cores
+
+        return cores()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_WORKERS:
+        raise BadInput(f"{text!r} is not a number of workers (1 to {MAX_WORKERS}) or auto", field="--workers")
+    return int(text)
+
+
+def _share(limit: int, index: int, count: int) -> int:
+    """Worker ``index``'s part of ``limit``: the parts add up to ``limit``, but each is at least 1 (a limit below
+    the number of workers admits one connection per worker)."""
+    return max(1, limit // count + (1 if index < limit % count else 0))
+
+
+def _share_limits(appliance: Appliance, index: int, count: int) -> Appliance:
+    """Max Concurrency and every per-IP limit divided among the workers: together they admit no more than one
+    process would (a worker counts only its own connections)."""
+
+    def listener(item: Listener) -> Listener:
+        per_ip = item.defaults.max_concurrency_per_ip
+        if per_ip is None:
+            per_ip = EffectiveParams().max_concurrency_per_ip
+        policies = {
+            name: dataclasses.replace(
+                policy,
+                params=dataclasses.replace(
+                    policy.params, max_concurrency_per_ip=_share(policy.params.max_concurrency_per_ip, index, count)
+                ),
+            )
+            if policy.params.max_concurrency_per_ip is not None
+            else policy
+            for name, policy in item.policies.items()
+        }
+        return dataclasses.replace(
+            item,
+            max_concurrency=_share(item.max_concurrency, index, count),
+            defaults=dataclasses.replace(item.defaults, max_concurrency_per_ip=_share(per_ip, index, count)),
+            policies=policies,
+        )
+
+    return dataclasses.replace(appliance, listeners=tuple(listener(item) for item in appliance.listeners))
+
+
+def _check_bind(host: str, port: int, name: str) -> None:
+    """The address can be listened on (nothing else holds it): one line now rather than N failing workers."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise HarnessError(f"cannot listen on {host}:{port} for {name}: {exc.strerror or exc}") from None
 
 
 def _may_start_tls(listener: Listener) -> bool:
