@@ -2,13 +2,16 @@
 
 Loaded in every pytest run of an environment where smtplab is installed, so it does nothing (adds no item, imports
 none of the lab) until ``--smtplab``, another ``--smtplab-*`` option or the ``conformance/`` conftest (``enable``)
-asks for it. Then it adds one item per case x policy x target, named ``CASE[policy]`` under ``smtplab/TARGET``.
+asks for it. Then it adds one item per case x policy x target, named ``CASE[policy]`` under ``smtplab/TARGET``,
+and, for each ``--smtplab-sender SPEC`` (``smtplab run --sender``'s syntax), one per receiver case x destination
+control, named ``CASE[policy]`` under ``smtplab/sender:NAME``.
 
-The first item that runs runs the whole selection once through ``lab.scenario.runner`` (after ``-k`` / ``-m``
-deselection, so a deselected case is never run), and every item reports its own ``CaseRun``: FAILED, XPASS and
-ERROR fail with Expected / Actual / the spec sentence / the transcript; UNIMPLEMENTED and SKIPPED skip with the
-reason; OK, XFAIL, INFORMATIONAL and NON-STRICT pass, the last three with a note (``user_properties``, and a
-``SmtplabShouldWarning`` for a missed SHOULD). ``--smtplab-report-dir`` also gets the session's smtplab reports.
+The first item that runs runs the whole selection once through ``lab.scenario.runner`` and ``lab.sender.run``
+(after ``-k`` / ``-m`` deselection, so a deselected case is never run), and every item reports its own
+``CaseRun``: FAILED, XPASS and ERROR fail with Expected / Actual / the spec sentence / the transcript;
+UNIMPLEMENTED and SKIPPED skip with the reason; OK, XFAIL, INFORMATIONAL and NON-STRICT pass, the last three
+with a note (``user_properties``, and a ``SmtplabShouldWarning`` for a missed SHOULD). ``--smtplab-report-dir``
+also gets the session's smtplab reports.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +30,8 @@ if TYPE_CHECKING:
     from lab.pipeline import Plan, RunRequest, TargetPlan
     from lab.scenario.model import Case
     from lab.scenario.result import CaseRun, RunResult
+    from lab.sender.cases import SenderCase
+    from lab.sender.seam import ISender
 
 MARKER = "smtplab"
 OPTIONS = (
@@ -38,8 +43,13 @@ OPTIONS = (
     "smtplab_report_dir",
     "smtplab_maillog",
     "smtplab_maillog_dialect",
+    "smtplab_sender",
 )
+#: Options that name what the listener items run against: with one of them, ``--smtplab-sender`` adds to the
+#: listener items; without, it replaces them.
+LISTENER_OPTIONS = ("smtplab_target", "smtplab_profile", "smtplab_policy", "smtplab_carrier", "smtplab_maillog")
 _ENABLED = pytest.StashKey[bool]()
+_DEFAULT_SENDERS = pytest.StashKey[tuple[str, ...]]()
 _STATE = pytest.StashKey["SuiteState"]()
 
 
@@ -104,11 +114,24 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="how the target's mail log writes its lines",
     )
+    group.addoption(
+        "--smtplab-sender",
+        metavar="SPEC",
+        action="append",
+        default=[],
+        help="judge a sender's outbound TLS with the receiver cases, as smtplab run --sender: lab[:POLICY,...], "
+        "appliance[:POLICY,...] or a sender profile (conformance/senders/*.yaml); repeat for more senders",
+    )
 
 
-def enable(config: pytest.Config) -> None:
-    """Switch the suite on without ``--smtplab`` (what ``conformance/conftest.py`` does in its folder)."""
+def enable(config: pytest.Config, senders: Sequence[str] = ()) -> None:
+    """Switch the suite on without ``--smtplab`` (what ``conformance/conftest.py`` does in its folder).
+
+    ``senders``: the ``--smtplab-sender`` values judged next to the lab's listeners when the session names no
+    target, profile or sender of its own.
+    """
     config.stash[_ENABLED] = True
+    config.stash[_DEFAULT_SENDERS] = tuple(senders)
 
 
 def is_enabled(config: pytest.Config) -> bool:
@@ -128,27 +151,60 @@ _FLAG_NAMES = {
     "selectors": "--smtplab-select",
     "--maillog": "--smtplab-maillog",
     "--maillog-dialect": "--smtplab-maillog-dialect",
+    "--sender": "--smtplab-sender",
+    "selection": "--smtplab-select",
 }
+
+
+@dataclass(frozen=True)
+class SenderPlan:
+    """One ``--smtplab-sender`` value: its senders, one per destination control it names."""
+
+    spec: str
+    senders: tuple[ISender, ...]
+
+    @property
+    def name(self) -> str:
+        return f"sender:{self.senders[0].name}"
+
+    def runs(self, case: SenderCase) -> list[str]:
+        return [str(s.policy) for s in self.senders if str(s.policy) in case.policies]
 
 
 @dataclass
 class SuiteState:
     """What the session runs (the pipeline's plan), and (once the first item asked) what came of it."""
 
-    plan: Plan
+    plan: Plan | None  # None: the selection names receiver cases only
     report_dir: Path | None
+    senders: tuple[SenderPlan, ...] = ()
+    sender_cases: tuple[SenderCase, ...] = ()
     ran: bool = False
     error: str | None = None
     runs: dict[tuple[str, str, str], CaseRun] = field(default_factory=dict)
     result: RunResult | None = None
 
-    def describe(self) -> str:
-        targets = "; ".join(
-            f"{t.name} ({'policy' if t.external else 'policies'} {', '.join(t.policies)})" for t in self.plan.targets
-        )
-        count = len(self.plan.cases)
-        cases = f"{count} case" + ("s" if count != 1 else "")
-        return f"smtplab: {cases} against {targets}; carrier {self.plan.carrier}"
+    def describe(self) -> list[str]:
+        lines = []
+        if self.plan is not None:
+            targets = "; ".join(
+                f"{t.name} ({'policy' if t.external else 'policies'} {', '.join(t.policies)})"
+                for t in self.plan.targets
+            )
+            lines.append(
+                f"smtplab: {_count(len(self.plan.cases), 'case')} against {targets}; carrier {self.plan.carrier}"
+            )
+        for sender in self.senders:
+            policies = ("policy " if len(sender.senders) == 1 else "policies ") + ", ".join(
+                str(s.policy) for s in sender.senders
+            )
+            cases = _count(len(self.sender_cases), "receiver case")
+            lines.append(f"smtplab: {cases} against {sender.name} ({policies}); carrier {sender.senders[0].carrier}")
+        return lines
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("s" if number != 1 else "")
 
 
 def _selectors(values: list[str]) -> tuple[str, ...]:
@@ -180,17 +236,56 @@ def make_request(config: pytest.Config) -> RunRequest:
 
 
 def make_state(config: pytest.Config) -> SuiteState:
-    """The options as targets and cases; a bad option or file is ``BadInput`` naming the ``--smtplab-*`` option."""
+    """The options as targets, senders and cases; a bad option or file is ``BadInput`` naming the ``--smtplab-*``
+    option.
+
+    Listener items come unless only senders are named; ``enable``'s default senders join the lab's listeners when
+    nothing is named. With both kinds, a ``--smtplab-select`` that names cases of one catalogue only drops the other.
+    """
     from lab.errors import BadInput
     from lab.pipeline import make_plan
+    from lab.sender.cases import load_sender_cases
+    from lab.sender.command import senders_for
 
     try:
         request = make_request(config)
+        specs: list[str] = config.getoption("smtplab_sender")
+        listeners = not specs or any(config.getoption(name, None) for name in LISTENER_OPTIONS)
+        if not specs and not any(config.getoption(name, None) for name in LISTENER_OPTIONS):
+            defaults: tuple[str, ...] = config.stash.get(_DEFAULT_SENDERS, ())
+            specs = list(defaults)
+        listener_selection, sender_selection = request.selectors, request.selectors
+        if specs and listeners and request.selectors:
+            sender_selection = tuple(s for s in request.selectors if _names_receiver_cases(s))
+            listener_selection = tuple(s for s in request.selectors if s not in sender_selection)
+            listeners = bool(listener_selection)
+            specs = specs if sender_selection else []
+        senders = tuple(SenderPlan(spec, tuple(senders_for(spec))) for spec in specs)
+        names = [s.name for s in senders]
+        if len(set(names)) != len(names):
+            raise BadInput(f"two senders share a name: {', '.join(names)}", field="--sender")
         # check_hosts off: a case naming a host the topology lacks fails its own items (ERROR), not the session
-        return SuiteState(make_plan(request, check_hosts=False), request.report_dir)
+        plan = (
+            make_plan(dataclasses.replace(request, selectors=listener_selection), check_hosts=False)
+            if listeners
+            else None
+        )
+        cases = tuple(load_sender_cases(sender_selection)) if senders else ()
+        return SuiteState(plan, request.report_dir, senders, cases)
     except BadInput as exc:
         exc.field = _FLAG_NAMES.get(exc.field or "", exc.field)
         raise
+
+
+def _names_receiver_cases(selector: str) -> bool:
+    """Does this ``--smtplab-select`` value pick receiver cases (scenarios/senders/) rather than listener cases?"""
+    from lab.errors import BadInput
+    from lab.sender.cases import load_sender_cases
+
+    try:
+        return bool(load_sender_cases([selector]))
+    except BadInput:
+        return False
 
 
 @pytest.hookimpl(trylast=True)
@@ -206,27 +301,46 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"smtplab: {exc}") from None
 
 
-def pytest_report_header(config: pytest.Config) -> str | None:
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
     state = config.stash.get(_STATE, None)
     return state.describe() if state is not None else None
 
 
-# -- collection: a collector per target, an item per case x policy
+# -- collection: a collector per target or sender, an item per case x policy
 
 
-class TargetSuite(pytest.Collector):
-    """The items of one target, ``smtplab/TARGET::CASE[policy]``."""
+class Suite(pytest.Collector):
+    """The items of one target (``smtplab/TARGET::CASE[policy]``) or sender (``smtplab/sender:NAME::...``)."""
 
-    def __init__(self, *, target: TargetPlan, state: SuiteState, **kwargs: Any) -> None:
+    def __init__(self, *, state: SuiteState, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.target = target
         self.state = state
 
+
+class TargetSuite(Suite):
+    def __init__(self, *, target: TargetPlan, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.target = target
+
     def collect(self) -> list[pytest.Item]:
+        assert self.state.plan is not None
         return [
             CaseItem.from_parent(self, name=f"{case.id}[{policy}]", case=case, policy=policy)
             for case in self.state.plan.cases
             for policy in self.target.runs(case)
+        ]
+
+
+class SenderSuite(Suite):
+    def __init__(self, *, sender: SenderPlan, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sender = sender
+
+    def collect(self) -> list[pytest.Item]:
+        return [
+            CaseItem.from_parent(self, name=f"{case.id}[{policy}]", case=case, policy=policy)
+            for case in self.state.sender_cases
+            for policy in self.sender.runs(case)
         ]
 
 
@@ -236,10 +350,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     state = config.stash.get(_STATE, None)
     if state is None:
         return
-    for target in state.plan.targets:
-        suite = TargetSuite.from_parent(
-            session, name=target.name, nodeid=f"smtplab/{target.name}", target=target, state=state
-        )
+    suites: list[Suite] = [
+        TargetSuite.from_parent(session, name=target.name, nodeid=f"smtplab/{target.name}", target=target, state=state)
+        for target in (state.plan.targets if state.plan is not None else ())
+    ]
+    suites += [
+        SenderSuite.from_parent(session, name=sender.name, nodeid=f"smtplab/{sender.name}", sender=sender, state=state)
+        for sender in state.senders
+    ]
+    for suite in suites:
         items.extend(item for item in session.genitems(suite) if isinstance(item, pytest.Item))
 
 
@@ -248,21 +367,22 @@ class CaseFailure(Exception):
 
 
 class CaseItem(pytest.Item):
-    """One case under one policy against one target; its verdict decides the outcome."""
+    """One case under one policy against one target (or receiver case against one sender); its verdict decides
+    the outcome."""
 
-    def __init__(self, *, case: Case, policy: str, **kwargs: Any) -> None:
+    def __init__(self, *, case: Case | SenderCase, policy: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.case = case
         self.policy = policy
         self.add_marker(MARKER)
 
     @property
-    def suite(self) -> TargetSuite:
-        assert isinstance(self.parent, TargetSuite)
+    def suite(self) -> Suite:
+        assert isinstance(self.parent, Suite)
         return self.parent
 
     def key(self) -> tuple[str, str, str]:
-        return (self.suite.target.name, self.case.id, self.policy)
+        return (self.suite.name, self.case.id, self.policy)
 
     def runtest(self) -> None:
         from lab.scenario.verdict import Verdict
@@ -337,24 +457,41 @@ def run_selection(state: SuiteState, items: list[CaseItem]) -> None:
 
 
 def _run(state: SuiteState, items: list[CaseItem]) -> None:
-    """The selected items of each target through ``lab.pipeline.execute``; one record of them all."""
+    """The selected items of each target through ``lab.pipeline.execute``, of each sender through
+    ``lab.sender.run``; one record of them all."""
     from lab.pipeline import combine, execute
+    from lab.sender.command import merge_results
+    from lab.sender.run import run_sender
 
-    several = len(state.plan.targets) > 1
+    targets = state.plan.targets if state.plan is not None else ()
+    several = len(targets) + len(state.senders) > 1
     results: list[RunResult] = []
-    for target in state.plan.targets:
-        selected = [(i.case.id, i.policy) for i in items if i.suite.target is target]
-        if not selected:
-            continue
-        report_dir = state.report_dir
-        if report_dir is not None and several:
-            report_dir = report_dir / _safe(target.name)
-        result = execute(state.plan, target, selected, report_dir=report_dir)
+
+    def keep(name: str, result: RunResult) -> None:
         results.append(result)
         for run in result.runs:
             if several:
-                run = _relocated(run, _safe(target.name))
-            state.runs[(target.name, run.case, str(run.policy))] = run
+                run = _relocated(run, _safe(name))
+            state.runs[(name, run.case, str(run.policy))] = run
+
+    def folder(name: str) -> Path | None:
+        return state.report_dir / _safe(name) if state.report_dir is not None and several else state.report_dir
+
+    for target in targets:
+        selected = [
+            (i.case.id, i.policy) for i in items if isinstance(i.suite, TargetSuite) and i.suite.target is target
+        ]
+        if selected and state.plan is not None:
+            keep(target.name, execute(state.plan, target, selected, report_dir=folder(target.name)))
+    for sender in state.senders:
+        chosen = {(i.case.id, i.policy) for i in items if isinstance(i.suite, SenderSuite) and i.suite.sender is sender}
+        per_control = [
+            run_sender(one, cases, report_dir=folder(sender.name))
+            for one in sender.senders
+            if (cases := [c for c in state.sender_cases if (c.id, str(one.policy)) in chosen])
+        ]
+        if per_control:
+            keep(sender.name, merge_results(per_control))
     if results:
         state.result = combine(results, [state.runs[i.key()] for i in items if i.key() in state.runs])
 
@@ -427,9 +564,9 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
     tr.section("smtplab")
     if state.result is not None:
         noted = (Verdict.NON_STRICT, Verdict.INFORMATIONAL, Verdict.XFAIL)
-        notes = [r for r in state.result.runs if r.verdict in noted]
-        for run in notes:
-            tr.line(f"{run.verdict} smtplab/{visible(run.target)}::{run.name}: {note_text(run).partition(': ')[2]}")
+        for (suite, _, _), run in state.runs.items():
+            if run.verdict in noted:
+                tr.line(f"{run.verdict} smtplab/{visible(suite)}::{run.name}: {note_text(run).partition(': ')[2]}")
         tr.line(f"verdicts: {counts_line(state.result)}")
         if state.report_dir is not None and state.error is None:
             tr.line(f"reports: {state.report_dir / 'index.html'}, {state.report_dir / 'index.json'}")

@@ -18,6 +18,7 @@ from importlib.metadata import distributions, entry_points
 from pathlib import Path
 
 import pytest
+from peers import require_peer
 from serving import Served, serve
 
 import lab
@@ -226,6 +227,10 @@ def test_profiles_deviations_and_several_targets(run: Run, pytester: pytest.Pyte
             "--smtplab-target: 192.0.2.1 is not a loopback address",
         ),
         (["--smtplab-profile", "missing.yaml"], "missing.yaml"),
+        (["--smtplab-sender", "lab:maybe"], "--smtplab-sender: 'maybe' is not one of"),
+        (["--smtplab-sender", "nope.yaml"], "--smtplab-sender: 'nope.yaml' is neither lab[:POLICY]"),
+        (["--smtplab-sender", "lab", "--smtplab-select", "3207-4"], "--smtplab-select: no receiver case id starts"),
+        (["--smtplab-sender", "lab:no", "--smtplab-sender", "lab:required"], "two senders share a name"),
     ],
 )
 def test_bad_options_are_usage_errors(inproc: Run, args: list[str], message: str) -> None:
@@ -236,12 +241,71 @@ def test_bad_options_are_usage_errors(inproc: Run, args: list[str], message: str
 
 
 def test_the_conformance_conftest_switches_the_suite_on(run: Run, pytester: pytest.Pytester) -> None:
+    """No option: the lab's listeners and the appliance's outbound; a selection of one catalogue keeps its items."""
     shutil.copy(REPO / "conformance" / "conftest.py", pytester.path / "conftest.py")
     result = run("-v", "--smtplab-select", "3207-4-02", load=False)  # no --smtplab, no -p: the conftest does both
     assert result.ret == 0
     assert sorted(outcomes(result)) == [
         f"smtplab/lab:Inboundmail::3207-4-02[{p}]" for p in ("no", "preferred", "required")
     ]
+
+    both = run("-v", "--smtplab-select", "3207-4-02,SND-DC-01", "--smtplab-report-dir", "report", load=False)
+    assert both.ret == 0
+    controls = ("no", "preferred", "required", "preferred-verify", "required-verify")
+    assert outcomes(both) == {
+        **{f"smtplab/lab:Inboundmail::3207-4-02[{p}]": "PASSED" for p in ("no", "preferred", "required")},
+        **{f"smtplab/sender:appliance::SND-DC-01[{p}]": "PASSED" for p in controls},
+    }
+    assert re.search(r"^smtplab: 1 receiver case against sender:appliance \(policies no, preferred, required, "
+                     r"preferred-verify, required-verify\); carrier memory$", both.stdout.str(), re.M)  # fmt: skip
+    index = json.loads((pytester.path / "report" / "index.json").read_text())
+    assert [t["name"] for t in index["targets"]] == ["lab:Inboundmail", "appliance"]
+    sender_runs = [r for r in index["runs"] if r["target"] == "appliance"]
+    assert [(r["case"], r["policy"], r["verdict"]) for r in sender_runs] == [("SND-DC-01", p, "OK") for p in controls]
+    assert all((pytester.path / "report" / r["capture"]).is_file() for r in sender_runs)
+    assert sender_runs[0]["capture"].startswith("sender_appliance/captures/SND-DC-01-")
+
+
+def test_sender_items_with_ids_deselection_and_no_listener_items(run: Run, inproc: Run) -> None:
+    """``--smtplab-sender`` alone: receiver case x control items only, ``-k`` decides which controls run."""
+    listed = inproc("--smtplab-sender", "lab:required,no", "--smtplab-select", "SND-DC", "--collect-only", "-q")
+    names = [line for line in listed.outlines if "::" in line]
+    assert names and all(re.fullmatch(r"smtplab/sender:lab::SND-DC-\d+\[(no|required)\]", n) for n in names)
+    assert "smtplab/sender:lab::SND-DC-01[required]" in names and "smtplab/sender:lab::SND-DC-01[no]" in names
+
+    result = run("-v", "--smtplab-sender", "lab", "--smtplab-select", "SND-DC-01", "-k", "verify")
+    assert outcomes(result) == {
+        "smtplab/sender:lab::SND-DC-01[preferred-verify]": "PASSED",
+        "smtplab/sender:lab::SND-DC-01[required-verify]": "PASSED",
+    }
+    assert "verdicts: 2 passed, 0 failed" in result.outlines
+
+
+def test_a_sender_that_breaks_a_must_fails_its_item(run: Run, pytester: pytest.Pytester) -> None:
+    """swaks --tls-optional declared Required: it goes on in plaintext when STARTTLS is not offered (a MUST)."""
+    require_peer("swaks", shutil.which("swaks") is not None, "apt-get install swaks")
+    profile = (REPO / "conformance" / "senders" / "swaks-tls-optional.yaml").read_text()
+    declared = profile.replace("name: swaks-tls-optional", "name: swaks-as-required")
+    declared = declared.replace("policy: preferred", "policy: required").replace("127.77.21.0", "127.77.41.0")
+    assert "\npolicy: required\n" in declared and "127.77.41.0" in declared
+    (pytester.path / "declared.yaml").write_text(declared)
+    result = run("-v", "--smtplab-sender", "declared.yaml", "--smtplab-select", "SND-3207-4-01",
+                 "--smtplab-report-dir", "report", "--junitxml=out.xml")  # fmt: skip
+    assert result.ret == 1
+    node = "smtplab/sender:swaks-as-required::SND-3207-4-01[required]"
+    assert outcomes(result) == {node: "FAILED"}
+    out = result.stdout.str()
+    assert "smtplab: 1 receiver case against sender:swaks-as-required (policy required); carrier tcp" in out
+    needles = ("Verdict: FAILED", "\nActual: the envelope crossed in plaintext", "\nSpec: docs/rules.md §6.3 (MUST): ")
+    for needle in (*needles, "plaintext: MAIL FROM:<sender-probe@smtplab.test>"):
+        assert needle in out, needle
+    failed = junit_cases(pytester.path / "out.xml")[node.replace("smtplab/", "smtplab.")]
+    assert properties(failed)["verdict"] == "FAILED" and failed.find("failure") is not None
+
+    index = json.loads((pytester.path / "report" / "index.json").read_text())
+    assert [(t["name"], t["policy"]) for t in index["targets"]] == [("swaks-as-required", "required")]
+    assert [(r["case"], r["verdict"]) for r in index["runs"]] == [("SND-3207-4-01", "FAILED")]
+    assert (pytester.path / "report" / index["runs"][0]["capture"]).is_file()
 
 
 SHOULD_CASE = """\

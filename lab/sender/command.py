@@ -49,7 +49,13 @@ def run_senders(
     cases = load_sender_cases(selectors)
     if not cases:
         raise BadInput("no receiver case matches " + " ".join(selectors), field="selectors")
-    results = [run_sender(s, cases, report_dir=report_dir, seed=seed, timestamps=timestamps) for s in senders]
+    return merge_results(
+        [run_sender(s, cases, report_dir=report_dir, seed=seed, timestamps=timestamps) for s in senders]
+    )
+
+
+def merge_results(results: list[RunResult]) -> RunResult:
+    """One record of one ``--sender`` value's runs (a result per destination control it names)."""
     first = results[0]
     targets = first.targets
     if len(results) > 1:  # several controls (lab, appliance): one target whose policy varies per run
