@@ -1,6 +1,7 @@
 """The netns carrier (docs/netns.md): the catalogue over real network namespaces gives memory's verdicts, the
 wire as tcpdump sees it is the lab's own capture, the firewall really rewrites, and nothing is left behind, not
-even by a run killed with ``kill -9``.
+even by a run killed with ``kill -9``; a real Postfix inside the appliance's namespace (the kept set) gives the
+verdicts it gives on loopback.
 
 Runs over netns go in subprocesses (the CLI, or a short script): they drive their own reactor and own their
 namespaces. Without root these tests skip, except under CI=true, where they run and fail.
@@ -511,3 +512,52 @@ def test_a_real_postfix_inside_the_appliance_namespace_gives_its_loopback_verdic
     assert "connect from unknown[198.51.100.10]" in log and "127.0.0.1" not in log.split("connect from")[1]
     assert down == 0 and netns.kept_namespaces() == []
     assert not [pid for pid in pids if pid_running(pid)] and _root_veths() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--carrier", "netns", "--target", "127.0.0.1:25"],
+            "--target: 127.0.0.1 is no host's address in the topology",
+        ),
+        (["--carrier", "netns", "--target", f"{ESA}:25", "--blocked-client", "127.0.66.1"], "--blocked-client: "),
+        (["--carrier", "loopback", "--target", "127.0.0.1:25"], "--carrier: an external target is reached over TCP"),
+        (["--target", f"{ESA}:25"], f"{ESA} is not a loopback address"),  # over TCP: loopback only, as before
+    ],
+)
+def test_an_external_target_over_netns_is_a_topology_host(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", *args, "--policy", "may", "--report-dir", str(tmp_path)]) == 3
+    assert message in capsys.readouterr().err
+
+
+@needs_root
+def test_the_kept_set_outlives_runs_and_goes_down_only_when_empty(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a kept set a run against a target in a namespace stops at once (exit 2, one line); once up, a
+    sweep leaves it alone; ``down`` refuses (exit 2, nothing removed) while a process runs inside, then removes it."""
+    if netns.kept_namespaces():
+        pytest.skip("a kept namespace set is up already (not this test's to use or remove)")
+    run = ["run", "--carrier", "netns", "--target", f"{ESA}:25", "--policy", "may", "--report-dir", str(tmp_path)]
+    assert main([*run, "3207-4-01"]) == EXIT_HARNESS
+    assert "no kept namespace smtplab-kept-esa: start one with smtplab netns up" in capsys.readouterr().err
+    assert main(["netns", "up"]) == 0
+    inside = None
+    try:
+        assert len(netns.kept_namespaces()) == len(default_topology().hosts) and netns.sweep() == []
+        inside = subprocess.Popen(["ip", "netns", "exec", "smtplab-kept-esa", "sleep", "30"])
+        deadline = time.monotonic() + 10
+        while inside.pid not in netns.processes_in("smtplab-kept-esa") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["netns", "down"]) == EXIT_HARNESS
+        assert f"smtplab-kept-esa still holds process(es) {inside.pid}" in capsys.readouterr().err
+        assert len(netns.kept_namespaces()) == len(default_topology().hosts)
+    finally:
+        if inside is not None:
+            inside.kill()  # by its PID: the process this test started
+            inside.wait(timeout=10)
+        assert main(["netns", "down"]) == 0
+    assert netns.kept_namespaces() == [] and _root_veths() == []
