@@ -31,12 +31,13 @@ from lab.scenario.runner import ExternalTarget, RunOptions, lab_target_name, run
 #: listens a second for a reply that must not come), so four workers, each with its own namespaces (docs/netns.md).
 CARRIER_JOBS = {"netns": 4}
 
+
 @dataclass(frozen=True)
 class RunRequest:
     """What to run and how, as ``smtplab run`` and the pytest plugin both say it.
 
     ``policies`` None: every policy (the lab), or the one a profile declares. ``carrier`` None: memory (an
-    external target is always reached over TCP, so naming a carrier for one is an error). ``jobs`` None: 1, or a
+    external target: TCP; ``netns``: one serving inside the kept namespace set, docs/netns.md). ``jobs`` None: 1, or a
     profile's ``concurrency``.
     """
 
@@ -78,7 +79,9 @@ class Plan:
 
     @property
     def carrier(self) -> str:
-        return "tcp" if self.targets[0].external is not None else (self.request.carrier or "memory")
+        if self.targets[0].external is not None:
+            return "netns" if self.request.carrier == "netns" else "tcp"
+        return self.request.carrier or "memory"
 
     def size(self) -> int:
         """Runs the whole plan makes."""
@@ -96,12 +99,19 @@ def make_plan(request: RunRequest, *, check_hosts: bool = True) -> Plan:
     if request.carrier is not None and request.carrier not in LAB_CARRIERS:
         raise BadInput(f"{request.carrier!r} is not one of {', '.join(LAB_CARRIERS)}", field="--carrier")
     externals = _externals(request)
-    if externals and request.carrier is not None:
-        raise BadInput("applies to the lab's own listeners; an external target is reached over TCP", field="--carrier")
+    if externals and request.carrier not in (None, "netns"):
+        raise BadInput(
+            "an external target is reached over TCP, or with netns inside the kept namespace set", field="--carrier"
+        )
     names = [t.name for t in externals]
     if len(set(names)) != len(names):
         raise BadInput(f"two targets share a name: {', '.join(names)}", field="--profile")
     topology = load_topology(request.topology) if request.topology else default_topology()
+    if request.carrier == "netns":  # the target, and a client it refuses, are hosts of the topology
+        for target in externals:
+            for address, flag in ((target.host, "--target"), (target.facts.get("blocked_client"), "--blocked-client")):
+                if address is not None and topology.host_by_address(str(address)) is None:
+                    raise BadInput(f"{address} is no host's address in the topology (netns carrier)", field=flag)
     cases = tuple(load_cases(list(request.selectors) or None))
     if not cases:
         raise BadInput("no case matches " + " ".join(request.selectors), field="selectors")
@@ -117,10 +127,11 @@ def make_plan(request: RunRequest, *, check_hosts: bool = True) -> Plan:
 def _externals(request: RunRequest) -> list[ExternalTarget]:
     """The external targets: one per profile (``--target`` moves a single one), or ``--target`` with its policy."""
     flags, policies = request.flags, request.policies
+    in_namespace = request.carrier == "netns"  # make_plan checks the address is a topology host's
     if request.profiles:
         if flags.target and len(request.profiles) > 1:
             raise BadInput("moves one profile; it cannot place several", field="--target")
-        externals = [target_from_profile(path, flags) for path in request.profiles]
+        externals = [target_from_profile(path, flags, in_namespace=in_namespace) for path in request.profiles]
         for target in externals:
             if policies is not None and list(policies) != [str(target.policy)]:
                 raise BadInput(
@@ -131,7 +142,7 @@ def _externals(request: RunRequest) -> list[ExternalTarget]:
     if flags.target:
         if policies is None or len(policies) != 1:
             raise BadInput("an external target needs the one policy it is meant to have", field="--policy")
-        return [target_from_flags(flags, policies[0])]
+        return [target_from_flags(flags, policies[0], in_namespace=in_namespace)]
     return []
 
 

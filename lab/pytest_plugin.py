@@ -87,7 +87,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--smtplab-carrier",
         choices=LAB_CARRIERS,
         default=None,
-        help="how bytes reach the lab's own listeners (default memory: virtual time); external targets use TCP",
+        help="how bytes reach the lab's own listeners (default memory: virtual time); external targets use TCP, "
+        "or netns for one inside the kept namespace set (docs/netns.md)",
     )
     group.addoption(
         "--smtplab-select",

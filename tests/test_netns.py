@@ -1,6 +1,7 @@
 """The netns carrier (docs/netns.md): the catalogue over real network namespaces gives memory's verdicts, the
 wire as tcpdump sees it is the lab's own capture, the firewall really rewrites, and nothing is left behind, not
-even by a run killed with ``kill -9``.
+even by a run killed with ``kill -9``; a real Postfix inside the appliance's namespace (the kept set) gives the
+verdicts it gives on loopback.
 
 Runs over netns go in subprocesses (the CLI, or a short script): they drive their own reactor and own their
 namespaces. Without root these tests skip, except under CI=true, where they run and fail.
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -414,3 +418,148 @@ def test_netns_cleanup_removes_what_a_killed_process_left(state: Path, capsys: p
     assert main(["netns", "cleanup"]) == 0
     assert f"smtplab-{holder.pid}-esa" in capsys.readouterr().out
     assert not any(pid == holder.pid for pid in netns.owned_namespaces().values())
+
+
+# -- a real Postfix inside the appliance's namespace (the kept set) ----------------------------------------------
+
+ESA = "192.168.2.1"
+ATTACKER = "203.0.113.66"  # the client Postfix refuses in a namespace (the profile's 127.0.66.1 on loopback)
+
+
+def _postfix_may(root: Path, address: str, netns_name: str | None = None) -> Any:
+    """Postfix ``may`` as tests/test_interop.py starts it for the postfix-may profile (its facts and all)."""
+    from peers.postfix import PostfixPeer
+    from test_interop import BLOCKED_CLIENT, PEERS, TLS_MANDATORY_SENDER
+
+    from lab.tls.certs import LabCA
+
+    ca = LabCA(root / "state")
+    cert = ca.issue("postfix-may", [PEERS["postfix-may"].hostname, address])
+    return PostfixPeer(
+        root / "postfix", address, None, "may", cert.cert_pem, cert.key_pem, verify_client=True,
+        client_ca_pem=ca.ca_pem, tls_mandatory_senders=[TLS_MANDATORY_SENDER],
+        blocked_clients=[ATTACKER if netns_name else BLOCKED_CLIENT],
+        netns=netns_name,
+    )  # fmt: skip
+
+
+def _smtplab_run(root: Path, args: list[str]) -> dict[str, Any]:
+    """``smtplab run ARGS`` (the whole catalogue) against the postfix-may profile (tests/test_interop.py's, with
+    its CA and log): the runs by case."""
+    report = root / "report"
+    done = subprocess.run(
+        [sys.executable, "-m", "lab", "run", *args, "--no-timestamps", "--report-dir", str(report)],
+        cwd=root, env={**_env(root / "lab-state"), "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"},
+        capture_output=True, text=True, timeout=180, check=False,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    return {run["case"]: run for run in json.loads((report / "index.json").read_text())["runs"]}
+
+
+@needs_root
+def test_a_real_postfix_inside_the_appliance_namespace_gives_its_loopback_verdicts() -> None:
+    """``smtplab netns up``, Postfix ``may`` started in smtplab-kept-esa on 192.168.2.1:25, the whole catalogue
+    run from the cases' client namespaces through the firewall (stripping there): the verdicts of the same
+    profile against the same Postfix on loopback over TCP; afterwards no kept namespace and no Postfix process."""
+    from peers import make_peer_workdir, next_address, pid_running
+    from peers.postfix import unavailable_reason
+    from test_interop import _profile
+
+    from lab.tls.certs import LabCA
+
+    if unavailable_reason():
+        pytest.skip(f"no Postfix peer here: {unavailable_reason()}")
+    if netns.kept_namespaces():
+        pytest.skip("a kept namespace set is up already (not this test's to use or remove)")
+    roots = {name: make_peer_workdir(prefix=f"smtplab-netns-{name}-") for name in ("loopback", "netns")}
+    peers = {"loopback": _postfix_may(roots["loopback"], next_address())}
+    assert main(["netns", "up"]) == 0
+    pids: list[int] = []
+    runs: dict[str, dict[str, Any]] = {}
+    try:
+        peers["netns"] = _postfix_may(roots["netns"], ESA, f"{netns.PREFIX}{netns.KEPT}-esa")
+        for peer in peers.values():
+            peer.start()
+            pids += peer.pids()
+        inside = peers["netns"]
+        assert int(inside.master_pid_file.read_text()) == inside.pid  # `ip netns exec` became the master
+        assert inside.pid in netns.processes_in("smtplab-kept-esa")
+        args = {}
+        for name, peer in peers.items():
+            profile = _profile("postfix-may", LabCA(roots[name] / "state"), roots[name], peer)
+            carrier = ["--carrier", "netns", "--blocked-client", ATTACKER] if name == "netns" else []
+            args[name] = ["--profile", str(profile), "--target", f"{peer.address}:{peer.port}", *carrier]
+        with ThreadPoolExecutor(max_workers=2) as pool:  # the two runs at once: two Postfix instances
+            runs = dict(zip(args, pool.map(_smtplab_run, [roots[n] for n in args], args.values()), strict=True))
+        log = inside.maillog()
+    finally:
+        for peer in peers.values():
+            peer.stop()
+        down = main(["netns", "down"])
+        for root in roots.values():
+            shutil.rmtree(root, ignore_errors=True)
+    verdicts = {name: {case: run["verdict"] for case, run in found.items()} for name, found in runs.items()}
+    assert verdicts["netns"] == verdicts["loopback"] and len(verdicts["netns"]) == len(load_cases(None))
+    assert {run["carrier"] for run in runs["netns"].values()} == {"netns"}
+    assert (
+        verdicts["netns"]["POL-LOG-01"] == verdicts["netns"]["POL-HAT-01"] == "OK"
+        and verdicts["netns"]["ATK-SMUGGLE-02"] == "XFAIL"
+    )
+    stripped = runs["netns"]["ATK-STRIP-01"]
+    texts = [entry["text"] for entry in stripped["transcript"]]  # stripped in the firewall's namespace
+    assert "250-XXXXXXXA" in texts and any(text.startswith("middlebox: ") for text in texts), texts
+    # Postfix saw the client hosts' own addresses, routed through the firewall's namespace.
+    clients = set(re.findall(r"connect from unknown\[([0-9.]+)\]", log))
+    hosts = {address for host in default_topology().hosts for address in host.addresses}
+    assert "198.51.100.10" in clients and ATTACKER in clients and clients <= hosts, clients
+    assert down == 0 and netns.kept_namespaces() == []
+    assert not [pid for pid in pids if pid_running(pid)] and _root_veths() == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--carrier", "netns", "--target", "127.0.0.1:25"],
+            "--target: 127.0.0.1 is no host's address in the topology",
+        ),
+        (["--carrier", "netns", "--target", f"{ESA}:25", "--blocked-client", "127.0.66.1"], "--blocked-client: "),
+        (["--carrier", "loopback", "--target", "127.0.0.1:25"], "--carrier: an external target is reached over TCP"),
+        (["--target", f"{ESA}:25"], f"{ESA} is not a loopback address"),  # over TCP: loopback only, as before
+    ],
+)
+def test_an_external_target_over_netns_is_a_topology_host(
+    args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["run", *args, "--policy", "may", "--report-dir", str(tmp_path)]) == 3
+    assert message in capsys.readouterr().err
+
+
+@needs_root
+def test_the_kept_set_outlives_runs_and_goes_down_only_when_empty(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a kept set a run against a target in a namespace stops at once (exit 2, one line); once up, a
+    sweep leaves it alone; ``down`` refuses (exit 2, nothing removed) while a process runs inside, then removes it."""
+    if netns.kept_namespaces():
+        pytest.skip("a kept namespace set is up already (not this test's to use or remove)")
+    run = ["run", "--carrier", "netns", "--target", f"{ESA}:25", "--policy", "may", "--report-dir", str(tmp_path)]
+    assert main([*run, "3207-4-01"]) == EXIT_HARNESS
+    assert "no kept namespace smtplab-kept-esa: start one with smtplab netns up" in capsys.readouterr().err
+    assert main(["netns", "up"]) == 0
+    inside = None
+    try:
+        assert len(netns.kept_namespaces()) == len(default_topology().hosts) and netns.sweep() == []
+        inside = subprocess.Popen(["ip", "netns", "exec", "smtplab-kept-esa", "sleep", "30"])
+        deadline = time.monotonic() + 10
+        while inside.pid not in netns.processes_in("smtplab-kept-esa") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert main(["netns", "down"]) == EXIT_HARNESS
+        assert f"smtplab-kept-esa still holds process(es) {inside.pid}" in capsys.readouterr().err
+        assert len(netns.kept_namespaces()) == len(default_topology().hosts)
+    finally:
+        if inside is not None:
+            inside.kill()  # by its PID: the process this test started
+            inside.wait(timeout=10)
+        assert main(["netns", "down"]) == 0
+    assert netns.kept_namespaces() == [] and _root_veths() == []

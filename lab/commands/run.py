@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=LAB_CARRIERS,
         default=None,
         help="how bytes travel between lab hosts (default: memory, virtual time; netns: network namespaces, as root); "
-        "not with an external target",
+        "with an external target only netns: one serving inside the kept set (smtplab netns up, docs/netns.md)",
     )
     parser.add_argument("--topology", metavar="FILE", help="topology file (default: the built-in topology)")
     parser.add_argument("--seed", type=int, default=0, help="seed for everything the lab chooses (default 0)")

@@ -68,9 +68,10 @@ class Profile:
         """The result record's view of this profile."""
         return Target(name=self.name, address=self.address, policy=self.policy)
 
-    def at(self, address: str) -> Profile:
-        """The same profile at another ``HOST:PORT`` (tests put a placeholder profile on a fresh port)."""
-        host, port = parse_address(address, field="address", allow_remote=self.allow_remote)
+    def at(self, address: str, *, field: str = "address", allow_remote: bool = False) -> Profile:
+        """The same profile at another ``HOST:PORT`` (tests put a placeholder profile on a fresh port);
+        ``allow_remote``: the caller vouches for the address (netns: a topology host's, in the lab's namespaces)."""
+        host, port = parse_address(address, field=field, allow_remote=self.allow_remote or allow_remote)
         return dataclasses.replace(self, host=host, port=port)
 
 

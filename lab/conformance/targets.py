@@ -73,8 +73,10 @@ def declared_facts(
     server_ca: bool,
     client_cert: bool,
     maillog: MailLogFile | None = None,
+    in_namespace: bool = False,
 ) -> dict[str, Any]:
-    """The target facts (lab.scenario.facts) from a profile's ``facts`` and the flags beside it (flags win)."""
+    """The target facts (lab.scenario.facts) from a profile's ``facts`` and the flags beside it (flags win);
+    ``in_namespace``: the refused client may be a topology address (``lab.pipeline`` checks it is a host's)."""
     given = dataclasses.asdict(flags)
     facts: dict[str, Any] = {k: v for k, v in written.items() if k != "tls_mandatory_senders"}
     if written.get("tls_mandatory_senders"):
@@ -86,7 +88,7 @@ def declared_facts(
     for name in ("max_message_size", "max_recipients"):
         if name in facts and int(facts[name]) < 1:
             raise BadInput("must be at least 1", field=f"--{name.replace('_', '-')}")
-    if facts.get("blocked_client") is not None:
+    if facts.get("blocked_client") is not None and not in_namespace:
         facts["blocked_client"] = check_loopback(str(facts["blocked_client"]), field="--blocked-client")
     facts["server_ca"] = True if server_ca else None
     facts["client_cert"] = True if client_cert else None
@@ -130,16 +132,20 @@ def check_deviation_cases(profile: Profile) -> None:
         )
 
 
-def target_from_flags(flags: TargetFlags, policy: str) -> ExternalTarget:
+def target_from_flags(flags: TargetFlags, policy: str, *, in_namespace: bool = False) -> ExternalTarget:
     """``--target HOST:PORT --policy X [--name] [--ehlo] [--from --to] [--ca] [--client-cert --client-key]``
-    and the target facts (``--accepted-domain``, ``--max-message-size`` ...)."""
+    and the target facts (``--accepted-domain``, ``--max-message-size`` ...). ``in_namespace``: the target
+    serves inside the lab's namespaces (``--carrier netns``), so a non-loopback address is not refused here
+    (``lab.pipeline`` checks it is a topology host's)."""
     if flags.target is None:
         raise BadInput("names no target", field="--target")
-    host, port = parse_address(flags.target, field="--target")
+    host, port = parse_address(flags.target, field="--target", allow_remote=in_namespace)
     client_cert = _client_cert(flags.client_cert, flags.client_key, "--client-cert")
     verify = client_cert is not None and flags.verify_client
     maillog = maillog_from_flags(flags)
-    facts = declared_facts({}, flags, server_ca=bool(flags.ca), client_cert=verify, maillog=maillog)
+    facts = declared_facts(
+        {}, flags, server_ca=bool(flags.ca), client_cert=verify, maillog=maillog, in_namespace=in_namespace
+    )
     return ExternalTarget(
         name=flags.name or f"{host}:{port}",
         host=host,
@@ -156,12 +162,15 @@ def target_from_flags(flags: TargetFlags, policy: str) -> ExternalTarget:
     )
 
 
-def target_from_profile(path: str | Path, flags: TargetFlags = NO_FLAGS) -> ExternalTarget:
-    """A profile's target; flags given beside ``--profile`` (``--target``, ``--ca``, ``--name`` ...) win."""
+def target_from_profile(
+    path: str | Path, flags: TargetFlags = NO_FLAGS, *, in_namespace: bool = False
+) -> ExternalTarget:
+    """A profile's target; flags given beside ``--profile`` (``--target``, ``--ca``, ``--name`` ...) win
+    (``in_namespace`` as ``target_from_flags``)."""
     profile: Profile = load_profile(path)
     check_deviation_cases(profile)
     if flags.target:
-        profile = profile.at(flags.target)
+        profile = profile.at(flags.target, field="--target", allow_remote=in_namespace)
     ca = flags.ca
     trust = (_read_pem(ca, "--ca"),) if ca else ((_read_pem(profile.ca_file, "ca"),) if profile.ca_file else ())
     cert, key = flags.client_cert, flags.client_key
@@ -173,7 +182,9 @@ def target_from_profile(path: str | Path, flags: TargetFlags = NO_FLAGS) -> Exte
     verify = profile.verify_client or flags.verify_client
     maillog = maillog_from_flags(flags, profile)
     verified = client_cert is not None and verify
-    facts = declared_facts(profile.facts, flags, server_ca=bool(trust), client_cert=verified, maillog=maillog)
+    facts = declared_facts(
+        profile.facts, flags, server_ca=bool(trust), client_cert=verified, maillog=maillog, in_namespace=in_namespace
+    )
     fallback = profile.rcpt_to[0] if profile.rcpt_to else default_recipient(profile.host)
     return ExternalTarget(
         name=flags.name or profile.name,

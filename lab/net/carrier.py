@@ -145,11 +145,12 @@ def open_carrier(
     topology: Topology | None = None,
     reactor: Any = None,
     connect_timeout: float = 30.0,
+    kept: bool = False,
 ) -> ICarrier:
     """The one place a carrier is chosen by name. ``mapping`` (virtual IP -> 127.x.y.z) is the loopback
     carrier's, ``topology`` (whose hosts become namespaces) the netns carrier's; ``reactor`` defaults to the
     global one for the carriers that use real sockets, imported only then (a ``-j`` worker or a memory run never
-    loads it)."""
+    loads it). ``kept``: the netns carrier uses the kept namespace set (``smtplab netns up``)."""
     if name == "memory":
         from lab.net.memory import MemoryNetwork
 
@@ -169,7 +170,7 @@ def open_carrier(
         from lab.net.topology import default_topology
 
         return NetnsNetwork(
-            topology or default_topology(), capture=capture, reactor=reactor, connect_timeout=connect_timeout
+            topology or default_topology(), capture=capture, reactor=reactor, connect_timeout=connect_timeout, kept=kept
         )
     from lab.net.tcp import TCPCarrier
 

@@ -6,6 +6,10 @@ directly inside the two namespaces (never an address, route or sysctl in the roo
 route to every host it can reach: straight over the link to a neighbour, or via the next hop when every host
 in between has role ``firewall``; only a firewall forwards (``ip_forward=1`` inside its own namespace).
 
+A kept set (``smtplab netns up``) is named ``smtplab-kept-<host>`` instead: no process owns it, it stays until
+``smtplab netns down``, and a run against a real MTA started inside it (``ip netns exec smtplab-kept-esa ...``)
+uses it instead of making its own (``attach_kept``).
+
 ``<pid>`` is the process that made the set: it removes the set when it ends (``release``, ``atexit``, a
 ``multiprocessing`` finaliser in a ``-j`` worker, SIGTERM), and every new set first removes the sets whose
 process is gone (``sweep``), so a run killed with ``kill -9`` leaves nothing behind after the next one.
@@ -45,12 +49,14 @@ USERNS_ENV = "SMTPLAB_NETNS_USERNS"
 FORWARDER = "firewall"  # the role whose namespace forwards between its links
 INTERCEPT_TABLE = 100  # a forwarder's routing table that delivers everything locally (docs/netns.md)
 IP_TIMEOUT = 30.0  # seconds one ``ip`` batch may take
+KEPT = "kept"  # the owner part of a kept set's names: smtplab-kept-<host>
 _OWNED = re.compile(rf"^{re.escape(PREFIX)}(\d+)-")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
 
-def namespace_name(pid: int, host: str) -> str:
-    """``smtplab-<pid>-<host>`` (a namespace is a file name: other characters become ``_``)."""
+def namespace_name(pid: int | str, host: str) -> str:
+    """``smtplab-<pid>-<host>``, or ``smtplab-kept-<host>`` (a namespace is a file name: other characters
+    become ``_``)."""
     return f"{PREFIX}{pid}-{_NAME_CHARS.sub('_', host)}"[:200]
 
 
@@ -224,6 +230,7 @@ class NamespaceSet:
     namespaces: dict[str, str] = field(default_factory=dict)  # host name -> namespace
     ports: dict[tuple[str, str], Port] = field(default_factory=dict)  # (host, neighbour) -> the host's end
     closed: bool = False
+    kept: bool = False  # smtplab-kept-<host>: only ``remove_kept`` (smtplab netns down) removes it
 
     def namespace_of(self, ip: str) -> str:
         host = self.topology.host_by_address(ip)
@@ -250,7 +257,7 @@ class NamespaceSet:
 
     def close(self) -> None:
         """Remove this set (only in the process that made it: a forked child does not own it)."""
-        if self.closed or os.getpid() != self.pid:
+        if self.closed or os.getpid() != self.pid or self.kept:
             return
         self.closed = True
         with contextlib.suppress(HarnessError):
@@ -261,9 +268,7 @@ def build(topology: Topology, pid: int | None = None) -> NamespaceSet:
     """Make the namespaces, links, addresses and routes of ``topology``; on any failure remove what was made."""
     require_netns()
     sweep()
-    pid = os.getpid() if pid is None else pid
-    made = NamespaceSet(topology, pid)
-    made.namespaces = {h.name: namespace_name(pid, h.name) for h in topology.hosts}
+    made = _planned(topology, os.getpid() if pid is None else pid)
     try:
         _build(made)
     except BaseException:
@@ -272,18 +277,89 @@ def build(topology: Topology, pid: int | None = None) -> NamespaceSet:
     return made
 
 
+def _planned(topology: Topology, pid: int, kept: bool = False) -> NamespaceSet:
+    """The set's names: its namespaces and every link's two ends (nothing made yet)."""
+    made = NamespaceSet(topology, pid, kept=kept)
+    made.namespaces = {h.name: namespace_name(KEPT if kept else pid, h.name) for h in topology.hosts}
+    for index, link in enumerate(topology.links):
+        a, b = link.between
+        made.ports[(a, b)] = Port(a, veth_name(pid, index, "a"), b)
+        made.ports[(b, a)] = Port(b, veth_name(pid, index, "b"), a)
+    return made
+
+
+# -- the kept set: namespaces a real MTA is started in, before a run and after it --------------------------------
+
+
+def kept_namespaces() -> list[str]:
+    """The kept set's namespaces on this machine (``smtplab-kept-<host>``)."""
+    try:
+        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(f"{PREFIX}{KEPT}-"))
+    except OSError:
+        return []
+
+
+def build_kept(topology: Topology) -> NamespaceSet:
+    """``smtplab netns up``: make the kept set of ``topology``; HarnessError when one is already up."""
+    require_netns()
+    if os.geteuid() != 0 or os.environ.get(USERNS_ENV) == "1":
+        raise HarnessError("a kept namespace set outlives the command that makes it: smtplab netns up needs root")
+    if kept_namespaces():
+        raise HarnessError("a kept namespace set is already up (smtplab netns down removes it)")
+    made = _planned(topology, 0, kept=True)
+    try:
+        _build(made)
+    except BaseException:
+        remove_kept()
+        raise
+    return made
+
+
+def attach_kept(topology: Topology) -> NamespaceSet:
+    """The kept set of ``topology`` for a run (which neither makes nor removes it); HarnessError when a host has
+    no kept namespace (no set up, or one made from another topology)."""
+    made = _planned(topology, 0, kept=True)
+    missing = [ns for ns in made.namespaces.values() if not (NETNS_DIR / ns).exists()]
+    if missing:
+        raise HarnessError(
+            f"no kept namespace {missing[0]}: start one with smtplab netns up (with this run's --topology)"
+        )
+    return made
+
+
+def processes_in(namespace: str) -> list[int]:
+    """The PIDs of the processes inside ``namespace`` (``ip netns pids``)."""
+    done = subprocess.run(
+        ["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=IP_TIMEOUT, check=False
+    )
+    return [int(word) for word in done.stdout.split() if word.isdigit()]
+
+
+def remove_kept() -> list[str]:
+    """``smtplab netns down``: remove the kept set; HarnessError, removing nothing, while a process still runs in
+    one of its namespaces (deleting the name would leave that namespace alive, unreachable by name)."""
+    names = kept_namespaces()
+    busy = {ns: pids for ns in names if (pids := processes_in(ns))}
+    if busy:
+        ns, pids = next(iter(busy.items()))
+        raise HarnessError(
+            f"{ns} still holds process(es) {', '.join(map(str, pids[:5]))}: stop them first (by PID), "
+            "then smtplab netns down"
+        )
+    delete_namespaces(names)
+    return names
+
+
 def _build(made: NamespaceSet) -> None:
-    topology, pid = made.topology, made.pid
+    topology = made.topology
     ip_batch([f"netns add {ns}" for ns in made.namespaces.values()])
     per_ns: dict[str, list[str]] = {h.name: ["link set lo up"] for h in topology.hosts}
     links: list[str] = []
-    for index, link in enumerate(topology.links):
+    for link in topology.links:
         a, b = link.between
-        dev_a, dev_b = veth_name(pid, index, "a"), veth_name(pid, index, "b")
+        dev_a, dev_b = made.ports[(a, b)].dev, made.ports[(b, a)].dev
         ns_a, ns_b = made.namespaces[a], made.namespaces[b]
         links.append(f"link add {dev_a} netns {ns_a} type veth peer name {dev_b} netns {ns_b}")
-        made.ports[(a, b)] = Port(a, dev_a, b)
-        made.ports[(b, a)] = Port(b, dev_b, a)
         per_ns[a] += [f"link set {dev_a} alias {_alias(b)}", f"link set {dev_a} up"]
         per_ns[b] += [f"link set {dev_b} alias {_alias(a)}", f"link set {dev_b} up"]
     ip_batch(links)
@@ -371,8 +447,11 @@ _sets: dict[int, NamespaceSet] = {}  # id of the topology -> its set, in this pr
 _hooks_installed = False
 
 
-def namespaces_for(topology: Topology) -> NamespaceSet:
-    """This process's set for ``topology``, made on first use and removed when the process ends."""
+def namespaces_for(topology: Topology, kept: bool = False) -> NamespaceSet:
+    """This process's set for ``topology``, made on first use and removed when the process ends; with ``kept``,
+    the kept set (``smtplab netns up``), neither made nor removed here."""
+    if kept:
+        return attach_kept(topology)
     found = _sets.get(id(topology))
     if found is not None and not found.closed and found.topology is topology:
         return found

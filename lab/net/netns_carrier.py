@@ -100,7 +100,8 @@ class NetnsRelay(MiddleboxRelay):
 
 @implementer(ICarrier)
 class NetnsNetwork(LoopbackNetwork):
-    """``listen``/``connect`` on the topology's addresses, each socket in its host's namespace."""
+    """``listen``/``connect`` on the topology's addresses, each socket in its host's namespace (``kept``: in the
+    kept set, where a real MTA may serve, docs/netns.md)."""
 
     name = "netns"
 
@@ -111,8 +112,9 @@ class NetnsNetwork(LoopbackNetwork):
         capture: Capture | None = None,
         reactor: Any = None,
         connect_timeout: float = 30.0,
+        kept: bool = False,
     ) -> None:
-        self.namespaces = netns.namespaces_for(topology)
+        self.namespaces = netns.namespaces_for(topology, kept)
         addresses = {a: a for host in topology.hosts for a in host.addresses}
         super().__init__(addresses, capture=capture, reactor=reactor, connect_timeout=connect_timeout)
         self._relays: dict[tuple[str, str, int], NetnsRelay] = {}

@@ -2,12 +2,14 @@
 
 A lab target is the topology's appliance with the policy under test applied to the sender group the client's
 host falls into, served over the memory carrier (virtual clock, real TLS) or the loopback carrier. An
-external target is any host:port on loopback, reached over real TCP. Either way the scripted client,
-the capture, the evaluation and the record are the same; only the carrier differs.
+external target is any host:port on loopback, reached over real TCP, or an MTA serving inside the kept
+namespace set (``--carrier netns``, docs/netns.md), reached from the case's client host through the firewall.
+Either way the scripted client, the capture, the evaluation and the record are the same; only the carrier differs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
@@ -87,7 +89,7 @@ class ExternalTarget:
 class RunOptions:
     """How the runner runs (lab.pipeline builds these from a ``RunRequest``; tests build them directly)."""
 
-    carrier: str = "memory"  # lab.net.carrier.LAB_CARRIERS (lab targets); external targets always use "tcp"
+    carrier: str = "memory"  # lab.net.carrier.LAB_CARRIERS; an external target: "tcp", or "netns" (the kept set)
     topology: Topology | None = None
     seed: int = 0
     report_dir: Path | None = None  # captures are written under report_dir/captures/
@@ -134,17 +136,21 @@ class Runner:
         """Run these (case, policy) pairs, in this order in the record; the target's deviations are the caller's
         to apply (``lab.pipeline.execute``)."""
         target = self.options.target
-        if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
-            _check_reachable(target)
+        netns_target = None
         if self._carrier_name() == "netns":
-            from lab.net.netns import require_netns
+            from lab.net.netns import attach_kept, require_netns
 
             require_netns()
+            if target is not None:  # served inside the kept set: the run neither makes nor removes it
+                netns_target = attach_kept(self.topology).namespace_of(target.host)
+        if target is not None and any(_connects(case, policy, target) for case, policy in pairs):
+            _check_reachable(target, netns_target)
         # A target's mail log is one file for every connection: the cases that read it run one at a time,
-        # after the others, so that each sees only its own lines.
-        reads_log = [target is not None and target.maillog is not None and bool(c.log_events()) for c, _ in pairs]
-        alone = [pair for pair, log in zip(pairs, reads_log, strict=True) if log]
-        together = [pair for pair, log in zip(pairs, reads_log, strict=True) if not log]
+        # after the others, so that each sees only its own lines. In the kept set every run shares the firewall:
+        # a stripping relay diverts all its client's connections to the target, so those runs go alone too.
+        one_at_a_time = [_alone(case, target, netns_target is not None) for case, _ in pairs]
+        alone = [pair for pair, log in zip(pairs, one_at_a_time, strict=True) if log]
+        together = [pair for pair, log in zip(pairs, one_at_a_time, strict=True) if not log]
         try:
             first = self._run_parallel(together) if self.options.jobs > 1 and len(together) > 1 else None
             done = iter([*(first if first is not None else self._run_serial(together)), *self._run_serial(alone)])
@@ -198,14 +204,18 @@ class Runner:
         return [run for run in runs if run is not None]
 
     def _carrier_name(self) -> str:
-        return EXTERNAL_CARRIER if self.options.target is not None else self.options.carrier
+        external = self.options.target is not None and self.options.carrier != "netns"
+        return EXTERNAL_CARRIER if external else self.options.carrier
 
     def _open_carrier(self, capture: Capture) -> ICarrier:
         """This run's carrier: the one place the runner turns the carrier's name into a carrier."""
         name = self._carrier_name()
         mapping = self.topology.loopback_map() if name == "loopback" else None
         timeout = self.options.target.timeout if self.options.target is not None else 30.0
-        return open_carrier(name, capture=capture, mapping=mapping, topology=self.topology, connect_timeout=timeout)
+        kept = self.options.target is not None  # an external target over netns: the MTA serves in the kept set
+        return open_carrier(
+            name, capture=capture, mapping=mapping, topology=self.topology, connect_timeout=timeout, kept=kept
+        )
 
     def _target_record(self) -> Target:
         target = self.options.target
@@ -426,7 +436,9 @@ class Runner:
         # A loopback target gets a loopback client address other than its own; a remote one (a profile's
         # allow_remote, e.g. a container on an internal network) is reached from the address the kernel picks.
         source: str | None = None
-        if is_loopback(target.host):
+        if self._carrier_name() == "netns":  # from the case's client host, in its namespace, through the firewall
+            source = self._client_host(case)[0]
+        elif is_loopback(target.host):
             source = "127.0.0.1" if target.host != "127.0.0.1" else "127.0.0.2"
         if "blocked_client" in case.facts:  # the case is about that address: the client connects from it
             source = str(target.facts["blocked_client"])
@@ -499,14 +511,27 @@ class Runner:
         return f"captures/{stem}.pcap", keylog_path
 
 
-def _check_reachable(target: ExternalTarget) -> None:
-    """A target nobody answers for is the harness's problem to report (exit 2), not a FAILED per case."""
+def _check_reachable(target: ExternalTarget, namespace: str | None = None) -> None:
+    """A target nobody answers for is the harness's problem to report (exit 2), not a FAILED per case.
+    ``namespace``: the target serves inside it (the netns carrier's kept set); asked from there."""
     try:
-        with socket.create_connection((target.host, target.port), timeout=min(target.timeout, 10.0)):
-            pass
+        with contextlib.ExitStack() as stack:
+            if namespace is not None:
+                from lab.net.netns import inside
+
+                stack.enter_context(inside(namespace))
+            sock = socket.create_connection((target.host, target.port), timeout=min(target.timeout, 10.0))
+        sock.close()
     except OSError as exc:
         where = target.address if target.name == target.address else f"{target.name} at {target.address}"
         raise HarnessError(f"cannot reach {where}: {exc.strerror or exc}") from None
+
+
+def _alone(case: Case, target: ExternalTarget | None, in_kept_set: bool) -> bool:
+    """Must this case's run be the only one at the time (it reads the target's log, or strips in the kept set)?"""
+    if target is None:
+        return False
+    return (target.maillog is not None and bool(case.log_events())) or (in_kept_set and case.middlebox is not None)
 
 
 def _connects(case: Case, policy: str, target: ExternalTarget) -> bool:

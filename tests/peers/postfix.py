@@ -1,4 +1,5 @@
-"""A throwaway Postfix instance (smtpd_tls_security_level none / may / encrypt) on one loopback address and port.
+"""A throwaway Postfix instance (smtpd_tls_security_level none / may / encrypt) on one loopback address and port,
+or (``netns``) on a topology address inside one of the lab's network namespaces (docs/netns.md).
 
 The instance is independent of the system's Postfix: its own config directory, queue and data directories under
 the work directory, its own log file (``maillog_file``). We run the master directly with ``-c DIR`` in the
@@ -7,11 +8,16 @@ foreground as our child (as root, Postfix needs no ``alternate_config_directorie
 instance is never started. Mail for ``accept_domain`` goes to a Maildir under the work directory through the
 virtual(8) agent; everything else is refused (``reject_unauth_destination``) and nothing is ever relayed
 (``default_transport = error``).
+
+With ``netns`` the master is started as ``ip netns exec NS master -c DIR -d`` (``ip netns exec`` execs it: the
+PID we hold is the master's, the one in its pid file), binds the address there (port 25 too: the namespace's
+ports are nobody else's), and is stopped as on loopback, by that PID.
 """
 
 from __future__ import annotations
 
 import grp
+import ipaddress
 import os
 import pwd
 import re
@@ -149,8 +155,13 @@ class PostfixPeer(Peer):
         tls_mandatory_senders: Sequence[str] = (),
         blocked_clients: Sequence[str] = (),
         start_timeout: float = START_TIMEOUT,
+        netns: str | None = None,
     ) -> None:
-        super().__init__(workdir, address, port, start_timeout)
+        # In a namespace the address is the topology's and any port is free; on loopback, Peer's checks.
+        super().__init__(workdir, "127.0.0.1" if netns else address, 2525 if netns else port, start_timeout)
+        if netns is not None:
+            self.address, self.port = _check_netns_address(address, netns), 25 if port is None else port
+        self.netns = netns
         if tls_level not in TLS_LEVELS:
             raise BadInput(f"{tls_level!r} is not one of {', '.join(TLS_LEVELS)}", field="tls_level")
         if (cert_pem is None) != (key_pem is None):
@@ -174,7 +185,8 @@ class PostfixPeer(Peer):
             if not re.fullmatch(r"[^@\s=,{}]+@[^@\s=,{}]+", sender):
                 raise BadInput(f"{sender!r} is not a mail address", field="tls_mandatory_senders")
         self.tls_mandatory_senders = tuple(tls_mandatory_senders)
-        self.blocked_clients = tuple(check_loopback(a, "blocked_clients") for a in blocked_clients)
+        check = check_loopback if netns is None else (lambda a, field: _check_netns_address(a, netns))
+        self.blocked_clients = tuple(check(a, "blocked_clients") for a in blocked_clients)
         self._children: list[int] = []
 
     # -- layout -------------------------------------------------------------------------------------------------
@@ -229,7 +241,7 @@ class PostfixPeer(Peer):
             "myorigin = $myhostname",
             "mydestination =",
             "# smtpd binds the address in master.cf; inet_interfaces only has to name a local address.",
-            "inet_interfaces = 127.0.0.1",
+            f"inet_interfaces = {self.address if self.netns else '127.0.0.1'}",
             "inet_protocols = ipv4",
             # relay_for_mynetworks: Debian's stock mynetworks and relay rule, so loopback clients may relay (the
             # relay transport still refuses to deliver anywhere: the mail bounces, it never leaves the machine).
@@ -335,8 +347,26 @@ class PostfixPeer(Peer):
         self.check()
         master = Path(self._postconf("daemon_directory")) / "master"
         # -d: stay in the foreground as our child, so we hold its PID and reap it; -c: this instance only.
-        self._spawn([str(master), "-c", str(self.config_dir), "-d"], self.master_log_path, _clean_env())
+        self._spawn(self._inside([str(master), "-c", str(self.config_dir), "-d"]), self.master_log_path, _clean_env())
         self._await_banner([self.master_log_path, self.maillog_path])
+
+    def _inside(self, argv: list[str]) -> list[str]:
+        """``argv`` run in this peer's namespace (``ip netns exec`` execs it: the PID stays the command's)."""
+        return ["ip", "netns", "exec", self.netns, *argv] if self.netns else argv
+
+    def _await_banner(self, logs: Sequence[Path]) -> None:
+        if self.netns is None:
+            super()._await_banner(logs)
+            return
+        from lab.net import netns
+
+        with netns.inside(self.netns):  # the probe's socket in the namespace, where the address is
+            super()._await_banner(logs)
+
+    @property
+    def master_pid_file(self) -> Path:
+        """Where the master writes its PID (``$queue_directory/pid/master.pid``)."""
+        return self.queue_dir / "pid" / "master.pid"
 
     def pids(self) -> list[int]:
         """The master's PID followed by the daemons it runs now (smtpd, qmgr, ...)."""
@@ -373,7 +403,7 @@ class PostfixPeer(Peer):
             raise HarnessError("postfix not found")
         try:
             return subprocess.run(
-                [postfix, "-c", str(self.config_dir), command],
+                self._inside([postfix, "-c", str(self.config_dir), command]),
                 capture_output=True, text=True, timeout=timeout, env=_clean_env(), check=False,
             )  # fmt: skip
         except subprocess.TimeoutExpired as exc:
@@ -401,6 +431,20 @@ class PostfixPeer(Peer):
                 break
             time.sleep(POLL)
         return False
+
+
+def _check_netns_address(address: str, namespace: str) -> str:
+    """An IPv4 address, in one of the lab's own namespaces (``smtplab-...``: never anybody else's)."""
+    from lab.net.netns import PREFIX
+
+    if not namespace.startswith(PREFIX):
+        raise BadInput(f"{namespace!r} is not one of the lab's namespaces ({PREFIX}...)", field="netns")
+    try:
+        if ipaddress.ip_address(address).version == 4:
+            return address
+    except ValueError:
+        pass
+    raise BadInput(f"{address!r} is not an IPv4 address", field="address")
 
 
 def _delivery_ids() -> tuple[int, int]:
