@@ -11,10 +11,9 @@ table, mail log, alerts), stopped after one round, so a deferral is reported rat
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from twisted.internet import task
@@ -33,7 +32,7 @@ from lab.outbound.runtime import attach_outbound
 from lab.policy.destinations import DestinationControl
 from lab.smtp.listener import ApplianceRuntime
 from lab.smtp.remote_mta import RemoteMTAFactory
-from lab.smtp.transcript import Direction, Entry, Kind, from_legacy_line
+from lab.smtp.transcript import Entry
 from lab.tls.certs import LabCA, demo_certificate
 from lab.tls.tlsctx import ServerTLS
 
@@ -53,19 +52,6 @@ WRONG_NAME = "wrong.name.example"
 #: Virtual time of the delivery: Wed Dec  2 08:00:00 2026 UTC (a virtual clock starts anywhere; a fixed start
 #: keeps transcripts and lessons reproducible).
 START = 1_796_198_400
-
-
-def entries_of(lines: list[str]) -> list[Entry]:
-    """Transcript entries of a connection's rendered transcript (what the engine keeps): the markers give the
-    direction and the layer back; the note at which the layer turns to TLS is the handshake (a ladder's
-    ``[=TLS=]`` row)."""
-    entries = [from_legacy_line(line) for line in lines]
-    wire = [i for i, entry in enumerate(entries) if entry.direction in (Direction.SENT, Direction.RECEIVED)]
-    for before, after in itertools.pairwise(wire):
-        notes = [i for i in range(before + 1, after) if entries[i].direction is Direction.NOTE]
-        if not entries[before].tls and entries[after].tls and notes:
-            entries[notes[0]] = replace(entries[notes[0]], kind=Kind.TLS_STARTED)
-    return entries
 
 
 def parse_receivers(items: list[str]) -> dict[str, str]:
@@ -173,7 +159,7 @@ def deliver(
     counters = engine.counter(domain)
     report.state = "bounced" if counters.bounced else "delivered" if counters.delivered else "deferred"
     report.attempts = list(engine.attempts)
-    report.transcripts = {dcid: entries_of(lines) for dcid, lines in engine.transcripts.items()}
+    report.transcripts = {dcid: list(entries) for dcid, entries in engine.entries.items()}
     report.alerts = list(engine.alerts.sent)
     for alert in engine.alerts.sent:
         report.alert_messages.extend((path.parent.parent.name, path.read_bytes()) for path in alert.mailed)
