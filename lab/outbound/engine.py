@@ -110,8 +110,7 @@ class DeliveryEngine:
         self.attempt_listeners: list[Callable[[DeliveryAttempt], None]] = []  # told of each one (lab.outbound.reports)
         self.reports: TlsReports | None = None  # the TLS-RPT reporter over these attempts (attach_outbound)
         self.counters: dict[str, DomainCounters] = {}
-        self.transcripts: dict[int, list[str]] = {}  # DCID -> the client's transcript of that connection
-        self.entries: dict[int, list[Entry]] = {}  # DCID -> the same transcript as entries (the run reports)
+        self.entries: dict[int, list[Entry]] = {}  # DCID -> the client's transcript of that connection
         self._recent: dict[str, deque[float]] = {}  # domain -> times recipients were delivered (rate limit)
         self._timer: IDelayedCall | None = None
         self._running = False
@@ -337,7 +336,6 @@ class DeliveryEngine:
             sts=applied.sts,
         )
         record = await client.run(interpreter.deliver)
-        self.transcripts[dcid] = record.transcript
         self.entries[dcid] = record.entries
         if report.failure is not None:
             self.maillog.dcid_error(dcid, report.failure)

@@ -43,8 +43,7 @@ class SendResult:
     state: str
     attempts: tuple[DeliveryAttempt, ...]
     log: tuple[str, ...]  # the mail-log lines of the delivery
-    transcripts: dict[int, list[str]] = field(default_factory=dict)  # DCID -> the client's transcript
-    entries: dict[int, list[Entry]] = field(default_factory=dict)  # DCID -> the transcript as entries
+    entries: dict[int, list[Entry]] = field(default_factory=dict)  # DCID -> the client's transcript, as entries
     counters: DomainCounters = field(default_factory=DomainCounters)
 
 
@@ -119,8 +118,6 @@ def deliver_one(
             state = "delivered"
         else:
             state = "deferred"
-        return SendResult(
-            state, tuple(engine.attempts), tuple(lines), dict(engine.transcripts), dict(engine.entries), counters
-        )
+        return SendResult(state, tuple(engine.attempts), tuple(lines), dict(engine.entries), counters)
 
     return Deferred.fromCoroutine(run())
