@@ -230,10 +230,15 @@ class Teacher:
             self.say(f"the lab serves {served.mx.exchange} [{', '.join(served.mx.addresses)}]: it {served.describe()}")
         for attempt in report.attempts:
             self.say()
-            self.say(f"DCID {attempt.dcid}: the appliance ({attempt.sending_ip}) to {attempt.mx_host} "
-                     f"({attempt.receiving_ip}), TLS {attempt.tls_setting}")
-            picture = ladder.build(report.transcripts.get(attempt.dcid, []), client="appliance (sending)",
-                                   server=f"receiver {attempt.mx_host}")
+            self.say(
+                f"DCID {attempt.dcid}: the appliance ({attempt.sending_ip}) to {attempt.mx_host} "
+                f"({attempt.receiving_ip}), TLS {attempt.tls_setting}"
+            )
+            picture = ladder.build(
+                report.transcripts.get(attempt.dcid, []),
+                client="appliance (sending)",
+                server=f"receiver {attempt.mx_host}",
+            )
             for line, style in ladder.text_lines(picture, self.console.width):
                 self.console.print(Text(line, LINE_STYLES.get(style, "bold")), soft_wrap=True)
         self.say()
@@ -245,8 +250,13 @@ class Teacher:
         if step.expect is not None and report.state != step.expect:
             self.say(f"! the message was {report.state}, the lesson expects {step.expect}")
             return False
-        how = "over TLS" if report.tls and report.state == "delivered" else \
-            "in the clear" if report.state == "delivered" else "nothing sent"
+        how = (
+            "over TLS"
+            if report.tls and report.state == "delivered"
+            else "in the clear"
+            if report.state == "delivered"
+            else "nothing sent"
+        )
         self.say(f"result: {report.state} ({how})")
         return True
 

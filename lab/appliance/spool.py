@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from lab.errors import BadInput
 
@@ -213,6 +213,16 @@ class Spool:
 
 #: What a committer reports for one message: its name in ``new/``, or why it could not be stored.
 Outcome = str | SpoolError
+
+
+class Committer(Protocol):
+    """Stores messages off the reactor's path: ``GroupCommit`` (threads), ``SpoolProcess`` (a writer process)."""
+
+    def submit(self, maildir: Maildir, message: bytes, done: Callable[[Outcome], None]) -> None:
+        """``done(outcome)`` runs on the reactor thread once ``message`` is durable in ``maildir`` (or failed)."""
+
+    def stop(self) -> None:
+        """Store what is waiting, then stop."""
 
 
 class GroupCommit:

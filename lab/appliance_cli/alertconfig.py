@@ -40,8 +40,14 @@ def run(ctx: Context) -> None:
 def _address(taken: Sequence[str]) -> Callable[[str], str]:
     def check(text: str) -> str:
         local, at, domain = text.rpartition("@")
-        if (not at or not local or "@" in local or len(text) > 320 or any(c in FORBIDDEN for c in text)
-                or hostname_problem(domain.lower())):
+        if (
+            not at
+            or not local
+            or "@" in local
+            or len(text) > 320
+            or any(c in FORBIDDEN for c in text)
+            or hostname_problem(domain.lower())
+        ):
             raise ValueError(f"{text[:60]!r} is not an email address (administrator@example.com)")
         if text.lower() in (t.lower() for t in taken):
             raise ValueError(f"{text} already receives alerts (use edit)")
@@ -61,8 +67,9 @@ def _pick(ctx: Context, question: str, every: tuple[str, ...], now: tuple[str, .
     return ["all"] if 0 in chosen or len(chosen) == len(every) else [every[i - 1] for i in chosen]
 
 
-def _classes_and_severities(ctx: Context, entry: CommentedMap, classes: tuple[str, ...],
-                            severities: tuple[str, ...], *, new: bool = False) -> list[str]:
+def _classes_and_severities(
+    ctx: Context, entry: CommentedMap, classes: tuple[str, ...], severities: tuple[str, ...], *, new: bool = False
+) -> list[str]:
     """Ask both; write (and list) what changed, or everything for a ``new`` entry."""
     changed = []
     for key, question, every, now in (
@@ -81,8 +88,12 @@ def _classes_and_severities(ctx: Context, entry: CommentedMap, classes: tuple[st
 
 def new(ctx: Context, appliance: Appliance) -> None:
     taken = [r.address for r in appliance.outbound.alert_recipients]
-    address = ask_value(ctx.term, 'Please enter a new email address to send alerts. (Ex: "administrator@example.com")',
-                        "", _address(taken))
+    address = ask_value(
+        ctx.term,
+        'Please enter a new email address to send alerts. (Ex: "administrator@example.com")',
+        "",
+        _address(taken),
+    )
     entry = CommentedMap([("address", address)])
     changed = _classes_and_severities(ctx, entry, ALERT_CLASSES, ALERT_SEVERITIES, new=True)
     _recipients(ctx).append(entry)
@@ -126,8 +137,7 @@ def delete(ctx: Context, appliance: Appliance) -> None:
 
 def setup(ctx: Context, appliance: Appliance) -> None:
     now = appliance.outbound.alerts_enabled
-    enabled = ask_yes_no(ctx.term, "Do you want to send alert messages? (No: the mail log still has every alert)",
-                         now)
+    enabled = ask_yes_no(ctx.term, "Do you want to send alert messages? (No: the mail log still has every alert)", now)
     if enabled != now:
         ctx.doc.outbound_map("alerts")["enabled"] = enabled
         ctx.change(f"alerts {'enabled' if enabled else 'disabled'}")

@@ -69,12 +69,17 @@ def _hostnames(text: str) -> list[str]:
 def new(ctx: Context, appliance: Appliance) -> None:
     term = ctx.term
     name = ask_value(term, "Enter a name for this certificate.", "", check_name([DEMO, *appliance.certificates]))
-    kind = ask_choice(term, "How do you want to get the certificate?",
-                      ["Issue one with the lab CA", "Import a PEM certificate and key"], 0)
+    kind = ask_choice(
+        term,
+        "How do you want to get the certificate?",
+        ["Issue one with the lab CA", "Import a PEM certificate and key"],
+        0,
+    )
     entry = CommentedMap([("name", name)])
     if kind == 0:
-        names = ask_value(term, "Enter the host names for the certificate, separated by commas.",
-                          appliance.hostname, _hostnames)
+        names = ask_value(
+            term, "Enter the host names for the certificate, separated by commas.", appliance.hostname, _hostnames
+        )
         entry["kind"] = "lab"
         entry["hostnames"] = CommentedSeq(names)
     else:

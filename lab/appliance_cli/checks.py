@@ -31,5 +31,3 @@ def check_host(empty_ok: bool) -> Callable[[str], str]:
         return text
 
     return check
-
-

@@ -60,8 +60,7 @@ def parse_receivers(items: list[str]) -> dict[str, str]:
     for item in items:
         host, _, mode = item.partition("=")
         if not host or mode not in RECEIVER_MODES:
-            raise BadInput(f"{item!r}: expected HOST=MODE, MODE one of {', '.join(RECEIVER_MODES)}",
-                           field="--receiver")
+            raise BadInput(f"{item!r}: expected HOST=MODE, MODE one of {', '.join(RECEIVER_MODES)}", field="--receiver")
         out[host.strip().lower().rstrip(".")] = mode
     return out
 
@@ -126,8 +125,11 @@ def deliver(
     net = MemoryNetwork(clock)
     log: list[str] = []
     runtime = ApplianceRuntime(
-        appliance, clock=net.clock, maillog=MailLog(None, clock=net.clock.seconds, echo=log.append),
-        spool=Spool(state_dir / "spool"), state_dir=state_dir / "state",
+        appliance,
+        clock=net.clock,
+        maillog=MailLog(None, clock=net.clock.seconds, echo=log.append),
+        spool=Spool(state_dir / "spool"),
+        state_dir=state_dir / "state",
     )
     report = DeliveryReport(domain, appliance.outbound.destinations.lookup(domain), [], log=log)
     ca = LabCA(state_dir / "state")
@@ -152,8 +154,11 @@ def deliver(
         f"Subject: smtplab delivery to {domain}\r\n\r\nA test message from the appliance.\r\n"
     ).encode()
     items = engine.queue.enqueue(
-        message, mid=runtime.maillog.next_mid(), sender=sender or f"postmaster@{appliance.hostname}",
-        recipients=[(0, f"postmaster@{domain}")], now=net.clock.seconds(),
+        message,
+        mid=runtime.maillog.next_mid(),
+        sender=sender or f"postmaster@{appliance.hostname}",
+        recipients=[(0, f"postmaster@{domain}")],
+        now=net.clock.seconds(),
     )
     net.run_until(Deferred.fromCoroutine(engine.deliver_now(items)), timeout=600)
     counters = engine.counter(domain)

@@ -37,8 +37,9 @@ def run(ctx: Context) -> None:
             return
         count = len(appliance.outbound.destinations.entries)
         ctx.term.say()
-        ctx.term.say(f"There {'is' if count == 1 else 'are'} currently {count} "
-                     f"entr{'y' if count == 1 else 'ies'} configured.")
+        ctx.term.say(
+            f"There {'is' if count == 1 else 'are'} currently {count} entr{'y' if count == 1 else 'ies'} configured."
+        )
         operation = ask_operation(ctx.term, OPERATIONS)
         if operation is None:
             return
@@ -132,8 +133,13 @@ def _hourly(text: str) -> int | None:
 
 
 def walk(
-    ctx: Context, appliance: Appliance, label: str, current: DestinationControl, target: CommentedMap,
-    *, always_tls: bool = False,
+    ctx: Context,
+    appliance: Appliance,
+    label: str,
+    current: DestinationControl,
+    target: CommentedMap,
+    *,
+    always_tls: bool = False,
 ) -> list[str]:
     """TLS, the limits and the bounce profile of one destination, written into ``target``; what changed."""
     term = ctx.term
@@ -155,18 +161,34 @@ def walk(
         term.say(CERTCONFIG_REMINDER)
     if tls.required:
         term.say()
-        term.say(f"Messages to {label if label != 'Default' else 'every other domain'} are deferred (and an alert "
-                 f"is sent, see alertconfig) when {'a verified certificate' if tls.verifies else 'TLS'} cannot be "
-                 "had.")
-    put("max_concurrency", ask_number(term, f'Enter the max concurrency limit for "{label}".',
-                                      current.max_concurrency, 1, 1000), current.max_concurrency)
-    put("max_messages_per_connection",
-        ask_number(term, f'Enter the maximum number of messages per connection for "{label}".',
-                   current.max_messages_per_connection, 1, 1000),
-        current.max_messages_per_connection)
+        term.say(
+            f"Messages to {label if label != 'Default' else 'every other domain'} are deferred (and an alert "
+            f"is sent, see alertconfig) when {'a verified certificate' if tls.verifies else 'TLS'} cannot be "
+            "had."
+        )
+    put(
+        "max_concurrency",
+        ask_number(term, f'Enter the max concurrency limit for "{label}".', current.max_concurrency, 1, 1000),
+        current.max_concurrency,
+    )
+    put(
+        "max_messages_per_connection",
+        ask_number(
+            term,
+            f'Enter the maximum number of messages per connection for "{label}".',
+            current.max_messages_per_connection,
+            1,
+            1000,
+        ),
+        current.max_messages_per_connection,
+    )
     now = current.max_recipients_per_hour
-    hourly = ask_value(term, f'Enter the maximum number of recipients per hour for "{label}", or NONE for no limit.',
-                       "none" if now is None else str(now), _hourly)
+    hourly = ask_value(
+        term,
+        f'Enter the maximum number of recipients per hour for "{label}", or NONE for no limit.',
+        "none" if now is None else str(now),
+        _hourly,
+    )
     put("max_recipients_per_hour", hourly, now)
     profiles = list(appliance.outbound.bounce_profiles)
     at = profiles.index(current.bounce_profile) if current.bounce_profile in profiles else 0

@@ -183,8 +183,9 @@ def edit_group(ctx: Context, listener: Listener, index: int) -> None:
             ctx.change(f"{listener.name} HAT: {group.name} -= {members[which]}")
     else:
         policies = sorted(listener.policies)
-        policy = policies[ask_choice(ctx.term, "Select a policy for this sender group.", policies,
-                                     policies.index(group.policy))]
+        policy = policies[
+            ask_choice(ctx.term, "Select a policy for this sender group.", policies, policies.index(group.policy))
+        ]
         if policy != group.policy:
             entry["policy"] = policy
             ctx.change(f"{listener.name} HAT: {group.name} -> {policy}")
@@ -202,8 +203,9 @@ def edit_policy(ctx: Context, listener: Listener, index: int) -> None:
         return
     policy = listener.policies[names[chosen]]
     labels = [b.value.upper() for b in BEHAVIOURS]
-    behaviour = BEHAVIOURS[ask_choice(ctx.term, "Choose the behaviour for this policy.", labels,
-                                      BEHAVIOURS.index(policy.behaviour))]
+    behaviour = BEHAVIOURS[
+        ask_choice(ctx.term, "Choose the behaviour for this policy.", labels, BEHAVIOURS.index(policy.behaviour))
+    ]
     entry = ctx.doc.policy(index, policy.name)
     changed: list[str] = []
     if behaviour != policy.behaviour:

@@ -179,8 +179,10 @@ def edit_limits(ctx: Context, appliance: Appliance, index: int) -> None:
     concurrency = ask_number(ctx.term, question, listener.max_concurrency, 1, 65535)
     queue = ask_number(ctx.term, "Enter the TCP listen queue size.", listener.tcp_queue, 1, 65535)
     entry = ctx.doc.listener(index)
-    for key, value, now in (("max_concurrency", concurrency, listener.max_concurrency),
-                            ("tcp_queue", queue, listener.tcp_queue)):
+    for key, value, now in (
+        ("max_concurrency", concurrency, listener.max_concurrency),
+        ("tcp_queue", queue, listener.tcp_queue),
+    ):
         if value != now:
             entry[key] = value
             ctx.change(f"listener {listener.name}: {key} {value}")

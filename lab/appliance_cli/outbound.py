@@ -14,20 +14,30 @@ from lab.policy.destinations import DestinationControl
 
 def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return [("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]).rstrip()
-            for row in rows]
+    return [
+        ("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1]).rstrip()
+        for row in rows
+    ]
 
 
 def control_row(label: str, control: DestinationControl) -> tuple[str, ...]:
     hourly = control.max_recipients_per_hour
-    return (label, str(control.tls), str(control.max_concurrency), str(control.max_messages_per_connection),
-            "unlimited" if hourly is None else str(hourly), control.bounce_profile)
+    return (
+        label,
+        str(control.tls),
+        str(control.max_concurrency),
+        str(control.max_messages_per_connection),
+        "unlimited" if hourly is None else str(hourly),
+        control.bounce_profile,
+    )
 
 
 def destination_lines(outbound: Outbound) -> list[str]:
     """The default destination and every entry: TLS setting, limits, bounce profile."""
-    rows = [("Destination", "TLS", "Max Conns", "Msgs/Conn", "Rcpts/Hour", "Bounce Profile"),
-            control_row("Default", outbound.destinations.default)]
+    rows = [
+        ("Destination", "TLS", "Max Conns", "Msgs/Conn", "Rcpts/Hour", "Bounce Profile"),
+        control_row("Default", outbound.destinations.default),
+    ]
     rows += [control_row(domain, control) for domain, control in outbound.destinations.entries.items()]
     return _table(rows)
 
@@ -42,8 +52,10 @@ def alert_lines(outbound: Outbound) -> list[str]:
     if not outbound.alert_recipients:
         return [*lines, "  (no alert recipients)"]
     rows = [("Recipient", "Classes", "Severities")]
-    rows += [(r.address, _words(r.classes, ALERT_CLASSES), _words(r.severities, ALERT_SEVERITIES))
-             for r in outbound.alert_recipients]
+    rows += [
+        (r.address, _words(r.classes, ALERT_CLASSES), _words(r.severities, ALERT_SEVERITIES))
+        for r in outbound.alert_recipients
+    ]
     return lines + _table(rows)
 
 

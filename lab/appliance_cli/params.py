@@ -99,14 +99,21 @@ class ParamWalk:
             self.target["max_message_size"] = size[0]
             self.changed.append(f"max_message_size: {size[0]}")
         question = "Enter the maximum number of concurrent connections allowed from a single IP address."
-        self.set("max_concurrency_per_ip", ask_number(term, question, cur.max_concurrency_per_ip, 1, 65535),
-                 cur.max_concurrency_per_ip)
+        self.set(
+            "max_concurrency_per_ip",
+            ask_number(term, question, cur.max_concurrency_per_ip, 1, 65535),
+            cur.max_concurrency_per_ip,
+        )
         question = "Enter the maximum number of messages per connection."
-        self.set("max_msgs_per_connection", ask_number(term, question, cur.max_msgs_per_connection, 1, 1_000_000),
-                 cur.max_msgs_per_connection)
+        self.set(
+            "max_msgs_per_connection",
+            ask_number(term, question, cur.max_msgs_per_connection, 1, 1_000_000),
+            cur.max_msgs_per_connection,
+        )
         question = "Enter the maximum number of recipients per message."
-        self.set("max_rcpts_per_msg", ask_number(term, question, cur.max_rcpts_per_msg, 1, 100_000),
-                 cur.max_rcpts_per_msg)
+        self.set(
+            "max_rcpts_per_msg", ask_number(term, question, cur.max_rcpts_per_msg, 1, 100_000), cur.max_rcpts_per_msg
+        )
         self.banners()
         custom = cur.max_rcpts_per_hour is not None
         if ask_yes_no(term, "Do you want to enable rate limiting per host?", custom):
@@ -123,15 +130,21 @@ class ParamWalk:
         cur, term = self.current, self.term
         custom = cur.banner_code != 220 or bool(cur.banner_text)
         if ask_yes_no(term, "Would you like to specify a custom SMTP acceptance response?", custom):
-            code = ask_number(term, "Enter the SMTP code to use in the response. 220 is the standard code.",
-                              cur.banner_code, 200, 299)
+            code = ask_number(
+                term, "Enter the SMTP code to use in the response. 220 is the standard code.", cur.banner_code, 200, 299
+            )
             self.set("banner_code", code, cur.banner_code)
             text = ask_value(term, "Enter your custom SMTP acceptance response.", cur.banner_text, _text(200))
             self.set("banner_text", text, cur.banner_text)
         custom = cur.reject_banner_code != 554 or cur.reject_banner_text != "Access denied"
         if ask_yes_no(term, "Would you like to specify a custom SMTP rejection response?", custom):
-            code = ask_number(term, "Enter the SMTP code to use in the response. 554 is the standard code.",
-                              cur.reject_banner_code, 400, 599)
+            code = ask_number(
+                term,
+                "Enter the SMTP code to use in the response. 554 is the standard code.",
+                cur.reject_banner_code,
+                400,
+                599,
+            )
             self.set("reject_banner_code", code, cur.reject_banner_code)
             text = ask_value(term, "Enter your custom SMTP rejection response.", cur.reject_banner_text, _text(200))
             self.set("reject_banner_text", text, cur.reject_banner_text)

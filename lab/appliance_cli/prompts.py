@@ -14,9 +14,7 @@ from lab.appliance_cli.terminal import Terminal
 T = TypeVar("T")
 
 
-def ask_value(
-    term: Terminal, question: str, default: str, check: Callable[[str], T], words: Sequence[str] = ()
-) -> T:
+def ask_value(term: Terminal, question: str, default: str, check: Callable[[str], T], words: Sequence[str] = ()) -> T:
     """A free answer, checked by ``check`` (which raises ``ValueError`` with the one-line reason)."""
     while True:
         term.say()

@@ -58,8 +58,10 @@ def lines(report: DeliveryReport, topology: str) -> list[str]:
         out.append(f"No MX or address for {report.domain} in the virtual DNS of {topology}: nothing to connect to.")
     for served in report.receivers:
         mx = served.mx
-        out.append(f"MX {mx.exchange} (preference {mx.preference}) [{', '.join(mx.addresses)}] in the virtual DNS "
-                   f"of {topology}")
+        out.append(
+            f"MX {mx.exchange} (preference {mx.preference}) [{', '.join(mx.addresses)}] in the virtual DNS "
+            f"of {topology}"
+        )
         out.append(f"  served by the lab's receiving MTA (lab.smtp.remote_mta), which {served.describe()}")
     if report.receivers:
         out.append(f"Sending a test message to postmaster@{report.domain}.")
@@ -74,8 +76,10 @@ def lines(report: DeliveryReport, topology: str) -> list[str]:
 
 def _connection(attempt: DeliveryAttempt, setting: DestinationTLS) -> list[str]:
     ip = attempt.receiving_ip
-    out = [f"Connecting to {attempt.mx_host} [{ip}] on port 25.",
-           f"Connected to {ip} from interface {attempt.sending_ip}."]
+    out = [
+        f"Connecting to {attempt.mx_host} [{ip}] on port 25.",
+        f"Connected to {ip} from interface {attempt.sending_ip}.",
+    ]
     if setting is DestinationTLS.NO:
         return [*out, "TLS not attempted: the destination control says No (STARTTLS is never sent)."]
     out.append("Checking TLS connection.")
@@ -101,15 +105,23 @@ def _verdict(report: DeliveryReport) -> str:
             return "the test message was delivered over TLS."
         if setting is DestinationTLS.NO:
             return "the test message was delivered in the clear (TLS is never attempted)."
-        return "the test message was delivered in the clear: STARTTLS was not to be had, and a Preferred " \
-               "setting falls back to plaintext."
+        return (
+            "the test message was delivered in the clear: STARTTLS was not to be had, and a Preferred "
+            "setting falls back to plaintext."
+        )
     if report.state == "bounced":
         return "the test message was bounced (no host to deliver to)."
     needs = "TLS with a verified certificate" if setting is DestinationTLS.REQUIRED_VERIFY else "TLS"
-    alerted = f"; an alert went to {', '.join(sorted({box for box, _ in report.alert_messages}))}" \
-        if report.alert_messages else ""
+    alerted = (
+        f"; an alert went to {', '.join(sorted({box for box, _ in report.alert_messages}))}"
+        if report.alert_messages
+        else ""
+    )
     if setting.required:
-        return f"deferred: {setting} demands {needs}, so nothing was sent (the message stays queued for a " \
-               f"retry{alerted})."
-    return "deferred: TLS failed after the receiver's 220 to STARTTLS, which leaves the connection unusable " \
-           "for plaintext (the message stays queued for a retry)."
+        return (
+            f"deferred: {setting} demands {needs}, so nothing was sent (the message stays queued for a retry{alerted})."
+        )
+    return (
+        "deferred: TLS failed after the receiver's 220 to STARTTLS, which leaves the connection unusable "
+        "for plaintext (the message stays queued for a retry)."
+    )

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Any, TextIO, cast
 from lab.appliance.config import listener_summary, load_appliance, quick_appliance
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Certificate, Listener
-from lab.appliance.spool import GroupCommit, Spool, SpoolError, probe_dir
+from lab.appliance.spool import Spool, SpoolError, probe_dir
+from lab.appliance.spool_process import SpoolProcess
 from lab.errors import BadInput, HarnessError
 from lab.policy.modes import TLS_MODE_SPELLINGS, TLSMode, parse_tls_mode
 from lab.policy.params import EffectiveParams
@@ -336,7 +337,7 @@ def _serve(place: Place, worker: Worker | None = None) -> int:
     """Serve on this process's reactor until SIGTERM/SIGINT; as one of several workers when ``worker`` is given."""
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
-    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+    from twisted.internet.interfaces import IReactorTime
 
     from lab.smtp.eager_tcp import listen
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
@@ -349,7 +350,10 @@ def _serve(place: Place, worker: Worker | None = None) -> int:
     else:  # the parent prepared the spool; IDs are strided so that every worker's are unique
         maillog, shared = _open_shared_log(place.log_path, clock, worker)
     spool = Spool(place.spool_root)  # after the fork: its Maildir names carry this process's PID
-    committer = GroupCommit(IReactorFromThreads(reactor).callFromThread)  # spool writes, fsyncs in batches
+    try:
+        committer = SpoolProcess(reactor)  # a process of its own writes the spool, fsyncs in batches
+    except SpoolError as exc:
+        raise HarnessError(str(exc)) from None
     runtime = ApplianceRuntime(
         appliance, clock=reactor, maillog=maillog, spool=spool, state_dir=place.state_dir, committer=committer
     )
