@@ -256,7 +256,7 @@ def test_the_writer_closed_with_answers_unread_still_stores_all_and_exits_0_quie
 
 # --- the writer's command line ------------------------------------------------------------------------------
 
-BAD_FD = "smtplab bug: main() opens FD without checking it, so an FD that is not a socket is a traceback, exit 1"
+BAD_FD = "bug: main() opens FD without checking it, so an FD that is not a socket is a traceback, exit 1"
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_the_writer_with_wrong_arguments_says_one_line_and_exits_2(args: list[st
     )
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
-    assert done.stderr.startswith("usage: python -m lab.appliance.spool_writer FD PID")
+    assert "lab.appliance.spool_writer" in done.stderr  # the usage, or which argument is wrong
 
 
 # --- inside smtplab serve -------------------------------------------------------------------------------------
