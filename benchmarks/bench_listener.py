@@ -46,6 +46,12 @@ APPLIANCE = Path(__file__).resolve().parent / "appliance-bench.yaml"  # the limi
 BODY = ("Subject: bench\r\n\r\n" + ("x" * 78 + "\r\n") * 13).encode()[:1024]
 PHASE_LIMIT = 120.0  # no single measurement or idle phase runs longer than this (seconds of wall time)
 CONNECT_TIMEOUT = 20.0
+PEER_KEYS = {  # server name -> its --peers key
+    "aiosmtpd (stores nothing)": "aiosmtpd",
+    "aiosmtpd (Maildir)": "aiosmtpd-maildir",
+    "twisted.mail ESMTP": "twisted",
+    "Postfix 3.7": "postfix",
+}
 
 
 # -- certificates -------------------------------------------------------------------------------------------------
@@ -464,6 +470,11 @@ def main() -> None:
     parser.add_argument("--drivers", type=int, default=2, help="load-generator processes (default 2)")
     parser.add_argument("--workers", type=int, default=0, help="also measure smtplab serve --workers N")
     parser.add_argument("--no-postfix", action="store_true")
+    parser.add_argument(
+        "--peers",
+        default="aiosmtpd,aiosmtpd-maildir,twisted",
+        help="peers beside smtplab (default all): aiosmtpd, aiosmtpd-maildir, twisted; Postfix unless --no-postfix",
+    )
     parser.add_argument("--idle", type=int, default=10000, help="idle sessions held against smtplab (0: skip)")
     # internal entry points: the peer servers and the load generator run as child processes of this script
     parser.add_argument("--serve", choices=["aiosmtpd", "twisted"], help=argparse.SUPPRESS)
@@ -493,6 +504,11 @@ def main() -> None:
     print(f"load: {args.drivers} generator processes, closed loop, {args.seconds:g} s per measurement, ")
     print(f"      servers alternated {args.rounds} times; session = EHLO [STARTTLS EHLO] MAIL RCPT DATA(1 KiB) QUIT")
     modes = args.modes.split(",")
+    peers = {name.strip() for name in args.peers.split(",") if name.strip()}
+    if peers - set(PEER_KEYS.values()):
+        parser.error(f"--peers: unknown {', '.join(sorted(peers - set(PEER_KEYS.values())))}")
+    if not args.no_postfix:
+        peers.add("postfix")
     concurrencies = [int(n) for n in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-listener-") as tmp:
         work = Path(tmp)
@@ -500,6 +516,7 @@ def main() -> None:
         for index, kind in enumerate(args.keys.split(",")):
             cert, key = make_certificate(kind, work)
             servers = servers_for(cert, key, work, args.workers, not args.no_postfix)
+            servers = [s for s in servers if PEER_KEYS.get(s.name, "smtplab") in {"smtplab", *peers}]
             print(f"\n== certificate {'RSA-2048' if kind == 'rsa' else 'EC P-256'}")
             try:
                 for number, server in enumerate(servers):
