@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import NamedTuple
 
 from lab.policy.replies import Reply
 
@@ -61,8 +62,7 @@ class Phase(Enum):
     CLOSING = "closing"  # the listener closed gracefully; waiting for the close to complete
 
 
-@dataclass(frozen=True)
-class Expiry:
+class Expiry(NamedTuple):
     """The next deadline: when, which one (the mail log's words) and how the listener ends the connection."""
 
     at: float
@@ -82,9 +82,8 @@ SESSION = "session deadline"
 CLOSE = "close deadline"
 
 
-@dataclass(frozen=True)
-class Watch:
-    """The timestamps of one connection that its deadlines are measured from."""
+class Watch(NamedTuple):
+    """The timestamps of one connection that its deadlines are measured from (a tuple: cheap to make per read)."""
 
     timeouts: Timeouts
     connected: float
@@ -113,20 +112,24 @@ class Watch:
         t = self.timeouts
         if self.phase is Phase.CLOSING:
             return Expiry(self.phase_since + t.close_grace, CLOSE, graceful=False)
-        candidates: list[tuple[float, str]] = []
-        if self.phase is Phase.HANDSHAKE:
-            candidates.append((self.phase_since + t.tls_handshake, HANDSHAKE))
-        if self.phase is Phase.DATA:
-            candidates.append((self.phase_since + t.data, DATA))
-        if self.phase is not Phase.DELIVERY:
-            candidates.append((self.last_input + t.idle, IDLE))
-        if self.phase in (Phase.COMMAND, Phase.DATA):
-            candidates.append((self.record_since + t.command, COMMAND))
-        candidates.append((self.connected + t.session, SESSION))
-        at, what = min(candidates, key=lambda item: item[0])
-        return Expiry(at, what, graceful=self.phase is not Phase.HANDSHAKE)
+        phase = self.phase
+        at, what = self.connected + t.session, SESSION  # checked last below: earlier entries win ties
+        if phase is Phase.COMMAND or phase is Phase.DATA:
+            at, what = _earlier(self.record_since + t.command, COMMAND, at, what)
+        if phase is not Phase.DELIVERY:
+            at, what = _earlier(self.last_input + t.idle, IDLE, at, what)
+        if phase is Phase.DATA:
+            at, what = _earlier(self.phase_since + t.data, DATA, at, what)
+        if phase is Phase.HANDSHAKE:
+            at, what = _earlier(self.phase_since + t.tls_handshake, HANDSHAKE, at, what)
+        return Expiry(at, what, phase is not Phase.HANDSHAKE)
 
     def due(self, now: float, slack: float = 1e-6) -> Expiry | None:
         """The expiry if it has passed at ``now`` (``slack`` absorbs float rounding of timers), else None."""
         expiry = self.expiry()
         return expiry if expiry.at <= now + slack else None
+
+
+def _earlier(at: float, what: str, best_at: float, best_what: str) -> tuple[float, str]:
+    """``(at, what)`` if it is no later than the best so far (so the deadline listed first wins a tie)."""
+    return (at, what) if at <= best_at else (best_at, best_what)

@@ -76,7 +76,7 @@ class Send:
 
     @classmethod
     def of(cls, reply: Reply) -> Send:
-        return cls(reply.render(), reply)
+        return cls(reply.wire, reply)
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ class ServerSession:
         self.greeting: str | None = None  # the EHLO/HELO name (GREETING: none yet)
         self.tls: TLSInfo | None = None
         self.client_cert = ClientCert.NONE
+        self._facts: GateFacts | None = None
         self.messages = 0
         self._reader = LineReader()
         self._transaction: _Transaction | None = None  # TRANSACTION, DATA: the envelope
@@ -216,13 +217,16 @@ class ServerSession:
         return self.config.params.tls
 
     def facts(self) -> GateFacts:
-        return GateFacts(
-            mode=self.mode,
-            tls_active=self.tls is not None,
-            verify_client=self.config.params.verify_client,
-            client_cert=self.client_cert,
-            rejecting=self.config.behaviour is Behaviour.REJECT,
-        )
+        """What the command gate needs; it changes only when TLS starts (``tls_started``)."""
+        if self._facts is None:
+            self._facts = GateFacts(
+                mode=self.mode,
+                tls_active=self.tls is not None,
+                verify_client=self.config.params.verify_client,
+                client_cert=self.client_cert,
+                rejecting=self.config.behaviour is Behaviour.REJECT,
+            )
+        return self._facts
 
     def _log(self, event: LogEvent) -> None:
         self.hooks.log_event(event)
@@ -271,6 +275,7 @@ class ServerSession:
         self.machine.move(Move.TLS_ESTABLISHED)
         self.tls = info
         self.client_cert = client_cert
+        self._facts = None
         self.greeting = None
         self._transaction = None
         self._data = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,7 +26,14 @@ class Reply:
     lines: tuple[str, ...] = ()  # extra lines of a multi-line reply, before ``text``
 
     def render(self) -> bytes:
-        """The reply on the wire, CRLF-terminated; multi-line replies use ``code-`` (RFC 5321 4.2.1)."""
+        """The reply on the wire (``wire``)."""
+        return self.wire
+
+    @functools.cached_property
+    def wire(self) -> bytes:
+        """The reply on the wire, CRLF-terminated; multi-line replies use ``code-`` (RFC 5321 4.2.1).
+
+        Worked out once per reply: the common ones are constants, sent by every session."""
         body = [*self.lines, self.text]
         last = len(body) - 1
         out = []
