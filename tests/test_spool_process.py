@@ -176,11 +176,6 @@ def test_stop_stores_what_was_just_submitted_and_the_writer_exits(tmp_path: Path
     assert all(NAMED.match(name) for name in files(box)) and files(box, "tmp") == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: SpoolProcess.stop() answers SpoolError('... stopped before the message was stored') to messages "
-    "the writer then stores: _Link.close() fails every waiting done instead of reading the writer's answers",
-)
 def test_stop_answers_each_message_with_what_became_of_it(tmp_path: Path) -> None:
     box = Maildir(tmp_path / "box")
     spool = SpoolProcess(reactor, pid=SERVER_PID)
@@ -234,12 +229,6 @@ def test_the_writer_stores_and_answers_all_it_was_sent_before_its_socket_ends_th
     assert all(NAMED.match(name) for name in files(box)) and files(box, "tmp") == {}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when the server closes its end with answers still unread (SpoolProcess.stop() with messages in "
-    "flight), the writer's recv_into raises ConnectionResetError: a traceback on the server's stderr, exit 1 "
-    "(the messages are still stored: serve_requests' finally stops the GroupCommit)",
-)
 def test_the_writer_closed_with_answers_unread_still_stores_all_and_exits_0_quietly(tmp_path: Path) -> None:
     box = Maildir(tmp_path / "box")
     sock, process = start_writer()
@@ -256,9 +245,6 @@ def test_the_writer_closed_with_answers_unread_still_stores_all_and_exits_0_quie
 
 # --- the writer's command line ------------------------------------------------------------------------------
 
-BAD_FD = "bug: main() opens FD without checking it, so an FD that is not a socket is a traceback, exit 1"
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -268,12 +254,9 @@ BAD_FD = "bug: main() opens FD without checking it, so an FD that is not a socke
         ["three", "1"],
         ["-3", "1"],
         ["3", "1.5"],
-        pytest.param(["99", "1"], marks=pytest.mark.xfail(strict=True, reason=BAD_FD + " (EBADF)")),
-        pytest.param(["0", "1"], marks=pytest.mark.xfail(strict=True, reason=BAD_FD + " (ENOTSOCK)")),
-        pytest.param(
-            ["\N{SUPERSCRIPT TWO}", "1"],
-            marks=pytest.mark.xfail(strict=True, reason="bug: '²'.isdigit() is True but int('²') raises ValueError"),
-        ),
+        ["99", "1"],  # not an open descriptor
+        ["0", "1"],  # not a socket
+        ["\N{SUPERSCRIPT TWO}", "1"],  # a digit to str.isdigit, not a number to int()
     ],
     ids=lambda args: " ".join(args) or "none",
 )

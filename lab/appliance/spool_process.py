@@ -53,9 +53,11 @@ class SpoolProcess:
         self._link.send(os.fsencode(str(maildir.path)), message, done)
 
     def stop(self) -> None:
-        """End the socket (the writer stores and answers what it holds, then exits); wait for the writer."""
+        """End the socket (the writer stores and answers what it holds, then exits); wait for the writer.
+
+        Each message still waiting gets its real outcome: the answers are read until the writer's end."""
         if self._link is not None:
-            self._link.close()
+            self._link.finish(STOP_WAIT)
             self._link = None
         if self._process is not None:
             try:
@@ -78,6 +80,7 @@ class SpoolProcess:
                 [sys.executable, "-m", "lab.appliance.spool_writer", str(theirs.fileno()), str(self._pid)],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
+                process_group=0,  # a Ctrl-C at the terminal is the server's to handle, not the writer's
             )
         except OSError as exc:
             ours.close()
@@ -120,17 +123,30 @@ class _Link:
             self._reactor.addWriter(self)
 
     def close(self) -> None:
-        """Stop using the socket; the writer sees its end once what is pending has been written."""
+        """Stop using the socket (a writer being replaced); what still waits for it fails."""
+        self._lost("the spool writer was replaced before the message was stored")
+
+    def finish(self, wait: float) -> None:
+        """Outside the reactor (it has stopped): hand over what is pending, end our side, and read every answer
+        until the writer's end (at most ``wait`` seconds); only what is still unanswered then fails."""
         if self.closed:
             return
-        if self._out:  # hand the rest over blocking: the reactor is stopping or the link is being replaced
-            try:
-                self._sock.setblocking(True)
+        self._reactor.removeReader(self)
+        self._reactor.removeWriter(self)
+        try:
+            self._sock.settimeout(wait)
+            if self._out:
                 self._sock.sendall(self._out)
-            except OSError:
-                pass
-            self._out = b""
-        self._lost("the spool writer was stopped before the message was stored")
+                self._out = b""
+            self._sock.shutdown(socket.SHUT_WR)
+            while self._waiting:
+                data = self._sock.recv(READ_SIZE)
+                if not data:
+                    break
+                self._answered(data)
+        except OSError:
+            pass  # a timeout or a writer gone: what is unanswered fails below
+        self._lost("the spool writer stopped before the message was stored")
 
     # -- the reactor's descriptor interface
 
@@ -151,6 +167,9 @@ class _Link:
         if not data:
             self._lost("the spool writer stopped before the message was stored")
             return
+        self._answered(data)
+
+    def _answered(self, data: bytes) -> None:
         answers, self._in = read_answers(self._in + data if self._in else data)
         for request, outcome in answers:
             done = self._waiting.pop(request, None)

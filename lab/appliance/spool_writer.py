@@ -71,7 +71,10 @@ def serve_requests(sock: socket.socket, pid: int) -> None:
     chunk = bytearray(READ_SIZE)
     try:
         while True:
-            count = sock.recv_into(chunk)
+            try:
+                count = sock.recv_into(chunk)
+            except ConnectionResetError:  # the server closed with answers unread: it waits for none of them
+                count = 0
             if not count:
                 break
             buffer += memoryview(chunk)[:count]
@@ -114,10 +117,16 @@ def _submit(
 def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the writer stops: its socket's end
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    if len(argv) != 2 or not all(item.isdigit() for item in argv):
+    if len(argv) != 2 or not all(item.isascii() and item.isdecimal() for item in argv):
         print("usage: python -m lab.appliance.spool_writer FD PID (started by smtplab serve)", file=sys.stderr)
         return 2
-    sock = socket.socket(fileno=int(argv[0]))
+    try:
+        sock = socket.socket(fileno=int(argv[0]))
+        if sock.type != socket.SOCK_STREAM:
+            raise OSError(f"descriptor {argv[0]} is not a stream socket")
+    except OSError as exc:
+        print(f"lab.appliance.spool_writer: descriptor {argv[0]}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     try:
         serve_requests(sock, int(argv[1]))
     finally:

@@ -305,6 +305,8 @@ class ListenerProtocol(Protocol):
         assert self.watch is not None
         self.watch = self.watch.received(self.clock.seconds(), completes_record=b"\n" in data)
         self._held += data
+        if self._delivering:
+            self._update_reading()  # the session waits for the spool: hold at most a slice of what follows
         self._feed()
 
     def handshakeCompleted(self) -> None:
@@ -359,8 +361,10 @@ class ListenerProtocol(Protocol):
         """The transport is going away; ``connectionLost`` follows and releases everything."""
 
     def _update_reading(self) -> None:
-        """Read from the transport only while output can drain and no message is being spooled."""
-        want = not (self._output_full or self._delivering or self._closing or self._lost)
+        """Read from the transport only while output can drain, and while a message is being spooled only until
+        a slice of input is held (most clients send nothing until the 250: no pause and resume per message)."""
+        held_enough = self._delivering and len(self._held) >= FEED_SLICE
+        want = not (self._output_full or held_enough or self._closing or self._lost)
         if want == self._reading:
             return
         self._reading = want
@@ -377,7 +381,9 @@ class ListenerProtocol(Protocol):
             return
         self._feeding = True
         try:
-            while self._held and self._reading and self.session is not None and not self._closing:
+            while (
+                self._held and self._reading and not self._delivering and self.session is not None and not self._closing
+            ):
                 piece, self._held = self._held[:FEED_SLICE], self._held[FEED_SLICE:]
                 self._apply(self.session.receive(piece))
         finally:
