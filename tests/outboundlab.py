@@ -140,9 +140,7 @@ class OutboundLab:
             self.net.listen(ip, 25, mta)
             self.mtas[name] = mta
         self.policy_ports = serve_topology_policies(self.topology, self.net, ca) if serve_sts else []
-        self.engine: DeliveryEngine = attach_outbound(
-            self.runtime, self.topology, self.net, daily_tls_reports=tlsrpt
-        )
+        self.engine: DeliveryEngine = attach_outbound(self.runtime, self.topology, self.net, daily_tls_reports=tlsrpt)
 
     def send(self, data: bytes = MESSAGE, sender: str = "alice@example.com", to: tuple[str, ...] = ("bob@dest.test",)):
         mid = self.runtime.maillog.next_mid()

@@ -19,8 +19,13 @@ GOLDEN = Path(__file__).parent / "golden" / "cli"
 SCRIPTS = sorted(path.stem for path in GOLDEN.glob("*.in"))
 
 
-def run_cli(tmp_path: Path, script: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-            config: str = "appliance.yaml") -> tuple[int, str]:
+def run_cli(
+    tmp_path: Path,
+    script: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    config: str = "appliance.yaml",
+) -> tuple[int, str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
     code = main(["cli", "--config", config])
@@ -47,6 +52,22 @@ def test_dialog_matches_golden_transcript(
 
 def test_every_dialog_has_a_golden_transcript() -> None:
     covered = "\n".join((GOLDEN / f"{name}.in").read_text().lower() for name in SCRIPTS)
-    for word in ("listenerconfig", "certconfig", "destconfig", "alertconfig", "tlsverify", "commit", "clear",
-                 "hostaccess", "default", "move", "import", "export", "certificate", "new", "delete", "setup"):
+    for word in (
+        "listenerconfig",
+        "certconfig",
+        "destconfig",
+        "alertconfig",
+        "tlsverify",
+        "commit",
+        "clear",
+        "hostaccess",
+        "default",
+        "move",
+        "import",
+        "export",
+        "certificate",
+        "new",
+        "delete",
+        "setup",
+    ):
         assert f"\n{word}\n" in covered, word

@@ -15,8 +15,13 @@ from lab.cli import main
 from lab.policy.destinations import DestinationControl, DestinationTLS
 
 
-def cli(tmp_path: Path, answers: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        *options: str) -> tuple[int, str]:
+def cli(
+    tmp_path: Path,
+    answers: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    *options: str,
+) -> tuple[int, str]:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{a}\n" for a in [*answers, "quit"])))
     code = main(["cli", "--config", "appliance.yaml", *options])
@@ -28,11 +33,31 @@ def test_destconfig_new_edit_default_delete_write_the_file(
 ) -> None:
     answers = [
         "destconfig",
-        "new", "shop.example", "3", "20", "", "1000", "",  # Required, 20 connections, 1000 recipients an hour
-        "edit", "bank.example", "5", "", "7", "", "",  # Required (Verify), 7 messages per connection
-        "default", "1", "", "", "", "",  # the default: No
-        "delete", ".partner.example", "y",
-        "", "commit",
+        "new",
+        "shop.example",
+        "3",
+        "20",
+        "",
+        "1000",
+        "",  # Required, 20 connections, 1000 recipients an hour
+        "edit",
+        "bank.example",
+        "5",
+        "",
+        "7",
+        "",
+        "",  # Required (Verify), 7 messages per connection
+        "default",
+        "1",
+        "",
+        "",
+        "",
+        "",  # the default: No
+        "delete",
+        ".partner.example",
+        "y",
+        "",
+        "commit",
     ]
     code, out = cli(tmp_path, answers, monkeypatch, capsys)
     assert code == 0, out
@@ -53,8 +78,12 @@ def test_destconfig_new_edit_default_delete_write_the_file(
 def test_destconfig_taking_every_default_changes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = cli(tmp_path, ["destconfig", "edit", "1", "", "", "", "", "", "default", "", "", "", "", "", "",
-                               "commit"], monkeypatch, capsys)
+    code, out = cli(
+        tmp_path,
+        ["destconfig", "edit", "1", "", "", "", "", "", "default", "", "", "", "", "", "", "commit"],
+        monkeypatch,
+        capsys,
+    )
     assert code == 0
     assert "no data to commit" in out
     assert not (tmp_path / "appliance.yaml").exists()
@@ -65,11 +94,25 @@ def test_alertconfig_new_edit_delete_setup_write_the_file(
 ) -> None:
     answers = [
         "alertconfig",
-        "new", "noc@example.com", "system, 6", "3",  # System and Antispam, Warning
-        "edit", "postmaster@example.com", "", "1", "1",  # every class and severity
-        "setup", "n",
-        "", "commit",
-        "alertconfig", "delete", "2", "y", "", "commit",
+        "new",
+        "noc@example.com",
+        "system, 6",
+        "3",  # System and Antispam, Warning
+        "edit",
+        "postmaster@example.com",
+        "",
+        "1",
+        "1",  # every class and severity
+        "setup",
+        "n",
+        "",
+        "commit",
+        "alertconfig",
+        "delete",
+        "2",
+        "y",
+        "",
+        "commit",
     ]
     code, out = cli(tmp_path, answers, monkeypatch, capsys)
     assert code == 0, out
@@ -83,8 +126,9 @@ def test_alertconfig_new_edit_delete_setup_write_the_file(
 def test_a_refused_answer_is_one_line_and_exit_3_in_a_script(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = cli(tmp_path, ["destconfig", "new", "x@y", "z.example", "9", "2", "", "", "", "", ""],
-                    monkeypatch, capsys)
+    code, out = cli(
+        tmp_path, ["destconfig", "new", "x@y", "z.example", "9", "2", "", "", "", "", ""], monkeypatch, capsys
+    )
     assert code == 3
     assert "Error: 'x@y' is not a domain (example.com) or .domain (its subdomains)" in out
     assert "Error: '9' is not a choice: enter a number from 1 to 5" in out
@@ -93,8 +137,9 @@ def test_a_refused_answer_is_one_line_and_exit_3_in_a_script(
 def test_tlsverify_preferred_falls_back_to_the_clear(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = cli(tmp_path, ["tlsverify partner.example"], monkeypatch, capsys,
-                    "--receiver", "mx.partner.example=no-starttls")
+    code, out = cli(
+        tmp_path, ["tlsverify partner.example"], monkeypatch, capsys, "--receiver", "mx.partner.example=no-starttls"
+    )
     assert code == 0, out
     assert "Destination control for partner.example: TLS Preferred (the default destination)" in out
     assert "which offers no STARTTLS" in out
@@ -106,14 +151,17 @@ def test_tlsverify_preferred_falls_back_to_the_clear(
 def test_tlsverify_required_verify_refuses_a_wrong_name(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, out = cli(tmp_path, ["tlsverify secure.example"], monkeypatch, capsys,
-                    "--receiver", "mx.secure.example=wrong-name")
+    code, out = cli(
+        tmp_path, ["tlsverify secure.example"], monkeypatch, capsys, "--receiver", "mx.secure.example=wrong-name"
+    )
     assert code == 0, out
     assert "Destination control for secure.example: TLS Required (Verify) (its own entry)" in out
     assert "TLS connection established: protocol TLSv1.3" in out
     assert "TLS certificate not verified: certificate-host-mismatch." in out
-    assert "Verdict under Required (Verify): deferred: Required (Verify) demands TLS with a verified certificate, " \
-           "so nothing was sent" in out
+    assert (
+        "Verdict under Required (Verify): deferred: Required (Verify) demands TLS with a verified certificate, "
+        "so nothing was sent" in out
+    )
     assert "an alert went to postmaster@example.com" in out
     assert "Warning: DCID 1 IP 198.51.100.50 TLS was required but could not be successfully negotiated" in out
     assert "Message done" not in out
@@ -131,8 +179,16 @@ def test_tlsverify_preferred_verify_logs_an_unverified_certificate_and_delivers(
         "dns:\n"
         "  - {type: MX, domain: eu.partner.example, preference: 10, exchange: a.mx.test}\n"
     )
-    code, out = cli(tmp_path, ["tlsverify eu.partner.example"], monkeypatch, capsys,
-                    "--topology", str(topology), "--receiver", "a.mx.test=untrusted")
+    code, out = cli(
+        tmp_path,
+        ["tlsverify eu.partner.example"],
+        monkeypatch,
+        capsys,
+        "--topology",
+        str(topology),
+        "--receiver",
+        "a.mx.test=untrusted",
+    )
     assert code == 0, out
     assert "TLS Preferred (Verify) (the .partner.example entry)" in out
     assert f"MX a.mx.test (preference 10) [198.51.100.10] in the virtual DNS of topology {topology}" in out

@@ -51,8 +51,10 @@ def test_demo_certificate_reminder_when_tls_turns_on(tmp_path: Path) -> None:
     config.write_text(text)
     done = seed(config)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "presents the INSECURE built-in demo certificate: create one with 'certconfig' and assign it with " \
+    assert (
+        "presents the INSECURE built-in demo certificate: create one with 'certconfig' and assign it with "
         "listenerconfig > edit > certificate." in done.stdout
+    )
 
 
 def test_invalid_commit_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
@@ -92,11 +94,29 @@ def _skip_verdict(config: Path, workdir: Path) -> str:
     host = fresh_loopback()
     port = free_port(host)
     other = fresh_loopback()
-    with serve(workdir, "--config", str(config), "--bind", f"Inboundmail={host}:{port}",
-               "--bind", f"Outboundmail={other}:{free_port(other)}", host=host, port=port):
+    with serve(
+        workdir,
+        "--config",
+        str(config),
+        "--bind",
+        f"Inboundmail={host}:{port}",
+        "--bind",
+        f"Outboundmail={other}:{free_port(other)}",
+        host=host,
+        port=port,
+    ):
         report = workdir / "report"
-        done = smtplab("run", "--target", f"{host}:{port}", "--policy", "required",
-                       str(ROOT / "scenarios/clients/skip.yaml"), "--report-dir", str(report), "--no-timestamps")
+        done = smtplab(
+            "run",
+            "--target",
+            f"{host}:{port}",
+            "--policy",
+            "required",
+            str(ROOT / "scenarios/clients/skip.yaml"),
+            "--report-dir",
+            str(report),
+            "--no-timestamps",
+        )
     assert done.returncode in (0, 1), done.stdout + done.stderr
     runs = json.loads((report / "index.json").read_text())["runs"]
     return str(runs[0]["verdict"])

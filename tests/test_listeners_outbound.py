@@ -52,6 +52,7 @@ def test_entries_inherit_the_default_and_alerts_can_be_off(tmp_path: Path, capsy
     assert "Certificate: none (no client certificate is presented)" in outbound
     assert "  Default       No   20         50         600         Default" in outbound
     assert "  slow.example  No   20         1          600         Patient" in outbound
-    assert ("  Patient: first retry after 300s, waits up to 7200s, 10 retries, at most 86400s in queue, "
-            "DSN not sent") in outbound
+    assert (
+        "  Patient: first retry after 300s, waits up to 7200s, 10 retries, at most 86400s in queue, DSN not sent"
+    ) in outbound
     assert outbound[-2:] == ["Alerts: disabled (logged only)", "  (no alert recipients)"]

@@ -262,24 +262,3 @@ def test_one_message_failing_does_not_fail_its_batch(tmp_path: Path) -> None:
     assert (first, third) == ("a", "c")
     assert isinstance(second, SpoolError)
     assert [p.read_bytes() for p in box.messages()] == [b"first", b"third"]
-
-
-def test_group_commit_answers_on_the_reactor_side_once_stored(tmp_path: Path) -> None:
-    """Outcomes come back through ``to_reactor`` only, after the files are in new/; stop writes what waits."""
-    from lab.appliance.spool import GroupCommit
-
-    handed: list[object] = []
-    box = Maildir(tmp_path)
-    committer = GroupCommit(handed.append, threads=2)
-    outcomes: list[object] = []
-    for n in range(20):
-        committer.submit(box, b"message %d" % n, outcomes.append)
-    committer.stop()
-    assert outcomes == []  # nothing ran on the committer threads' side
-    for call in handed:
-        call()  # type: ignore[operator]
-    assert len(outcomes) == 20 and all(isinstance(item, str) for item in outcomes)
-    assert sorted(p.read_bytes() for p in box.messages()) == sorted(b"message %d" % n for n in range(20))
-    assert len(handed) <= 20  # one hand-off per batch, not per message
-    with pytest.raises(SpoolError, match="stopping"):
-        committer.submit(box, b"late", outcomes.append)

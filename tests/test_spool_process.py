@@ -245,6 +245,7 @@ def test_the_writer_closed_with_answers_unread_still_stores_all_and_exits_0_quie
 
 # --- the writer's command line ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -333,3 +334,17 @@ def test_serve_survives_its_writer_killed_under_load_and_acknowledges_only_what_
     spool_errors = [line for line in server.log_lines() if SPOOL_ERROR.search(line)]
     assert len(spool_errors) == len(result.refused)  # each refusal is a spool error (a 451 4.3.0) ...
     assert all("spool writer" in line for line in spool_errors)  # ... because the writer died
+
+
+def test_a_server_killed_outright_takes_its_writer_with_it(tmp_path: Path) -> None:
+    with serve(tmp_path, "--tls", "no") as server:
+        with smtplib.SMTP(server.host, server.port, timeout=WAIT) as client:  # one message: the writer is busy once
+            client.sendmail("a@example.com", ["b@example.com"], b"Subject: one\r\n\r\nbody\r\n")
+        writer = writer_of(server.process.pid)
+        server.process.kill()
+        assert server.process.wait(timeout=WAIT) == -signal.SIGKILL
+    deadline = time.monotonic() + WAIT
+    while is_writer(writer) and time.monotonic() < deadline:  # PR_SET_PDEATHSIG: killed with its parent
+        time.sleep(0.05)
+    assert not is_writer(writer)
+    assert len(list((server.spool / "Inboundmail" / "new").iterdir())) == 1  # what had its 250 is on disk

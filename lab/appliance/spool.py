@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import email.utils
-import functools
 import itertools
 import os
 import re
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 
 FOLD_AT = 78  # RFC 5322 2.1.1: lines SHOULD be no longer than 78 characters
 MAX_ATTEMPTS = 8  # name collisions tolerated per delivery before giving up
-COMMITTERS = 4  # threads writing the spool: fsyncs of one batch wait on the disk while the next batch is written
 FSYNC_THREADS = 32  # the files of a batch are fsynced concurrently (``_fsync_all``)
 
 
@@ -216,77 +214,13 @@ Outcome = str | SpoolError
 
 
 class Committer(Protocol):
-    """Stores messages off the reactor's path: ``GroupCommit`` (threads), ``SpoolProcess`` (a writer process)."""
+    """Stores messages off the reactor's path (``lab.appliance.spool_process.SpoolProcess``, a writer process)."""
 
     def submit(self, maildir: Maildir, message: bytes, done: Callable[[Outcome], None]) -> None:
         """``done(outcome)`` runs on the reactor thread once ``message`` is durable in ``maildir`` (or failed)."""
 
     def stop(self) -> None:
         """Store what is waiting, then stop."""
-
-
-class GroupCommit:
-    """Spool writes off the reactor thread, in batches (group commit).
-
-    Sessions ``submit`` messages; a few committer threads each take every message waiting, store them with
-    ``Maildir.deliver_many`` (an fsync per file, one fsync of ``new/`` per batch), and hand all the outcomes back
-    to the reactor thread in one call, ``to_reactor(callable)``. A session's ``done`` runs only after its message
-    and its directory entry are durable, so a 250 never precedes them. Under load a batch holds the messages that
-    arrived while the previous one was being written: the busier the listener, the fewer hand-offs per message.
-    """
-
-    def __init__(self, to_reactor: Callable[[Callable[[], None]], None], threads: int = COMMITTERS) -> None:
-        self._to_reactor = to_reactor
-        self._waiting: list[tuple[Maildir, bytes, Callable[[Outcome], None]]] = []
-        self._ready = threading.Condition()
-        self._stopping = False
-        self._threads = [threading.Thread(target=self._run, name=f"spool-{n}", daemon=True) for n in range(threads)]
-        for thread in self._threads:
-            thread.start()
-
-    def submit(self, maildir: Maildir, message: bytes, done: Callable[[Outcome], None]) -> None:
-        """Store ``message``; ``done(outcome)`` is called on the reactor thread once it is durable (or failed)."""
-        with self._ready:
-            if self._stopping:
-                raise SpoolError("the spool is stopping")
-            self._waiting.append((maildir, message, done))
-            self._ready.notify()
-
-    def stop(self) -> None:
-        """Write what is waiting, then end the threads (their last outcomes go to ``to_reactor`` as usual)."""
-        with self._ready:
-            self._stopping = True
-            self._ready.notify_all()
-        for thread in self._threads:
-            thread.join()
-
-    def _run(self) -> None:
-        while True:
-            with self._ready:
-                while not self._waiting and not self._stopping:
-                    self._ready.wait()
-                if not self._waiting:
-                    return
-                batch, self._waiting = self._waiting, []
-            by_dir: dict[int, list[int]] = {}
-            for index, (maildir, _message, _done) in enumerate(batch):
-                by_dir.setdefault(id(maildir), []).append(index)
-            results: dict[int, Outcome] = {}
-            for indexes in by_dir.values():
-                maildir = batch[indexes[0]][0]
-                try:
-                    stored = maildir.deliver_many([batch[i][1] for i in indexes])
-                except Exception as exc:  # never lose a session's answer: every message of the batch fails
-                    stored = [SpoolError(f"cannot spool to {maildir.path}: {exc}")] * len(indexes)
-                results.update(zip(indexes, stored, strict=True))
-            outcomes = [results[i] for i in range(len(batch))]
-            callbacks = [done for _maildir, _message, done in batch]
-            self._to_reactor(functools.partial(_report, callbacks, outcomes))
-
-
-def _report(callbacks: list[Callable[[Outcome], None]], outcomes: list[Outcome]) -> None:
-    for done, outcome in zip(callbacks, outcomes, strict=True):
-        done(outcome)
 
 
 def probe_dir(path: Path) -> None:

@@ -31,7 +31,7 @@ READ_SIZE = 1 << 16
 
 
 class SpoolProcess:
-    """The reactor's side: ``submit`` as ``GroupCommit`` does; ``done(outcome)`` runs on the reactor thread."""
+    """The reactor's side (a ``Committer``): ``done(outcome)`` runs on the reactor thread."""
 
     def __init__(self, reactor: Any, pid: int | None = None) -> None:
         self._reactor = reactor
@@ -76,8 +76,9 @@ class SpoolProcess:
             self._process.wait()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            arguments = [str(theirs.fileno()), str(self._pid), str(os.getpid())]  # FD, PID named, parent
             self._process = subprocess.Popen(
-                [sys.executable, "-m", "lab.appliance.spool_writer", str(theirs.fileno()), str(self._pid)],
+                [sys.executable, "-m", "lab.appliance.spool_writer", *arguments],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 process_group=0,  # a Ctrl-C at the terminal is the server's to handle, not the writer's

@@ -16,7 +16,6 @@ until every worker is listening (each writes one byte to a pipe), forwards SIGTE
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import sys
@@ -24,8 +23,7 @@ import traceback
 from collections.abc import Callable
 
 from lab.errors import EXIT_BAD_INPUT, EXIT_HARNESS, BadInput, HarnessError
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+from lab.lifetime import die_with_parent
 
 #: ``run(index, ready)``: worker ``index`` (0-based) serves until SIGTERM, calls ``ready()`` once listening, and
 #: returns its exit code.
@@ -118,7 +116,7 @@ def _worker(parent: int, index: int, run: WorkerMain, ready_write: int) -> None:
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C reaches the parent, which stops us
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the worker's reactor installs its own
-        _die_with(parent)
+        die_with_parent(parent)
 
         def ready() -> None:
             os.write(ready_write, b"+")
@@ -138,17 +136,6 @@ def _worker(parent: int, index: int, run: WorkerMain, ready_write: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-
-
-def _die_with(parent: int) -> None:
-    """Ask for SIGTERM when the parent dies (``prctl(PR_SET_PDEATHSIG)``), then check it has not already."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the parent's SIGTERM is all there is
-        pass
-    if os.getppid() != parent:
-        os._exit(0)
 
 
 def _signal(pid: int, sig: int) -> None:
