@@ -260,3 +260,17 @@ def load_ids(paths: list[Path]) -> set[str]:
         if match:
             found.add(match.group(1).decode())
     return found
+
+
+def children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc: a zombie too, until it is reaped)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.add(int(entry.name))
+    return found

@@ -69,7 +69,7 @@ def test_entering_a_phase_restarts_its_clock_once() -> None:
 
 
 def test_the_421_names_the_deadline() -> None:
-    assert Watch.start(T, 0).expiry().reply.render() == b"421 4.4.2 Command deadline, closing connection\r\n"
+    assert Watch.start(T, 0).expiry().reply.wire == b"421 4.4.2 Command deadline, closing connection\r\n"
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, -1, 0, 1e300, 86400.5, True, "5"])

@@ -36,5 +36,5 @@ def test_per_ip_limit(count: int, limit: int, expected: Refusal | None) -> None:
 
 def test_a_refusal_is_421_too_many_connections() -> None:
     refusal = over_max_concurrency(2, 1)
-    assert refusal is not None and refusal.reply.render() == replies.TOO_MANY_CONNECTIONS.render()
-    assert refusal.reply.render().startswith(b"421 4.3.2 ")
+    assert refusal is not None and refusal.reply.wire == replies.TOO_MANY_CONNECTIONS.wire
+    assert refusal.reply.wire.startswith(b"421 4.3.2 ")

@@ -34,7 +34,7 @@ def test_gate_table(mode: TLSMode, tls: bool, verb: str) -> None:
     assert (refusal.code if refusal else None) == expected
     if expected == 530:
         assert refusal == replies.MUST_STARTTLS
-        assert refusal.render() == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
+        assert refusal.wire == b"530 5.7.0 Must issue a STARTTLS command first\r\n"
 
 
 # STARTTLS: (mode, tls active, has argument) -> reply code (None = served: 220)
@@ -59,9 +59,9 @@ def test_starttls_rules(mode: TLSMode, tls: bool, arg: bool, code: int | None) -
 
 
 def test_starttls_reply_codes_are_the_spec_ones() -> None:
-    assert replies.STARTTLS_NO_PARAMETERS.render() == b"501 5.5.4 Syntax error (no parameters allowed)\r\n"
-    assert replies.STARTTLS_NOT_IMPLEMENTED.render().startswith(b"502 5.5.1 ")
-    assert replies.TLS_ALREADY_ACTIVE.render().startswith(b"503 5.5.1 ")
+    assert replies.STARTTLS_NO_PARAMETERS.wire == b"501 5.5.4 Syntax error (no parameters allowed)\r\n"
+    assert replies.STARTTLS_NOT_IMPLEMENTED.wire.startswith(b"502 5.5.1 ")
+    assert replies.TLS_ALREADY_ACTIVE.wire.startswith(b"503 5.5.1 ")
 
 
 # verify client certificate: (mode, cert state) -> refused after TLS with 554?

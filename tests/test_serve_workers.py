@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from serving import free_port, fresh_loopback, load_ids, mail_load, serve
+from serving import children, free_port, fresh_loopback, load_ids, mail_load, serve
 
 from lab.appliance.config import quick_appliance
 from lab.appliance.maillog import parse_line
@@ -26,19 +26,6 @@ from lab.policy.modes import TLSMode
 def maildir_pids(paths: list[Path]) -> set[int]:
     """The PIDs in Maildir names ``<seconds>.M<micro>P<pid>Q<seq>.<host>``: which process stored each message."""
     return {int(path.name.split("P", 1)[1].split("Q", 1)[0]) for path in paths}
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.add(int(entry.name))
-    return found
 
 
 def running(pid: int) -> bool:

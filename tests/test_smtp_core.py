@@ -154,13 +154,12 @@ def test_reply_reader_errors_carry_the_input(wire: bytes, error: type[errors.Rep
 
 def test_reply_rendering() -> None:
     assert (
-        Reply(250, "", "HELP", ("esa Hello", "PIPELINING")).render()
-        == b"250-esa Hello\r\n250-PIPELINING\r\n250 HELP\r\n"
+        Reply(250, "", "HELP", ("esa Hello", "PIPELINING")).wire == b"250-esa Hello\r\n250-PIPELINING\r\n250 HELP\r\n"
     )
-    assert Reply(530, "5.7.0", "Must issue a STARTTLS command first").render() == (
+    assert Reply(530, "5.7.0", "Must issue a STARTTLS command first").wire == (
         b"530 5.7.0 Must issue a STARTTLS command first\r\n"
     )
-    rendered = Reply(250, "", "c", ("a", "b")).render()
+    rendered = Reply(250, "", "c", ("a", "b")).wire
     assert [r.text for r in [read_one_reply(rendered)]] == ["250-a\r\n250-b\r\n250 c"]
 
 

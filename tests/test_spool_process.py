@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import pytest_twisted
-from serving import load_ids, mail_load, serve
+from serving import children, load_ids, mail_load, serve
 from twisted.internet import defer, reactor
 
 from lab.appliance.spool import Maildir, Outcome, SpoolError
@@ -273,16 +273,6 @@ def test_the_writer_with_wrong_arguments_says_one_line_and_exits_2(args: list[st
 # --- inside smtplab serve -------------------------------------------------------------------------------------
 
 
-def children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(item) for item in (task / "children").read_text().split()]
-        except FileNotFoundError:  # the thread ended meanwhile
-            continue
-    return found
-
-
 def is_writer(pid: int) -> bool:
     """``pid`` is a live spool writer (a zombie has no command line, another program another one)."""
     try:
@@ -348,3 +338,33 @@ def test_a_server_killed_outright_takes_its_writer_with_it(tmp_path: Path) -> No
         time.sleep(0.05)
     assert not is_writer(writer)
     assert len(list((server.spool / "Inboundmail" / "new").iterdir())) == 1  # what had its 250 is on disk
+
+
+def test_the_writer_dies_with_its_parent_even_while_its_socket_is_still_open(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG, not the socket's end: we keep our end open, so only the parent's death can stop it."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    parent_code = (
+        "import os, subprocess, sys; fd = int(sys.argv[1]); "
+        f"writer = subprocess.Popen([sys.executable, '-m', '{WRITER}', str(fd), '{SERVER_PID}', str(os.getpid())], "
+        "pass_fds=(fd,)); print(writer.pid, flush=True); sys.stdin.read()"
+    )
+    with ours, theirs:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", parent_code, str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert parent.stdout is not None
+        writer = int(parent.stdout.readline())
+        box = Maildir(tmp_path / "box")
+        ours.sendall(request_frame(1, os.fsencode(str(box.path)), message(1)))
+        ours.settimeout(WAIT)
+        assert read_answers(ours.recv(1 << 16))[0][0][0] == 1  # the writer runs, and answers
+        parent.kill()
+        parent.wait(timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        while is_writer(writer) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not is_writer(writer)  # gone although our end of its socket is still open

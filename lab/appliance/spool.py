@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from lab.errors import BadInput
 
@@ -211,16 +211,6 @@ class Spool:
 
 #: What a committer reports for one message: its name in ``new/``, or why it could not be stored.
 Outcome = str | SpoolError
-
-
-class Committer(Protocol):
-    """Stores messages off the reactor's path (``lab.appliance.spool_process.SpoolProcess``, a writer process)."""
-
-    def submit(self, maildir: Maildir, message: bytes, done: Callable[[Outcome], None]) -> None:
-        """``done(outcome)`` runs on the reactor thread once ``message`` is durable in ``maildir`` (or failed)."""
-
-    def stop(self) -> None:
-        """Store what is waiting, then stop."""
 
 
 def probe_dir(path: Path) -> None:

@@ -31,7 +31,7 @@ READ_SIZE = 1 << 16
 
 
 class SpoolProcess:
-    """The reactor's side (a ``Committer``): ``done(outcome)`` runs on the reactor thread."""
+    """The reactor's side: ``submit`` a message, and ``done(outcome)`` runs on the reactor thread."""
 
     def __init__(self, reactor: Any, pid: int | None = None) -> None:
         self._reactor = reactor

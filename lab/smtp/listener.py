@@ -31,7 +31,8 @@ from zope.interface import implementer
 
 from lab.appliance.maillog import MailLog
 from lab.appliance.model import Appliance, Interface, Listener, Resolution
-from lab.appliance.spool import Committer, Outcome, Spool, SpoolError, received_header
+from lab.appliance.spool import Outcome, Spool, SpoolError, received_header
+from lab.appliance.spool_process import SpoolProcess
 from lab.net.transport import SessionTransport
 from lab.policy import admission
 from lab.policy.deadlines import Expiry, Phase, Watch
@@ -82,7 +83,7 @@ class ApplianceRuntime:
         state_dir: Path,
         reverse_dns: ReverseDNS = no_reverse_dns,
         keylog: Callable[[bytes], None] | None = None,
-        committer: Committer | None = None,
+        committer: SpoolProcess | None = None,
         faults: FaultPolicy = NO_FAULTS,
         tls_cache: dict[Any, ServerTLS] | None = None,
     ) -> None:

@@ -407,8 +407,8 @@ class ServerSession:
             return [Send.of(faults.starttls_in_tls)]
         ready, behind_220 = replies.READY_TO_START_TLS, faults.behind_starttls_220
         if faults.answer_behind_starttls is not None and self._reader:
-            behind_220 += faults.answer_behind_starttls.render() * self._reader.take().count(b"\n")
-        actions: list[Action] = [Send(ready.render() + behind_220, ready), StartTLS()]
+            behind_220 += faults.answer_behind_starttls.wire * self._reader.take().count(b"\n")
+        actions: list[Action] = [Send(ready.wire + behind_220, ready), StartTLS()]
         if faults.stall_handshake:
             self._reader.clear()
             self._stalled = True

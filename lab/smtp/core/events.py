@@ -25,10 +25,6 @@ class Reply:
     text: str = ""
     lines: tuple[str, ...] = ()  # extra lines of a multi-line reply, before ``text``
 
-    def render(self) -> bytes:
-        """The reply on the wire (``wire``)."""
-        return self.wire
-
     @functools.cached_property
     def wire(self) -> bytes:
         """The reply on the wire, CRLF-terminated; multi-line replies use ``code-`` (RFC 5321 4.2.1).
