@@ -4,10 +4,14 @@ Twisted's TCP transport buffers every ``write`` until the reactor's next turn: a
 watching for writability, a turn of the loop, the ``send``, and a modify to stop watching. An SMTP reply is a
 few dozen bytes that the socket almost always takes at once, so ``EagerServer`` sends it in ``write`` when
 nothing is waiting before it, and buffers only what the socket did not take (then Twisted's own path goes on:
-writability, backpressure to the producer, errors). The bytes and their order are the same; only when they
-leave changes. Inside TLS the same holds for the encrypted records, which Twisted's TLS layer writes through
-the class ``startTLS`` is given (Twisted's TLS layer still gathers the small writes of one reactor turn into one
-write at the end of it, so a pipelined group's replies leave in few records).
+writability, backpressure to the producer, errors). The listener writes each group of replies in one write.
+
+Under TLS, Twisted's buffering TLS protocol spends a ``callLater(0)`` and a reactor turn on every write to gather
+small writes into one record; the listener already writes a group at once, so ``startTLS`` uses the plain
+protocol. The records written while one read is handled (the session tickets that end a handshake and the reply
+to a command that came with it; a 221 and the close_notify after it) leave together in one ``send`` when that
+read is done; records written outside a read (a 250 once the spool has the message) leave at once. The bytes and
+their order are the same; only when they leave changes.
 
 ``listen`` opens the port; with ``reuse_port`` the socket gets ``SO_REUSEPORT`` so that the worker processes of
 ``smtplab serve --workers N`` each listen on the same address and the kernel spreads connections among them.
@@ -20,10 +24,17 @@ from typing import Any
 
 from twisted.internet import _newtls, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import ISSLTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from zope.interface import directlyProvides
 
 
 def _write_now(connection: Any, data: bytes) -> None:
-    """``FileDescriptor.write``, but first try to send ``data`` at once when nothing is queued before it."""
+    """``FileDescriptor.write``, but first try to send ``data`` at once when nothing is queued before it (during a
+    read: once the read is done)."""
+    if connection._gathered is not None:
+        connection._gathered.append(data)
+        return
     if (
         data
         and connection._eager
@@ -39,11 +50,31 @@ def _write_now(connection: Any, data: bytes) -> None:
     FileDescriptor.write(connection, data)
 
 
+def _send_gathered(connection: Any) -> None:
+    gathered, connection._gathered = connection._gathered, None
+    if gathered:
+        _write_now(connection, b"".join(gathered))
+
+
 class _EagerDescriptor(FileDescriptor):
-    """The base ``startTLS`` writes TLS records through (``twisted.internet._newtls._BypassTLS``)."""
+    """The base the TLS layer writes its records through (``twisted.internet._newtls._BypassTLS``)."""
 
     def write(self, data: bytes) -> None:
         _write_now(self, data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        _write_now(self, b"".join(iovec))
+
+    def loseConnection(self) -> None:
+        _send_gathered(self)
+        FileDescriptor.loseConnection(self)  # type: ignore[no-untyped-call]
+
+
+class _TLSFactory(TLSMemoryBIOFactory):
+    """Twisted's TLS factory with its plain protocol: the listener already gathers its replies (one write per group),
+    so the buffering one's ``callLater(0)`` per write would only add a reactor turn."""
+
+    protocol = TLSMemoryBIOProtocol
 
 
 class EagerServer(tcp.Server):
@@ -56,10 +87,17 @@ class EagerServer(tcp.Server):
     """
 
     _eager = False
+    _gathered: list[bytes] | None = None  # the TLS records written while a read is handled
 
     def doRead(self) -> Any:
         self._eager = True
-        return super().doRead()
+        if not self.TLS:  # a plaintext group of replies is one write already: it leaves at once
+            return super().doRead()
+        self._gathered = []
+        try:
+            return super().doRead()
+        finally:
+            _send_gathered(self)
 
     def write(self, data: bytes) -> None:
         if self.TLS:
@@ -68,7 +106,21 @@ class EagerServer(tcp.Server):
             _write_now(self, data)
 
     def startTLS(self, ctx: Any, normal: bool = True) -> None:
-        _newtls.startTLS(self, ctx, normal, _EagerDescriptor)  # type: ignore[no-untyped-call]
+        """Twisted's ``startTLS`` (``twisted.internet._newtls``), with ``_TLSFactory`` and ``_EagerDescriptor``."""
+        producer, streaming = self.producer, self.streamingProducer
+        if producer is not None:
+            self.unregisterProducer()  # type: ignore[no-untyped-call]
+        client = self._tlsClientDefault if normal else not self._tlsClientDefault
+        factory = _TLSFactory(ctx, client, None)  # type: ignore[arg-type]  # no wrapped factory: the protocol is given
+        tls = factory.protocol(factory, self.protocol, False)  # type: ignore[no-untyped-call]
+        self.protocol = tls
+        self.getHandle = tls.getHandle  # type: ignore[method-assign]
+        self.getPeerCertificate = tls.getPeerCertificate
+        directlyProvides(self, ISSLTransport)
+        self.TLS = True
+        tls.makeConnection(_newtls._BypassTLS(_EagerDescriptor, self))  # type: ignore[no-untyped-call]
+        if producer is not None:
+            self.registerProducer(producer, streaming)  # type: ignore[no-untyped-call]
 
 
 class ServingPort(tcp.Port):
