@@ -9,17 +9,19 @@ from __future__ import annotations
 import itertools
 import socket
 import ssl
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from labruntime import lab_runtime
 from serving import client_context, free_port, fresh_loopback
-from twisted.internet import reactor, threads
+from twisted.internet import protocol, reactor, threads
+from twisted.python import log
 
 from lab.appliance.config import quick_appliance
 from lab.policy.modes import TLSMode
-from lab.smtp.eager_tcp import EagerServer, ServingPort
+from lab.smtp.eager_tcp import EagerServer, ServingPort, ServingReactor
 
 GROUP = b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<bob@example.com>\r\nDATA\r\n"
 MESSAGE = b"Subject: eager\r\n\r\nhello\r\n.\r\n"
@@ -161,3 +163,38 @@ def test_the_listening_socket_takes_reuse_port_only_when_asked() -> None:
             assert bool(skt.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)) is reuse
         finally:
             skt.close()
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:
+        if data == b"boom":
+            raise RuntimeError("a handler that raises")
+        self.transport.write(data)
+
+
+def test_the_serving_reactor_carries_tcp_and_still_catches_a_handler_that_raises() -> None:
+    """``ServingReactor`` skips the log context per event; an exception still closes only its connection, logged."""
+    served = ServingReactor()
+    host = fresh_loopback()
+    port = served.listenTCP(0, protocol.Factory.forProtocol(Echo), interface=host).getHost().port
+    logged: list[dict[str, Any]] = []
+    log.addObserver(logged.append)
+    running = threading.Thread(target=served.run, kwargs={"installSignalHandlers": False})
+    running.start()
+    try:
+        with (
+            socket.create_connection((host, port), timeout=10) as first,
+            socket.create_connection((host, port), timeout=10) as second,
+        ):
+            first.sendall(b"ping")
+            assert first.recv(4) == b"ping"
+            second.sendall(b"boom")
+            assert second.recv(4) == b""  # this connection is dropped ...
+            first.sendall(b"pong")
+            assert first.recv(4) == b"pong"  # ... the other goes on
+        assert any(event.get("isError") and "a handler that raises" in str(event.get("failure")) for event in logged)
+    finally:
+        served.callFromThread(served.stop)
+        running.join(10)
+        log.removeObserver(logged.append)
+    assert not running.is_alive()
