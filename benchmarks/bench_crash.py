@@ -99,9 +99,7 @@ def kill_round(workdir: Path, clients: int, after: int) -> str:
 
 def memory(workdir: Path, clients: int, sessions: int) -> str:
     def load(server: Served, total: int) -> None:
-        asyncio.run(
-            mail_load(server.host, server.port, clients=clients, per_session=1, total=total, deadline=DEADLINE)
-        )
+        asyncio.run(mail_load(server.host, server.port, clients=clients, per_session=1, total=total, deadline=DEADLINE))
 
     with serve(workdir, "--tls", "no") as server:
         pid = server.process.pid

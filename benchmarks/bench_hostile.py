@@ -211,5 +211,6 @@ def main() -> None:
                 f"RSS {before:.1f} -> {rss_mb(server.pid):.1f} MB"
             )
 
+
 if __name__ == "__main__":
     main()

@@ -109,8 +109,13 @@ def _well_formed(data: bytes) -> bool:
     )
 
 
-def _stuffed(data: bytes) -> bytes:
-    return b"".join(b"." + line if line.startswith(b".") else line for line in data.splitlines(keepends=True))
+def _unstuffed(wire: bytes) -> bytes:
+    """The wire with each line's leading dot removed (RFC 5321 4.5.2), the end-of-data line ``.<CRLF>`` kept.
+
+    A client may stuff a line that did not need it (``.text``), so the wire is unstuffed rather than the
+    delivered text stuffed."""
+    lines = wire.splitlines(keepends=True)
+    return b"".join(line[1:] if line.startswith(b".") and line != b".\r\n" else line for line in lines)
 
 
 Event = tuple[str, Any]
@@ -157,7 +162,7 @@ class Driver:
         assert s.config.behaviour in (Behaviour.ACCEPT, Behaviour.RELAY)
         assert message.sender is not None and message.recipients, "Deliver without an accepted envelope"
         assert _well_formed(message.data), f"malformed message text delivered: {message.data!r}"
-        assert b"\r\n" + _stuffed(message.data) + b".\r\n" in bytes(self.inputs[-1]), "no <CRLF>.<CRLF> for it"
+        assert b"\r\n" + message.data + b".\r\n" in _unstuffed(bytes(self.inputs[-1])), "no <CRLF>.<CRLF> for it"
         if params.tls is TLSMode.REQUIRED:
             assert message.tls is not None, "plaintext delivery under Required"
             if params.verify_client:

@@ -335,11 +335,14 @@ class Worker:
 
 def _serve(place: Place, worker: Worker | None = None) -> int:
     """Serve on this process's reactor until SIGTERM/SIGINT; as one of several workers when ``worker`` is given."""
+    from lab.smtp.eager_tcp import install_reactor, listen
+
+    if "twisted.internet.reactor" not in sys.modules:  # a test may run this on a reactor of its own
+        install_reactor()
     from twisted.internet import defer, reactor
     from twisted.internet.error import CannotListenError
     from twisted.internet.interfaces import IReactorTime
 
-    from lab.smtp.eager_tcp import listen
     from lab.smtp.listener import ApplianceRuntime, ListenerFactory
 
     appliance = place.appliance if worker is None else _share_limits(place.appliance, worker.index, worker.count)

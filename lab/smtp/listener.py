@@ -447,10 +447,17 @@ class ListenerProtocol(Protocol):
     # -- carrying out the session's actions
 
     def _apply(self, actions: list[Action]) -> None:
+        """Carry out the session's actions; the replies that follow one another go out in one write (under TLS,
+        one record)."""
+        replies: list[bytes] = []
         for action in actions:
             if isinstance(action, Send):
-                self.transport.write(action.data)
-            elif isinstance(action, StartTLS):
+                replies.append(action.data)
+                continue
+            if replies:
+                self.transport.write(b"".join(replies))
+                replies.clear()
+            if isinstance(action, StartTLS):
                 server_tls = self.owner.server_tls()
                 if server_tls.certkey.insecure_demo:
                     self.log.demo_certificate(self.icid)
@@ -462,6 +469,8 @@ class ListenerProtocol(Protocol):
                 self._deliver(action.message)
             elif isinstance(action, Close):
                 self._close(action.abort)
+        if replies:
+            self.transport.write(b"".join(replies))
 
     def _close(self, abort: bool) -> None:
         """Graceful: the close deadline (close grace) bounds it; abort: at once. Input is no longer read."""

@@ -12,6 +12,7 @@ purpose; the listener's sessions have none.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -150,6 +151,15 @@ class Texts:
 
 
 LAB_TEXTS = Texts()
+
+
+@functools.lru_cache(maxsize=64)
+def _extensions(texts: Texts, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The EHLO reply's extension lines before STARTTLS and after it, formatted once per text set and size."""
+    return (
+        tuple(extension.format(size=size) for extension in texts.extensions),
+        tuple(extension.format(size=size) for extension in texts.last_extensions),
+    )
 
 
 @dataclass(frozen=True)
@@ -382,14 +392,14 @@ class ServerSession:
         if faults.keep_envelope_across_tls and transaction is not None:
             self._transaction = transaction
             self.machine.move(Move.MAIL_ACCEPTED)
-        texts, size = self.config.texts, self.config.params.max_message_size
-        caps = [texts.ehlo_first.format(hostname=self.config.hostname, greeting=self.greeting)]
-        caps += [extension.format(size=size) for extension in texts.extensions]
+        texts = self.config.texts
+        first, last = _extensions(texts, self.config.params.max_message_size)
+        caps = [texts.ehlo_first.format(hostname=self.config.hostname, greeting=self.greeting), *first]
         if gate.advertises_starttls(self.facts()) or (
             self.tls is not None and self.config.faults.advertise_starttls_in_tls
         ):
             caps.append("STARTTLS")
-        caps += [extension.format(size=size) for extension in texts.last_extensions]
+        caps += last
         return [Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))]
 
     def _cmd_helo(self, argument: str) -> list[Action]:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 # -- replies
@@ -24,20 +23,24 @@ class Reply:
     enhanced: str = ""
     text: str = ""
     lines: tuple[str, ...] = ()  # extra lines of a multi-line reply, before ``text``
+    #: The reply on the wire, CRLF-terminated; multi-line replies use ``code-`` (RFC 5321 4.2.1). Worked out once,
+    #: when the reply is made: the common ones are constants, sent by every session.
+    wire: bytes = field(init=False, repr=False, compare=False)
 
-    @functools.cached_property
-    def wire(self) -> bytes:
-        """The reply on the wire, CRLF-terminated; multi-line replies use ``code-`` (RFC 5321 4.2.1).
-
-        Worked out once per reply: the common ones are constants, sent by every session."""
-        body = [*self.lines, self.text]
-        last = len(body) - 1
-        out = []
-        for i, line in enumerate(body):
-            sep = " " if i == last else "-"
-            prefix = f"{self.enhanced} " if self.enhanced and i == last else ""
-            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
-        return "".join(out).encode("utf-8")
+    def __post_init__(self) -> None:
+        if not self.lines:  # most replies: one line
+            line = f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
+            wire = line.rstrip() + "\r\n"
+        else:
+            body = [*self.lines, self.text]
+            last = len(body) - 1
+            out = []
+            for i, line in enumerate(body):
+                sep = " " if i == last else "-"
+                prefix = f"{self.enhanced} " if self.enhanced and i == last else ""
+                out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
+            wire = "".join(out)
+        object.__setattr__(self, "wire", wire.encode("utf-8"))  # frozen: set once, here
 
 
 @dataclass(frozen=True)
