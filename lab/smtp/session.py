@@ -153,13 +153,21 @@ class Texts:
 LAB_TEXTS = Texts()
 
 
-@functools.lru_cache(maxsize=64)
-def _extensions(texts: Texts, size: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The EHLO reply's extension lines before STARTTLS and after it, formatted once per text set and size."""
-    return (
-        tuple(extension.format(size=size) for extension in texts.extensions),
-        tuple(extension.format(size=size) for extension in texts.last_extensions),
-    )
+@functools.lru_cache(maxsize=256)
+def _same_reply(code: int, text: str) -> Send:
+    """A reply that every session of a listener sends alike (its banner, the 354), made once."""
+    return Send.of(Reply(code, "", text))
+
+
+@functools.lru_cache(maxsize=1024)
+def _ehlo_reply(texts: Texts, hostname: str, greeting: str, size: int, starttls: bool) -> Send:
+    """The EHLO reply, made once for each set of what it depends on (a client that comes back gets the same)."""
+    caps = [texts.ehlo_first.format(hostname=hostname, greeting=greeting)]
+    caps += [extension.format(size=size) for extension in texts.extensions]
+    if starttls:
+        caps.append("STARTTLS")
+    caps += [extension.format(size=size) for extension in texts.last_extensions]
+    return Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))
 
 
 @dataclass(frozen=True)
@@ -252,9 +260,9 @@ class ServerSession:
         if self.config.behaviour is Behaviour.REJECT:
             self._log(events.ConnectionRefused("REJECT"))
             text = params.reject_banner_text or "Access denied"
-            return [Send.of(Reply(params.reject_banner_code, "", f"{self.config.hostname} {text}"))]
+            return [_same_reply(params.reject_banner_code, f"{self.config.hostname} {text}")]
         text = params.banner_text or "ESMTP smtplab"
-        return [Send.of(Reply(params.banner_code, "", f"{self.config.hostname} {text}"))]
+        return [_same_reply(params.banner_code, f"{self.config.hostname} {text}")]
 
     def receive(self, data: bytes) -> list[Action]:
         """Bytes from the client (plaintext, or decrypted inside TLS)."""
@@ -392,15 +400,12 @@ class ServerSession:
         if faults.keep_envelope_across_tls and transaction is not None:
             self._transaction = transaction
             self.machine.move(Move.MAIL_ACCEPTED)
-        texts = self.config.texts
-        first, last = _extensions(texts, self.config.params.max_message_size)
-        caps = [texts.ehlo_first.format(hostname=self.config.hostname, greeting=self.greeting), *first]
-        if gate.advertises_starttls(self.facts()) or (
+        starttls = gate.advertises_starttls(self.facts()) or (
             self.tls is not None and self.config.faults.advertise_starttls_in_tls
-        ):
-            caps.append("STARTTLS")
-        caps += last
-        return [Send.of(Reply(250, "", caps[-1], tuple(caps[:-1])))]
+        )
+        config = self.config
+        assert self.greeting is not None  # _greet set it
+        return [_ehlo_reply(config.texts, config.hostname, self.greeting, config.params.max_message_size, starttls)]
 
     def _cmd_helo(self, argument: str) -> list[Action]:
         if not argument:
@@ -493,7 +498,7 @@ class ServerSession:
             self._reader, self.config.params.max_message_size, bare_lf_ends_data=self.config.faults.bare_lf_ends_data
         )
         self.machine.move(Move.DATA_ACCEPTED)
-        return [Send.of(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))]
+        return [_same_reply(354, "End data with <CR><LF>.<CR><LF>")]
 
     def _cmd_rset(self, _argument: str) -> list[Action]:
         self._transaction = None
