@@ -274,3 +274,36 @@ def children(pid: int) -> set[int]:
             if int(fields[1]) == pid:
                 found.add(int(entry.name))
     return found
+
+
+class Raw:
+    """A line-level client on a real socket, for what smtplib will not send."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((host, port), timeout=10)
+        self.buffer = b""
+        self.banner = self.reply()
+
+    def reply(self) -> bytes:
+        while True:
+            lines = self.buffer.split(b"\r\n")
+            for i, line in enumerate(lines[:-1]):
+                if line[3:4] == b" ":
+                    out = b"\r\n".join(lines[: i + 1]) + b"\r\n"
+                    self.buffer = b"\r\n".join(lines[i + 1 :])
+                    return out
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"closed; buffered {self.buffer!r}")
+            self.buffer += chunk
+
+    def cmd(self, data: bytes) -> bytes:
+        self.sock.sendall(data)
+        return self.reply()
+
+    def starttls(self) -> None:
+        assert self.buffer == b""
+        self.sock = client_context().wrap_socket(self.sock)
+
+    def close(self) -> None:
+        self.sock.close()

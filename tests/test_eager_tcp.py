@@ -1,21 +1,20 @@
 """``smtplab serve``'s TCP transport on the real reactor: what leaves in each ``send``, plaintext and under TLS.
 
 The listener is served through ``lab.smtp.eager_tcp.listen`` with a transport that records every ``send`` it
-makes (before making it); a blocking client in a thread speaks SMTP to it.
+makes (before making it); a blocking client (``serving.Raw``) in a thread speaks SMTP to it.
 """
 
 from __future__ import annotations
 
 import itertools
 import socket
-import ssl
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest_twisted
 from labruntime import lab_runtime
-from serving import client_context, free_port, fresh_loopback
+from serving import Raw, free_port, fresh_loopback
 from twisted.internet import protocol, reactor, threads
 from twisted.python import log
 
@@ -64,63 +63,37 @@ def _records(send: bytes) -> list[int]:
     return types
 
 
-class Client:
-    """A blocking SMTP client that reads whole replies (up to the line with a space after the code)."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((host, port), timeout=10)
-        self.buffer = b""
-
-    def reply(self) -> bytes:
-        while True:
-            lines = self.buffer.split(b"\r\n")
-            for index, line in enumerate(lines[:-1]):
-                if line[3:4] == b" ":
-                    done = b"\r\n".join(lines[: index + 1]) + b"\r\n"
-                    self.buffer = self.buffer[len(done) :]
-                    return done
-            data = self.sock.recv(65536)
-            assert data, "the server closed"
-            self.buffer += data
-
-    def say(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        return self.reply()
-
-
 def _plaintext(host: str, port: int) -> list[int]:
-    client = Client(host, port)
-    client.reply()
-    client.say(b"EHLO client.example\r\n")
+    client = Raw(host, port)
+    client.cmd(b"EHLO client.example\r\n")
     marks = [len(Recorded.sends)]
     client.sock.sendall(GROUP)
     replies = b"".join(client.reply() for _ in range(3))
     assert replies.startswith(b"250 ") and replies.split(b"\r\n")[2].startswith(b"354 ")
     marks.append(len(Recorded.sends))
-    client.say(MESSAGE)
-    client.say(b"QUIT\r\n")
-    client.sock.close()
+    client.cmd(MESSAGE)
+    client.cmd(b"QUIT\r\n")
+    client.close()
     return marks
 
 
 def _tls(host: str, port: int) -> list[int]:
-    client = Client(host, port)
-    client.reply()
-    client.say(b"EHLO client.example\r\n")
-    assert client.say(b"STARTTLS\r\n").startswith(b"220 ")
-    client.sock = client_context().wrap_socket(client.sock, server_hostname=host)
-    assert client.say(b"EHLO client.example\r\n").startswith(b"250-")  # the tickets come before this reply
+    client = Raw(host, port)
+    client.cmd(b"EHLO client.example\r\n")
+    assert client.cmd(b"STARTTLS\r\n").startswith(b"220 ")
+    client.starttls()
+    assert client.cmd(b"EHLO client.example\r\n").startswith(b"250-")  # the tickets come before this reply
     marks = [len(Recorded.sends)]
     client.sock.sendall(GROUP)
     for _ in range(3):
         client.reply()
     marks.append(len(Recorded.sends))
-    assert client.say(MESSAGE).startswith(b"250 ")
+    assert client.cmd(MESSAGE).startswith(b"250 ")
     marks.append(len(Recorded.sends))
-    assert client.say(b"QUIT\r\n").startswith(b"221 ")
+    assert client.cmd(b"QUIT\r\n").startswith(b"221 ")
     client.sock.recv(1)  # the close_notify: b"" once the TLS layer has it
     marks.append(len(Recorded.sends))
-    client.sock.close()
+    client.close()
     return marks
 
 

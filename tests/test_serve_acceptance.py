@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import ssl
 import subprocess
 import textwrap
 from pathlib import Path
 
 import pytest
-from serving import Served, client_context, free_port, fresh_loopback, need_tool, serve
+from serving import Raw, Served, client_context, free_port, fresh_loopback, need_tool, serve
 
 MESSAGE = "From: a@sender.example\r\nTo: bob@example.com\r\nSubject: test\r\n\r\nhello\r\n"
 
@@ -36,39 +35,6 @@ def smtp(server: Served) -> smtplib.SMTP:
 
 def delivered_since(server: Served, before: int) -> list[bytes]:
     return [p.read_bytes() for p in server.maildir_new()[before:]]
-
-
-class Raw:
-    """A line-level client on a real socket, for what smtplib will not send."""
-
-    def __init__(self, server: Served) -> None:
-        self.sock: socket.socket | ssl.SSLSocket = socket.create_connection((server.host, server.port), timeout=10)
-        self.buffer = b""
-        self.banner = self.reply()
-
-    def reply(self) -> bytes:
-        while True:
-            lines = self.buffer.split(b"\r\n")
-            for i, line in enumerate(lines[:-1]):
-                if line[3:4] == b" ":
-                    out = b"\r\n".join(lines[: i + 1]) + b"\r\n"
-                    self.buffer = b"\r\n".join(lines[i + 1 :])
-                    return out
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise ConnectionError(f"closed; buffered {self.buffer!r}")
-            self.buffer += chunk
-
-    def cmd(self, data: bytes) -> bytes:
-        self.sock.sendall(data)
-        return self.reply()
-
-    def starttls(self) -> None:
-        assert self.buffer == b""
-        self.sock = client_context().wrap_socket(self.sock)
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 # --- the three settings with smtplib ------------------------------------------------------------------
@@ -111,7 +77,7 @@ def test_preferred_delivers_in_plaintext_and_after_starttls(served: dict[str, Se
 def test_required_refuses_plaintext_commands_with_530(served: dict[str, Served]) -> None:
     server = served["required"]
     before = len(server.maildir_new())
-    raw = Raw(server)
+    raw = Raw(server.host, server.port)
     assert raw.cmd(b"HELO client.example\r\n").startswith(b"530 5.7.0 Must issue a STARTTLS command first")
     assert raw.cmd(b"EHLO client.example\r\n").startswith(b"250-")
     for line in [b"MAIL FROM:<a@sender.example>", b"RCPT TO:<bob@example.com>", b"DATA", b"RSET", b"VRFY bob"]:
@@ -136,7 +102,7 @@ def test_required_refuses_plaintext_commands_with_530(served: dict[str, Served])
 def test_starttls_rules_on_the_wire(served: dict[str, Served], mode: str) -> None:
     server = served[mode]
     before = len(server.maildir_new())
-    raw = Raw(server)
+    raw = Raw(server.host, server.port)
     raw.cmd(b"EHLO client.example\r\n")
     assert raw.cmd(b"STARTTLS now\r\n").startswith(b"501 5.5.4 ")  # rule 1
     # rule 3 / 7: the MAIL behind STARTTLS in the same write is discarded, never executed inside TLS
@@ -161,7 +127,7 @@ def test_starttls_rules_on_the_wire(served: dict[str, Served], mode: str) -> Non
 
 @pytest.mark.parametrize("mode", ["preferred", "required"])
 def test_line_limits_nul_and_bare_lf_on_the_wire(served: dict[str, Served], mode: str) -> None:
-    raw = Raw(served[mode])
+    raw = Raw(served[mode].host, served[mode].port)
     assert raw.cmd(b"NOOP " + b"x" * 600 + b"\r\n").startswith(b"500 5.5.2")  # rule 6
     assert raw.cmd(b"NOOP\x00\r\n").startswith(b"500 5.5.2")
     assert raw.cmd(b"NOOP\n").startswith(b"500 5.5.2")
@@ -171,7 +137,7 @@ def test_line_limits_nul_and_bare_lf_on_the_wire(served: dict[str, Served], mode
 
 def test_failed_handshake_is_logged_and_listener_survives(served: dict[str, Served]) -> None:
     server = served["required"]
-    raw = Raw(server)
+    raw = Raw(server.host, server.port)
     raw.cmd(b"EHLO client.example\r\n")
     assert raw.cmd(b"STARTTLS\r\n").startswith(b"220 ")
     raw.sock.sendall(b"this is not a ClientHello\r\n" * 4)  # garbage instead of a handshake
@@ -187,7 +153,7 @@ def test_failed_handshake_is_logged_and_listener_survives(served: dict[str, Serv
 def test_disconnect_mid_data_leaves_nothing_in_new(served: dict[str, Served]) -> None:
     server = served["no"]
     before = len(server.maildir_new())
-    raw = Raw(server)
+    raw = Raw(server.host, server.port)
     for line in [b"EHLO x", b"MAIL FROM:<a@sender.example>", b"RCPT TO:<bob@example.com>", b"DATA"]:
         raw.cmd(line + b"\r\n")
     raw.sock.sendall(b"Subject: half\r\n\r\nonly half of a messa")
