@@ -395,17 +395,15 @@ class ServerSession:
     def _cmd_ehlo(self, argument: str) -> list[Action]:
         if not argument:
             return [Send.of(Reply(501, "5.5.4", "Syntax: EHLO hostname"))]
-        faults, transaction = self.config.faults, self._transaction
-        self._greet(argument.split()[0])
-        if faults.keep_envelope_across_tls and transaction is not None:
+        config, transaction, greeting = self.config, self._transaction, argument.split()[0]
+        self._greet(greeting)
+        if config.faults.keep_envelope_across_tls and transaction is not None:
             self._transaction = transaction
             self.machine.move(Move.MAIL_ACCEPTED)
         starttls = gate.advertises_starttls(self.facts()) or (
-            self.tls is not None and self.config.faults.advertise_starttls_in_tls
+            self.tls is not None and config.faults.advertise_starttls_in_tls
         )
-        config = self.config
-        assert self.greeting is not None  # _greet set it
-        return [_ehlo_reply(config.texts, config.hostname, self.greeting, config.params.max_message_size, starttls)]
+        return [_ehlo_reply(config.texts, config.hostname, greeting, config.params.max_message_size, starttls)]
 
     def _cmd_helo(self, argument: str) -> list[Action]:
         if not argument:

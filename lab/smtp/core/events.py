@@ -28,19 +28,14 @@ class Reply:
     wire: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.lines:  # most replies: one line
-            line = f"{self.code} {self.enhanced} {self.text}" if self.enhanced else f"{self.code} {self.text}"
-            wire = line.rstrip() + "\r\n"
-        else:
-            body = [*self.lines, self.text]
-            last = len(body) - 1
-            out = []
-            for i, line in enumerate(body):
-                sep = " " if i == last else "-"
-                prefix = f"{self.enhanced} " if self.enhanced and i == last else ""
-                out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
-            wire = "".join(out)
-        object.__setattr__(self, "wire", wire.encode("utf-8"))  # frozen: set once, here
+        body = [*self.lines, self.text]
+        last = len(body) - 1
+        out = []
+        for i, line in enumerate(body):
+            sep = " " if i == last else "-"
+            prefix = f"{self.enhanced} " if self.enhanced and i == last else ""
+            out.append(f"{self.code}{sep}{prefix}{line}".rstrip() + "\r\n")
+        object.__setattr__(self, "wire", "".join(out).encode("utf-8"))  # frozen: set once, here
 
 
 @dataclass(frozen=True)
