@@ -6,6 +6,8 @@ import datetime as dt
 import ipaddress
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,21 @@ def test_ca_is_created_once_with_private_key_file(tmp_path: Path) -> None:
     assert again.ca_pem == first.ca_pem
     ca_cert = x509.load_pem_x509_certificate(first.ca_pem)
     assert ca_cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+def test_processes_that_create_the_ca_at_once_all_get_the_same_one(tmp_path: Path) -> None:
+    """Cases run in parallel processes on a fresh state directory: none may read the CA half written."""
+    make = "import sys; from lab.tls.certs import LabCA; sys.stdout.buffer.write(LabCA.untrusted(sys.argv[1]).ca_pem)"
+    for round_ in range(3):
+        state = tmp_path / str(round_)
+        runs = [
+            subprocess.Popen([sys.executable, "-c", make, str(state)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(8)
+        ]
+        outputs = [run.communicate(timeout=60) for run in runs]
+        assert all(run.returncode == 0 for run in runs), [err.decode()[-300:] for _out, err in outputs]
+        assert len({out for out, _err in outputs}) == 1
+        assert (state / "untrusted" / "ca" / "ca.pem").read_bytes() == outputs[0][0]
 
 
 def test_unreadable_ca_is_a_harness_error(tmp_path: Path) -> None:

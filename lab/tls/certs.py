@@ -8,10 +8,12 @@ verifier in ``cryptography.x509.verification`` accepts them.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import ipaddress
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
@@ -187,6 +189,14 @@ class LabCA:
         return builder.sign(self._key, hashes.SHA256())
 
     def _load_or_create(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        """The CA on disk, or a new one; under a lock, since the cases of a run start in parallel processes on
+        one state directory and none may read the key written and the certificate not yet."""
+        with contextlib.suppress(OSError):  # a directory that cannot be made: writing the CA fails below
+            self.ca_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(self.ca_dir / ".lock"):
+            return self._load_or_create_locked()
+
+    def _load_or_create_locked(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert_path, key_path = self.ca_dir / "ca.pem", self.ca_dir / "ca.key"
         if cert_path.exists() or key_path.exists():
             try:
@@ -342,6 +352,22 @@ def _key_pem(key: PrivateKeyTypes) -> bytes:
 
 def _public_der(public_key: PublicKeyTypes) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing) against other processes. Where it cannot be created
+    (a read-only state directory) there is no lock: nothing can be written there to race with."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _write_atomic(path: Path, data: bytes, mode: int) -> None:
